@@ -1,0 +1,28 @@
+"""jmoe: JAX-native Mixture-of-Experts.
+
+Axis letters used in names (`x_TxD`) and einsum strings: B batch, S sequence, T tokens, D model
+width, F expert hidden width, E experts, K slots per token, C capacity or chain steps, G groups,
+V vocab, M sorted rows (T * K), P tile-padded rows, N tiles.
+"""
+
+from jmoe import dispatch, losses, ops, routing
+from jmoe.config import MoEConfig
+from jmoe.losses import update_bias
+from jmoe.moe import Experts, MoE, Router, SharedMLP
+from jmoe.ops import grouped_matmul
+from jmoe.routing import Routing
+
+__all__ = [
+    "Experts",
+    "MoE",
+    "MoEConfig",
+    "Router",
+    "Routing",
+    "SharedMLP",
+    "dispatch",
+    "grouped_matmul",
+    "losses",
+    "ops",
+    "routing",
+    "update_bias",
+]

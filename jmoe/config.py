@@ -1,0 +1,183 @@
+"""Typed configuration: the single schema and its defaults.
+
+`MoEConfig` describes one MoE layer. Its defaults are a plain top-2 softmax, Mixtral-style,
+dropless MoE with SwiGLU experts. `None` (never `-1`) means "unset". Every field is checked at
+construction and a bad value raises a `ValueError` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+ROUTERS = ("top_k",)
+SCORES = ("softmax", "sigmoid")
+ACTIVATIONS = ("swiglu", "gelu", "relu")
+LB_NORMALIZATIONS = ("switch_top1", "per_assignment", "per_assignment_over_k")
+IMPLEMENTATIONS = (None, "xla", "ragged_dot")
+CAPACITY_ROUNDINGS = ("ceil", "floor", "round")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """One MoE layer.
+
+    Attributes:
+      d_model: model width D.
+      d_ff: hidden width F of each routed expert.
+      num_experts: routed experts E.
+      router: router kind, one of `ROUTERS`.
+      top_k: experts per token k.
+      score: "softmax" or "sigmoid" router scores.
+      normalize: renormalise the k weights (only when k > 1 unless `renorm_when_k1`).
+      renorm_when_k1: renormalise a single weight too (HF parity; cuts the router gradient).
+      scale: routed scaling factor applied to the weights.
+      n_groups, top_groups: DeepSeek-V3 group-limited selection (both or neither).
+      num_shared: number of always-on shared experts, fused into one MLP.
+      d_ff_shared: hidden width of the fused shared MLP (default `num_shared * d_ff`).
+      shared_gate: Qwen2-MoE sigmoid gate on the shared expert output.
+      activation: expert MLP: "swiglu" (gated), "gelu" or "relu" (two-matrix MLP).
+      capacity_factor: None for dropless; else capacity per expert
+        `C = rounding(capacity_factor * k * T / E)` (k dropped if not `capacity_includes_k`).
+      eval_capacity_factor: capacity factor when `deterministic=True` (default: same).
+      capacity_includes_k, capacity_rounding, min_capacity: capacity rule (ALGORITHMS.md §1.4).
+      implementation: grouped-matmul implementation (None picks the fastest for the backend).
+      lb_coef: load-balance loss coefficient, for the `lb_normalization` named.
+      lb_normalization: one of `LB_NORMALIZATIONS` (ALGORITHMS.md §0.1).
+      z_loss_coef: router z-loss coefficient.
+      seq_balance_coef: DeepSeek-V3 sequence-wise balance loss coefficient.
+      bias_update_rate: auxiliary-loss-free balancing rate (0 disables the update).
+      router_jitter: multiplicative router-input jitter eps (training only; 0 disables).
+      dtype: compute dtype of the experts (the router always runs in float32).
+      param_dtype: parameter dtype.
+    """
+
+    d_model: int = 256
+    d_ff: int = 512
+    num_experts: int = 8
+    router: str = "top_k"
+    top_k: int = 2
+    score: str = "softmax"
+    normalize: bool = True
+    renorm_when_k1: bool = False
+    scale: float = 1.0
+    n_groups: int | None = None
+    top_groups: int | None = None
+    num_shared: int = 0
+    d_ff_shared: int | None = None
+    shared_gate: bool = False
+    activation: str = "swiglu"
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    capacity_includes_k: bool = True
+    capacity_rounding: str = "ceil"
+    min_capacity: int = 0
+    implementation: str | None = None
+    lb_coef: float = 0.01
+    lb_normalization: str = "per_assignment_over_k"
+    z_loss_coef: float = 0.0
+    seq_balance_coef: float = 0.0
+    bias_update_rate: float = 0.0
+    router_jitter: float = 0.0
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("d_model", "d_ff", "num_experts", "top_k"):
+            _check(name, getattr(self, name), getattr(self, name) >= 1, "an integer >= 1")
+        _check_choice("router", self.router, ROUTERS)
+        _check_choice("score", self.score, SCORES)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("lb_normalization", self.lb_normalization, LB_NORMALIZATIONS)
+        _check_choice("implementation", self.implementation, IMPLEMENTATIONS)
+        _check_choice("capacity_rounding", self.capacity_rounding, CAPACITY_ROUNDINGS)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("param_dtype", self.param_dtype, DTYPES)
+        _check(
+            "top_k",
+            self.top_k,
+            self.top_k <= self.num_experts,
+            f"at most num_experts={self.num_experts}",
+        )
+        self._check_groups()
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            _check(name, value, value is None or value > 0, "None (dropless) or a number > 0")
+        for name in ("num_shared", "min_capacity"):
+            _check(name, getattr(self, name), getattr(self, name) >= 0, "an integer >= 0")
+        _check(
+            "d_ff_shared",
+            self.d_ff_shared,
+            self.d_ff_shared is None or self.d_ff_shared >= 1,
+            "None (num_shared * d_ff) or an integer >= 1",
+        )
+        _check(
+            "shared_gate",
+            self.shared_gate,
+            not self.shared_gate or self.shared_width > 0,
+            "False unless a shared expert exists (num_shared >= 1 or d_ff_shared set)",
+        )
+        for name in ("lb_coef", "z_loss_coef", "seq_balance_coef", "bias_update_rate"):
+            _check(name, getattr(self, name), getattr(self, name) >= 0, "a number >= 0")
+        _check("router_jitter", self.router_jitter, 0 <= self.router_jitter < 1, "in [0, 1)")
+
+    def _check_groups(self):
+        if self.n_groups is None and self.top_groups is None:
+            return
+        if self.n_groups is None or self.top_groups is None:
+            raise ValueError(
+                f"n_groups={self.n_groups} and top_groups={self.top_groups}: group-limited "
+                "routing needs both set (or both None)"
+            )
+        _check(
+            "n_groups",
+            self.n_groups,
+            self.n_groups >= 1 and self.num_experts % self.n_groups == 0,
+            f"a divisor of num_experts={self.num_experts}",
+        )
+        _check(
+            "top_groups",
+            self.top_groups,
+            1 <= self.top_groups <= self.n_groups,
+            f"in [1, n_groups={self.n_groups}]",
+        )
+        eligible = self.top_groups * (self.num_experts // self.n_groups)
+        _check(
+            "top_k",
+            self.top_k,
+            self.top_k <= eligible,
+            f"at most {eligible} (experts in top_groups={self.top_groups} groups)",
+        )
+
+    @property
+    def shared_width(self) -> int:
+        """Hidden width of the fused shared expert MLP (0 when there is none)."""
+        return self.d_ff_shared if self.d_ff_shared is not None else self.num_shared * self.d_ff
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    def capacity(self, num_tokens: int, deterministic: bool) -> int | None:
+        """Slots per expert for `num_tokens` tokens, or None when dropless."""
+        factor = self.capacity_factor
+        if deterministic and self.eval_capacity_factor is not None:
+            factor = self.eval_capacity_factor
+        if factor is None:
+            return None
+        k = self.top_k if self.capacity_includes_k else 1
+        raw = factor * k * num_tokens / self.num_experts
+        rounded = {"ceil": math.ceil, "floor": math.floor, "round": round}[self.capacity_rounding]
+        return max(int(rounded(raw)), self.min_capacity)
+
+
+def _check(name: str, value, ok: bool, allowed: str):
+    if not ok:
+        raise ValueError(f"MoEConfig.{name}={value!r} is invalid: must be {allowed}")
+
+
+def _check_choice(name: str, value, choices: tuple):
+    _check(name, value, value in choices, f"one of {choices}")
