@@ -169,7 +169,7 @@ class MoEConfig:
         if factor is None:
             return None
         k = self.top_k if self.capacity_includes_k else 1
-        raw = factor * k * num_tokens / self.num_experts
+        raw = round(factor * k * num_tokens / self.num_experts, 9)  # 1.1 * 100 / 10 -> 11, not 12
         rounded = {"ceil": math.ceil, "floor": math.floor, "round": round}[self.capacity_rounding]
         return max(int(rounded(raw)), self.min_capacity)
 

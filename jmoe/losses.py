@@ -122,7 +122,7 @@ def sequence_balance(
 
     Per sequence: `sum_i f_i P_i` with `f_i = E / (k L) * #{t: i in top-k of the unbiased scores}`
     and `P_i` the mean of the per-token normalised scores; averaged over sequences. 1 at perfect
-    balance. The top-k is recomputed on the unbiased scores, so a selection bias or group limit
+    balance; sequences that are all padding are left out. The top-k is recomputed on the unbiased scores, so a selection bias or group limit
     does not hide an imbalance.
 
     Args:
@@ -143,7 +143,8 @@ def sequence_balance(
     f_BxE = (onehot_BxLxE * w_BxL[..., None]).sum(1) * num_experts / (k * n_B[:, None])
     p_BxLxE = _normalized_probs(probs_TxE).reshape(b, seq_len, num_experts)
     p_BxE = (p_BxLxE * w_BxL[..., None]).sum(1) / n_B[:, None]
-    return jnp.mean(jnp.sum(f_BxE * p_BxE, axis=-1))
+    real_B = (w_BxL.sum(-1) > 0).astype(jnp.float32)  # all-padding sequences are left out
+    return jnp.sum(real_B * jnp.sum(f_BxE * p_BxE, axis=-1)) / jnp.maximum(real_B.sum(), 1.0)
 
 
 def update_bias(bias: jax.Array, tokens_per_expert: jax.Array, rate: float) -> jax.Array:

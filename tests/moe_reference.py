@@ -1,0 +1,355 @@
+"""Plain reference implementations of MoE routing, losses, capacity and the MoE layer.
+
+Written from ALGORITHMS.md (§0, §0.1, §1, §5), not from jmoe's code, and deliberately slow and
+obvious: per-token Python loops, float64 NumPy where no gradient is needed. This module never
+imports jmoe; it is the test oracle.
+
+Conventions (ALGORITHMS.md §0, DESIGN.md):
+  - ties go to the lower expert index everywhere (`jax.lax.top_k`'s rule), implemented as a stable
+    sort on (-value, index);
+  - an unused slot holds `num_experts` and has `valid == False`;
+  - parameter tree of the MoE layer: `params['router']['kernel']` `[D, E]`,
+    `params['experts']['w_gate' | 'w_up']` `[E, D, F]` (`w_gate` only for "swiglu"),
+    `params['experts']['w_down']` `[E, F, D]`, `params['shared']['w_gate' | 'w_up' | 'w_down']`
+    `[D, Fs]`, `[D, Fs]`, `[Fs, D]`, `params['shared_gate']['kernel']` `[D, 1]`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------
+# Routing (ALGORITHMS.md §1.1, §1.7, §5.2, §5.3)
+# ----------------------------------------------------------------------------------------------
+
+
+def _order_desc(values: np.ndarray) -> np.ndarray:
+    """Indices of `values` sorted by descending value, ties to the lower index."""
+    values = np.asarray(values, np.float64)
+    idx = np.arange(values.shape[0])
+    return np.lexsort((idx, -values))  # last key is primary: -value, then index
+
+
+def ref_scores(logits: np.ndarray, score: str) -> np.ndarray:
+    """Softmax (over experts) or sigmoid scores of `[T, E]` logits, float64."""
+    z = np.asarray(logits, np.float64)
+    if score == "softmax":
+        z = z - z.max(-1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(-1, keepdims=True)
+    if score == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-z))
+    raise ValueError(f"unknown score {score!r}")
+
+
+def ref_top_k(
+    logits,
+    k: int,
+    score: str = "softmax",
+    normalize: bool = False,
+    scale: float = 1.0,
+    bias=None,
+    n_groups: int | None = None,
+    top_groups: int | None = None,
+    renorm_when_k1: bool = False,
+):
+    """Token-choice top-k routing, one token at a time.
+
+    Selection uses `scores + bias`; with `n_groups`/`top_groups` only the experts of each token's
+    `top_groups` best groups are eligible (group score = sum of its `max(1, k // top_groups)` best
+    biased scores; other groups masked to -inf, DeepSeek-V3). Weights are the UNBIASED scores of
+    the chosen experts, renormalised over the k only if `normalize and (k > 1 or renorm_when_k1)`,
+    then multiplied by `scale`.
+
+    Returns:
+      ids `[T, k]` int64 in descending selection order, weights `[T, k]` float64,
+      probs `[T, E]` float64.
+    """
+    probs = ref_scores(logits, score)
+    t_count, e_count = probs.shape
+    b = np.zeros(e_count) if bias is None else np.asarray(bias, np.float64)
+    ids = np.zeros((t_count, k), np.int64)
+    weights = np.zeros((t_count, k), np.float64)
+    for t in range(t_count):
+        sel = probs[t] + b
+        if n_groups is not None:
+            m = e_count // n_groups
+            per_group = max(1, k // top_groups)
+            group_scores = []
+            for g in range(n_groups):
+                members = sel[g * m : (g + 1) * m]
+                best = members[_order_desc(members)[:per_group]]
+                group_scores.append(best.sum())
+            kept_groups = set(_order_desc(np.array(group_scores))[:top_groups].tolist())
+            sel = np.array([sel[e] if e // m in kept_groups else -np.inf for e in range(e_count)])
+        chosen = _order_desc(sel)[:k]
+        ids[t] = chosen
+        w = probs[t, chosen]
+        if normalize and (k > 1 or renorm_when_k1):
+            w = w / w.sum()
+        weights[t] = w * scale
+    return ids, weights, probs
+
+
+def ref_weights_jnp(logits, ids, score="softmax", normalize=False, scale=1.0, renorm_when_k1=False):
+    """Differentiable (jnp) combine weights `[T, k]` of FIXED expert ids `[T, k]` (no bias)."""
+    logits = jnp.asarray(logits, jnp.float32)
+    probs = jax.nn.softmax(logits, -1) if score == "softmax" else jax.nn.sigmoid(logits)
+    ids = np.asarray(ids)
+    k = ids.shape[1]
+    rows = []
+    for t in range(ids.shape[0]):
+        w = jnp.stack([probs[t, int(e)] for e in ids[t]])
+        if normalize and (k > 1 or renorm_when_k1):
+            w = w / jnp.sum(w)
+        rows.append(w * scale)
+    return jnp.stack(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (ALGORITHMS.md §0.1, §1.2, §1.3, §5.3)
+# ----------------------------------------------------------------------------------------------
+
+
+def _mask(num_tokens: int, token_mask) -> np.ndarray:
+    if token_mask is None:
+        return np.ones(num_tokens, bool)
+    return np.asarray(token_mask, bool).reshape(num_tokens)
+
+
+def ref_load_balance(ids, valid, probs, num_experts: int, normalization: str, token_mask=None):
+    """`E * sum_i f_i P_i` (ALGORITHMS.md §0.1).
+
+    f_i (counted over unmasked tokens, valid slots only):
+      "switch_top1": tokens whose slot 0 (first choice) is i, / T;
+      "per_assignment": assignments to i, / T;
+      "per_assignment_over_k": assignments to i, / (k T).
+    P_i = mean over unmasked tokens of the probs row-normalised to sum 1. f is a constant (no
+    gradient); `probs` may be a jax array, and then the result is differentiable in it.
+    """
+    ids = np.asarray(ids)
+    valid = np.asarray(valid, bool)
+    t_count, k = ids.shape
+    mask = _mask(t_count, token_mask)
+    n = max(int(mask.sum()), 1)
+    counts = np.zeros(num_experts)
+    slots = 1 if normalization == "switch_top1" else k
+    for t in range(t_count):
+        if not mask[t]:
+            continue
+        for j in range(slots):
+            if valid[t, j] and ids[t, j] < num_experts:
+                counts[ids[t, j]] += 1
+    if normalization == "switch_top1" or normalization == "per_assignment":
+        f = counts / n
+    elif normalization == "per_assignment_over_k":
+        f = counts / (k * n)
+    else:
+        raise ValueError(normalization)
+    p = (
+        jnp.asarray(probs, jnp.float32)
+        if isinstance(probs, jax.Array)
+        else np.asarray(probs, np.float64)
+    )
+    xp = jnp if isinstance(p, jax.Array) else np
+    p_rows = p / xp.sum(p, -1, keepdims=True)
+    p_mean = xp.sum(p_rows[np.flatnonzero(mask)][:, :num_experts], 0) / n
+    return num_experts * xp.sum(f * p_mean)
+
+
+def ref_z_loss(logits, token_mask=None) -> float:
+    """Mean over unmasked tokens of logsumexp(logits)^2 (ST-MoE)."""
+    z = np.asarray(logits, np.float64)
+    mask = _mask(z.shape[0], token_mask)
+    vals = []
+    for t in range(z.shape[0]):
+        if mask[t]:
+            mx = z[t].max()
+            vals.append((mx + math.log(np.exp(z[t] - mx).sum())) ** 2)
+    return float(np.sum(vals) / max(len(vals), 1))
+
+
+def ref_entropy(probs, token_mask=None) -> float:
+    """Mean over unmasked tokens of -sum p log p of the row-normalised probs (0 log 0 = 0)."""
+    p = np.asarray(probs, np.float64)
+    mask = _mask(p.shape[0], token_mask)
+    vals = []
+    for t in range(p.shape[0]):
+        if mask[t]:
+            row = p[t] / p[t].sum()
+            vals.append(-sum(x * math.log(x) for x in row if x > 0))
+    return float(np.sum(vals) / max(len(vals), 1))
+
+
+def ref_sequence_balance(probs, k: int, num_experts: int, seq_len: int, token_mask=None) -> float:
+    """DeepSeek-V3 sequence-wise balance (ALGORITHMS.md §5.3), mean over sequences.
+
+    Per sequence with L_valid unmasked tokens: top-k recomputed on the unbiased probs,
+    f_i = E / (k L_valid) * #{t: i in top-k(t)}, P_i = mean of the row-normalised probs,
+    loss_b = sum_i f_i P_i; sequences that are all padding are left out of the mean.
+    """
+    p = np.asarray(probs, np.float64)[:, :num_experts]
+    t_count = p.shape[0]
+    mask = _mask(t_count, token_mask)
+    losses = []
+    for start in range(0, t_count, seq_len):
+        counts = np.zeros(num_experts)
+        p_sum = np.zeros(num_experts)
+        n = 0
+        for t in range(start, start + seq_len):
+            if not mask[t]:
+                continue
+            n += 1
+            counts[_order_desc(p[t])[:k]] += 1
+            p_sum += p[t] / p[t].sum()
+        if n == 0:
+            continue
+        f = num_experts / (k * n) * counts
+        losses.append(float(np.sum(f * p_sum / n)))
+    return float(np.mean(losses)) if losses else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Capacity (ALGORITHMS.md §1.4, position priority)
+# ----------------------------------------------------------------------------------------------
+
+
+def ref_capacity(ids, num_experts: int, capacity: int, valid=None) -> np.ndarray:
+    """Kept mask `[T, k]` under per-expert capacity with position priority.
+
+    Every token's FIRST choice is queued (in token order) before any token's SECOND choice, and so
+    on; an assignment is kept iff its position in its expert's queue is `< capacity`. Invalid slots
+    (or ids >= num_experts) take no place in any queue and are never kept.
+    """
+    ids = np.asarray(ids)
+    t_count, k = ids.shape
+    valid = np.ones((t_count, k), bool) if valid is None else np.asarray(valid, bool)
+    fill = np.zeros(num_experts, np.int64)
+    kept = np.zeros((t_count, k), bool)
+    for j in range(k):
+        for t in range(t_count):
+            e = int(ids[t, j])
+            if not valid[t, j] or e >= num_experts:
+                continue
+            kept[t, j] = fill[e] < capacity
+            fill[e] += 1
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------
+# The MoE layer (ALGORITHMS.md §0, §5.1, §6.3), per token and per slot, in jnp (differentiable)
+# ----------------------------------------------------------------------------------------------
+
+
+def _act(h, activation: str):
+    if activation == "gelu":
+        return jax.nn.gelu(h, approximate=False)
+    if activation == "relu":
+        return jax.nn.relu(h)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def ref_expert_ffn(experts: dict, e: int, x_D, activation: str):
+    """FFN of routed expert `e` on one token `[D]`.
+
+    "swiglu": (silu(x Wg) * (x Wu)) Wd;  "gelu": gelu(x Wu) Wd (exact erf gelu);
+    "relu": relu(x Wu) Wd.
+    """
+    if activation == "swiglu":
+        h = jax.nn.silu(x_D @ experts["w_gate"][e]) * (x_D @ experts["w_up"][e])
+    else:
+        h = _act(x_D @ experts["w_up"][e], activation)
+    return h @ experts["w_down"][e]
+
+
+def ref_shared_ffn(shared: dict, x_D, activation: str):
+    """The fused shared expert on one token `[D]` (same activation rule as the routed experts)."""
+    if activation == "swiglu":
+        h = jax.nn.silu(x_D @ shared["w_gate"]) * (x_D @ shared["w_up"])
+    else:
+        h = _act(x_D @ shared["w_up"], activation)
+    return h @ shared["w_down"]
+
+
+def ref_moe_forward(
+    params,
+    x_TxD,
+    selection_ids,
+    selection_weights,
+    kept,
+    activation: str,
+    shared: str | None = None,
+):
+    """MoE output `[T, D]` for GIVEN expert ids `[T, k]`, weights `[T, k]` and kept mask `[T, k]`.
+
+    `y_t = sum_j kept[t, j] * w[t, j] * FFN_{ids[t, j]}(x_t) + shared(x_t) * gate_t`, with
+    `gate_t = sigmoid(x_t @ params['shared_gate']['kernel'])` if `shared == "gated"`, 1 if
+    `shared == "plain"`, and no shared term if `shared is None`. Slots with `kept == False` or
+    `ids >= E` contribute exactly nothing (no renormalisation of the rest). `selection_ids` and
+    `kept` must be concrete (NumPy-convertible); `params`, `x_TxD` and `selection_weights` may be
+    traced, so `jax.grad` works through this function.
+    """
+    ids = np.asarray(selection_ids)
+    kept = np.asarray(kept, bool)
+    experts = params["experts"]
+    num_experts = experts["w_down"].shape[0]
+    x_TxD = jnp.asarray(x_TxD)
+    rows = []
+    for t in range(ids.shape[0]):
+        x_D = x_TxD[t]
+        y_D = jnp.zeros((experts["w_down"].shape[-1],), x_TxD.dtype)
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if kept[t, j] and e < num_experts:
+                y_D = y_D + selection_weights[t, j] * ref_expert_ffn(experts, e, x_D, activation)
+        if shared is not None:
+            s_D = ref_shared_ffn(params["shared"], x_D, activation)
+            if shared == "gated":
+                s_D = s_D * jax.nn.sigmoid(x_D @ params["shared_gate"]["kernel"])[0]
+            elif shared != "plain":
+                raise ValueError(f"shared={shared!r} must be None, 'plain' or 'gated'")
+            y_D = y_D + s_D
+        rows.append(y_D)
+    return jnp.stack(rows)
+
+
+def ref_moe(params, x_TxD, cfg: dict, ids, kept=None):
+    """MoE output `[T, D]` with router weights recomputed (differentiably) from `params`.
+
+    The expert ids `[T, k]` are fixed (compute them outside, e.g. with `ref_top_k` on
+    `x @ router_kernel` plus any bias); the weights are `probs[t, ids[t]]` with
+    `probs = softmax/sigmoid(x @ params['router']['kernel'])` in float32, renormalised over the k
+    if `normalize and (k > 1 or renorm_when_k1)`, times `scale`, so gradients reach the router.
+
+    `cfg` is a dict using MoEConfig field names (`dataclasses.asdict(MoEConfig(...))` works; extra
+    keys are ignored): `score` ("softmax"), `normalize` (False), `renorm_when_k1` (False),
+    `scale` (1.0), `activation` ("swiglu"), `shared_gate` (False). A shared expert is added iff
+    `params` has a "shared" entry (gated iff `shared_gate`). `kept` `[T, k]` defaults to all True
+    (dropless); capacity drops zero a slot AFTER the renormalisation (ALGORITHMS.md §1.4: the
+    remaining weights are not renormalised). All ids must be real experts (no null / unused slots).
+    """
+    ids = np.asarray(ids)
+    kept = np.ones(ids.shape, bool) if kept is None else np.asarray(kept, bool)
+    x_TxD = jnp.asarray(x_TxD)
+    logits = x_TxD.astype(jnp.float32) @ params["router"]["kernel"].astype(jnp.float32)
+    num_experts = params["experts"]["w_down"].shape[0]
+    if ids.min() < 0 or ids.max() >= num_experts:
+        raise ValueError(f"ref_moe is for top-k routing: ids must be in [0, {num_experts})")
+    weights = ref_weights_jnp(
+        logits,
+        ids,
+        score=cfg.get("score", "softmax"),
+        normalize=cfg.get("normalize", False),
+        scale=cfg.get("scale", 1.0),
+        renorm_when_k1=cfg.get("renorm_when_k1", False),
+    )
+    shared = None
+    if "shared" in params:
+        shared = "gated" if cfg.get("shared_gate", False) else "plain"
+    return ref_moe_forward(
+        params, x_TxD, ids, weights, kept, cfg.get("activation", "swiglu"), shared
+    )

@@ -1,0 +1,243 @@
+"""jmoe.MoE against the per-token loop reference of tests/moe_reference.py."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from flax.nnx import bridge
+
+import jmoe
+import moe_reference as ref
+
+D, F = 8, 16
+B, S = 2, 6
+
+VARIANTS = {
+    "mixtral_top2": dict(num_experts=4, top_k=2),
+    "switch_k1": dict(num_experts=4, top_k=1, normalize=False),
+    "k_equals_e": dict(num_experts=4, top_k=4),
+    "qwen_no_norm_shared_gate": dict(
+        num_experts=6, top_k=2, normalize=False, num_shared=1, shared_gate=True
+    ),
+    "deepseek_v3": dict(
+        num_experts=8,
+        top_k=2,
+        score="sigmoid",
+        scale=2.5,
+        n_groups=4,
+        top_groups=2,
+        num_shared=2,
+    ),
+    "gelu": dict(num_experts=4, top_k=2, activation="gelu"),
+    "relu_shared_width": dict(num_experts=4, top_k=2, activation="relu", d_ff_shared=12),
+    "capacity_drops": dict(num_experts=4, top_k=2, capacity_factor=0.5),
+}
+
+
+def _setup(cfg: jmoe.MoEConfig, seed=0, bias_scale=0.0):
+    x = jax.random.normal(jax.random.key(seed), (B, S, cfg.d_model))
+    variables = jmoe.MoE(cfg).init(jax.random.key(seed + 1), x)
+    bias = bias_scale * jax.random.normal(jax.random.key(seed + 2), (cfg.num_experts,))
+    variables = {**variables, "moe_state": {"bias": bias}}
+    return x, variables
+
+
+def _reference(cfg, variables, x):
+    """Reference ids / kept mask and the differentiable reference output."""
+    x_TxD = np.asarray(x).reshape(-1, cfg.d_model)
+    logits = x_TxD @ np.asarray(variables["params"]["router"]["kernel"])
+    ids, _, _ = ref.ref_top_k(
+        logits,
+        cfg.top_k,
+        score=cfg.score,
+        normalize=cfg.normalize,
+        scale=cfg.scale,
+        bias=np.asarray(variables["moe_state"]["bias"]),
+        n_groups=cfg.n_groups,
+        top_groups=cfg.top_groups,
+        renorm_when_k1=cfg.renorm_when_k1,
+    )
+    kept = np.ones(ids.shape, bool)
+    capacity = cfg.capacity(x_TxD.shape[0], deterministic=True)
+    if capacity is not None:
+        kept = ref.ref_capacity(ids, cfg.num_experts, capacity)
+    cfg_dict = dataclasses.asdict(cfg)
+
+    def fn(params, x):
+        return ref.ref_moe(params, x.reshape(-1, cfg.d_model), cfg_dict, ids, kept).reshape(x.shape)
+
+    return ids, kept, logits, fn
+
+
+@pytest.mark.parametrize("impl", ["xla", "ragged_dot"])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_moe_matches_reference(name, impl):
+    cfg = jmoe.MoEConfig(d_model=D, d_ff=F, implementation=impl, **VARIANTS[name])
+    x, variables = _setup(cfg, bias_scale=0.3 if cfg.score == "sigmoid" else 0.0)
+    ids, kept, logits, ref_fn = _reference(cfg, variables, x)
+    model = jmoe.MoE(cfg)
+    y, stats = jax.jit(model.apply)(variables, x)
+    np.testing.assert_allclose(y, ref_fn(variables["params"], x), rtol=1e-5, atol=1e-5)
+
+    ct = jax.random.normal(jax.random.key(7), y.shape)
+
+    def loss(params, x):
+        return jnp.sum(model.apply({**variables, "params": params}, x)[0] * ct)
+
+    def ref_loss(params, x):
+        return jnp.sum(ref_fn(params, x) * ct)
+
+    got = jax.jit(jax.grad(loss, (0, 1)))(variables["params"], x)
+    want = jax.grad(ref_loss, (0, 1))(variables["params"], x)
+    for path, g, w in zip(
+        jax.tree_util.tree_leaves_with_path(got),
+        jax.tree.leaves(got),
+        jax.tree.leaves(want),
+        strict=True,
+    ):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=str(path[0]))
+
+    counts = np.zeros(cfg.num_experts)
+    np.add.at(counts, ids.reshape(-1), 1.0)
+    np.testing.assert_allclose(stats["tokens_per_expert"], counts)
+    probs = ref.ref_scores(logits, cfg.score)
+    want_lb = ref.ref_load_balance(
+        ids, np.ones(ids.shape, bool), probs, cfg.num_experts, cfg.lb_normalization
+    )
+    np.testing.assert_allclose(stats["load_balance_loss"], want_lb, rtol=1e-5)
+    np.testing.assert_allclose(stats["z_loss"], ref.ref_z_loss(logits), rtol=1e-5)
+    np.testing.assert_allclose(stats["active_experts"], kept.sum(-1).mean(), rtol=1e-6)
+    np.testing.assert_allclose(stats["dropped_fraction"], 1 - kept.mean(), rtol=1e-6, atol=1e-7)
+    want_aux = cfg.lb_coef * want_lb + cfg.z_loss_coef * ref.ref_z_loss(logits)
+    np.testing.assert_allclose(stats["aux_loss"], want_aux, rtol=1e-5)
+
+
+def test_capacity_without_drops_equals_dropless():
+    base = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, top_k=2)
+    roomy = dataclasses.replace(base, capacity_factor=4.0)  # capacity = T * k / E * 4 >= T
+    x, variables = _setup(base)
+    y0, s0 = jmoe.MoE(base).apply(variables, x)
+    y1, s1 = jmoe.MoE(roomy).apply(variables, x)
+    np.testing.assert_array_equal(y0, y1)
+    assert float(s1["dropped_fraction"]) == 0.0
+
+
+def test_eval_capacity_factor_applies_when_deterministic():
+    cfg = jmoe.MoEConfig(
+        d_model=D, d_ff=F, num_experts=4, top_k=2, capacity_factor=0.25, eval_capacity_factor=4.0
+    )
+    x, variables = _setup(cfg)
+    _, train_stats = jmoe.MoE(cfg).apply(variables, x, deterministic=False)
+    _, eval_stats = jmoe.MoE(cfg).apply(variables, x, deterministic=True)
+    assert float(train_stats["dropped_fraction"]) > 0.3
+    assert float(eval_stats["dropped_fraction"]) == 0.0
+
+
+def test_bias_changes_selection_not_weights():
+    """A large selection bias forces experts; the combine weights stay unbiased scores."""
+    cfg = jmoe.MoEConfig(
+        d_model=D, d_ff=F, num_experts=4, top_k=2, score="sigmoid", normalize=False
+    )
+    x, variables = _setup(cfg)
+    variables["moe_state"]["bias"] = jnp.array([0.0, 0.0, 5.0, 5.0])
+    _, stats = jmoe.MoE(cfg).apply(variables, x)
+    np.testing.assert_array_equal(stats["tokens_per_expert"], [0, 0, B * S, B * S])
+    ids, _, _, ref_fn = _reference(cfg, variables, x)
+    assert set(ids.reshape(-1).tolist()) == {2, 3}
+    y, _ = jmoe.MoE(cfg).apply(variables, x)
+    np.testing.assert_allclose(y, ref_fn(variables["params"], x), rtol=1e-5, atol=1e-5)
+
+
+def test_token_mask_excludes_padding_from_losses():
+    cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, top_k=2)
+    x, variables = _setup(cfg)
+    mask = np.ones((B, S), bool)
+    mask[1, 3:] = False
+    ids, _, logits, _ = _reference(cfg, variables, x)
+    _, stats = jmoe.MoE(cfg).apply(variables, x, token_mask=jnp.asarray(mask))
+    m = mask.reshape(-1)
+    probs = ref.ref_scores(logits, cfg.score)
+    want = ref.ref_load_balance(
+        ids, np.ones(ids.shape, bool), probs, 4, cfg.lb_normalization, token_mask=m
+    )
+    np.testing.assert_allclose(stats["load_balance_loss"], want, rtol=1e-5)
+    np.testing.assert_allclose(stats["z_loss"], ref.ref_z_loss(logits, token_mask=m), rtol=1e-5)
+    counts = np.zeros(4)
+    np.add.at(counts, ids[m].reshape(-1), 1.0)
+    np.testing.assert_allclose(stats["tokens_per_expert"], counts)
+
+
+def test_parameter_tree_matches_contract():
+    cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=6, top_k=2, num_shared=2, shared_gate=True)
+    _, variables = _setup(cfg)
+    shapes = jax.tree.map(jnp.shape, variables)
+    assert shapes == {
+        "params": {
+            "router": {"kernel": (D, 6)},
+            "experts": {"w_gate": (6, D, F), "w_up": (6, D, F), "w_down": (6, F, D)},
+            "shared": {"w_gate": (D, 2 * F), "w_up": (D, 2 * F), "w_down": (2 * F, D)},
+            "shared_gate": {"kernel": (D, 1)},
+        },
+        "moe_state": {"bias": (6,)},
+    }
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+
+
+def test_bfloat16_compute_keeps_float32_router_and_params():
+    f32 = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, top_k=2)
+    bf16 = dataclasses.replace(f32, dtype="bfloat16")
+    x, variables = _setup(f32)
+    y32, s32 = jmoe.MoE(f32).apply(variables, x)
+    y16, s16 = jmoe.MoE(bf16).apply(variables, x)
+    assert y16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(s16["tokens_per_expert"], s32["tokens_per_expert"])
+    np.testing.assert_allclose(s16["z_loss"], s32["z_loss"], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(y16, np.float32), y32, rtol=0.05, atol=0.05)
+    grads = jax.grad(lambda p: jnp.sum(jmoe.MoE(bf16).apply({**variables, "params": p}, x)[0]))(
+        variables["params"]
+    )
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+def test_router_jitter_only_when_not_deterministic():
+    cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, top_k=2, router_jitter=0.5)
+    x, variables = _setup(cfg)
+    plain = dataclasses.replace(cfg, router_jitter=0.0)
+    y_det, _ = jmoe.MoE(cfg).apply(variables, x, deterministic=True)
+    y_plain, _ = jmoe.MoE(plain).apply(variables, x, deterministic=False)
+    np.testing.assert_array_equal(y_det, y_plain)
+    y_a, s_a = jmoe.MoE(cfg).apply(
+        variables, x, deterministic=False, rngs={"jitter": jax.random.key(0)}
+    )
+    y_b, _ = jmoe.MoE(cfg).apply(
+        variables, x, deterministic=False, rngs={"jitter": jax.random.key(1)}
+    )
+    assert not np.allclose(s_a["z_loss"], jmoe.MoE(cfg).apply(variables, x)[1]["z_loss"])
+    assert not np.allclose(y_a, y_b)
+
+
+def test_wrong_width_raises_and_single_expert_mesh_runs():
+    cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, top_k=2)
+    x, variables = _setup(cfg)
+    with pytest.raises(ValueError, match="d_model=8"):
+        jmoe.MoE(cfg).apply(variables, jnp.ones((2, D + 1)))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "expert"))
+    y, _ = jmoe.MoE(cfg, mesh=mesh).apply(variables, x)
+    np.testing.assert_array_equal(y, jmoe.MoE(cfg).apply(variables, x)[0])
+
+
+def test_nnx_bridge_wraps_the_linen_module():
+    cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, top_k=2, num_shared=1)
+    x = jax.random.normal(jax.random.key(0), (B, S, D))
+    layer = bridge.ToNNX(jmoe.MoE(cfg), rngs=nnx.Rngs(0))
+    bridge.lazy_init(layer, x)
+    y, stats = layer(x)
+    params = nnx.to_pure_dict(nnx.state(layer, nnx.Param))
+    assert params["experts"]["w_gate"].shape == (4, D, F)
+    linen_vars = {"params": params, "moe_state": {"bias": jnp.zeros(4)}}
+    y_linen, _ = jmoe.MoE(cfg).apply(linen_vars, x)
+    np.testing.assert_allclose(y, y_linen, rtol=1e-6, atol=1e-6)
+    assert stats["tokens_per_expert"].shape == (4,)
