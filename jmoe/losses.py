@@ -122,8 +122,8 @@ def sequence_balance(
 
     Per sequence: `sum_i f_i P_i` with `f_i = E / (k L) * #{t: i in top-k of the unbiased scores}`
     and `P_i` the mean of the per-token normalised scores; averaged over sequences. 1 at perfect
-    balance; sequences that are all padding are left out. The top-k is recomputed on the unbiased scores, so a selection bias or group limit
-    does not hide an imbalance.
+    balance; sequences that are all padding are left out. The top-k is recomputed on the
+    unbiased scores, so a selection bias or group limit does not hide an imbalance.
 
     Args:
       routing: a `Routing` over `T = B * seq_len` tokens (sequence-major) and k slots.

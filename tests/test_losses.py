@@ -7,13 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import moe_reference as ref
 from jmoe import losses, routing
 from jmoe.routing import Routing
-
-try:
-    from tests import moe_reference as ref
-except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    import moe_reference as ref
 
 RTOL, ATOL = 1e-5, 1e-6
 NORMS = ("switch_top1", "per_assignment", "per_assignment_over_k")

@@ -5,11 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-try:
-    from tests import moe_reference as ref
-except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    import moe_reference as ref
-
+import moe_reference as ref
 
 # ---------------------------------------------------------------------------------- ref_top_k
 

@@ -5,12 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import moe_reference as ref
 from jmoe import catalogue, routing
-
-try:
-    from tests import moe_reference as ref
-except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    import moe_reference as ref
 
 RTOL, ATOL = 1e-5, 1e-6
 
