@@ -8,6 +8,11 @@ MoE / dense ratios and writes JSON.
 
     python bench/moe_layer.py                       # the full grid (E 8, 64; k 1, 2, 8)
     python bench/moe_layer.py --experts 8 --k 2     # one point
+    python bench/moe_layer.py --scenario all_to_one_expert   # catalogue skew: k experts take all
+
+Scenarios come from the shape catalogue (`jmoe.catalogue`): "balanced" routes with the random
+router; "all_to_one_expert" and "empty_experts" force the selection with the `moe_state` bias
+(every token to experts 0..k-1; only the even experts used).
 """
 
 from __future__ import annotations
@@ -43,6 +48,17 @@ def _dense_params(key, d, f):
     }
 
 
+def _scenario_bias(scenario, e, k):
+    """Selection bias that forces the catalogue's routing situation onto the random router."""
+    if scenario == "balanced":
+        return jnp.zeros((e,))
+    if scenario == "all_to_one_expert":
+        return jnp.where(jnp.arange(e) < k, 100.0, 0.0)
+    if scenario == "empty_experts":
+        return jnp.where(jnp.arange(e) % 2 == 1, -100.0, 0.0)
+    raise ValueError(f"unknown scenario {scenario!r}")
+
+
 def _variants(args, e, k):
     """name -> (forward fn, forward+backward fn, args) for one (E, k) point."""
     key = jax.random.key(0)
@@ -62,6 +78,7 @@ def _variants(args, e, k):
         )
         model = jmoe.MoE(cfg)
         variables = model.init(jax.random.key(3), x)
+        variables["moe_state"] = {"bias": _scenario_bias(args.scenario, e, k)}
 
         def loss(p, x, model=model, variables=variables):
             y, stats = model.apply({**variables, "params": p}, x)
@@ -115,6 +132,9 @@ def main():
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 8])
     parser.add_argument("--impl", nargs="+", default=["xla", "ragged_dot"])
+    parser.add_argument(
+        "--scenario", default="balanced", choices=["balanced", "all_to_one_expert", "empty_experts"]
+    )
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--pause", type=float, default=0.3, help="seconds between timed calls")
     parser.add_argument("--out", default="bench/results/moe_layer.json")

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jmoe.routing import Routing
 
 NORMALIZATIONS = ("switch_top1", "per_assignment", "per_assignment_over_k")
+NULL_BALANCES = ("grouped", "individual")
 
 
 def _token_weights(num_tokens: int, token_mask: jax.Array | None) -> jax.Array:
@@ -48,6 +49,8 @@ def load_balance(
     *,
     num_experts: int,
     normalization: str = "per_assignment_over_k",
+    num_null: int = 0,
+    null_balance: str = "grouped",
     token_mask: jax.Array | None = None,
 ) -> jax.Array:
     """Load-balance loss `E * sum_i f_i * P_i`, unscaled (Switch / GShard / HF / Megatron).
@@ -59,10 +62,17 @@ def load_balance(
       - "per_assignment_over_k": assignments to i over k*T (Megatron, DeepSeek; 1 at balance).
     Gradient flows through `P` only.
 
+    With null experts (AdaMoE, ALGORITHMS.md §2.2) all `E + num_null` experts are balanced:
+    "grouped" (the paper's intent) gives every null expert the mean null load, so only the total
+    null usage is balanced against the true experts; "individual" counts each null expert on its
+    own (recomputing the choices from the logits, as the HF-based AdaMoE code does).
+
     Args:
       routing: a `Routing` over `[T, K]` slots.
-      num_experts: E, the experts that are balanced.
+      num_experts: E, the true experts.
       normalization: one of `NORMALIZATIONS`.
+      num_null: null experts M (the last M columns of `routing.probs`).
+      null_balance: "grouped" or "individual".
       token_mask: optional `[T]` bool, False for padding tokens.
 
     Returns:
@@ -70,20 +80,40 @@ def load_balance(
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization={normalization!r} is not one of {NORMALIZATIONS}")
+    if null_balance not in NULL_BALANCES:
+        raise ValueError(f"null_balance={null_balance!r} is not one of {NULL_BALANCES}")
     t, k = routing.expert_ids.shape
+    slots = 1 if normalization == "switch_top1" else k
+    ids, valid = routing.expert_ids[:, :slots], routing.valid[:, :slots]
+    counts_E = expert_counts(ids, valid, num_experts, token_mask)
+    if num_null:
+        counts_E = jnp.concatenate(
+            [
+                counts_E,
+                _null_counts(routing, slots, num_experts, num_null, null_balance, token_mask),
+            ]
+        )
     w_T = _token_weights(t, token_mask)
     n_tokens = jnp.maximum(w_T.sum(), 1.0)
-    if normalization == "switch_top1":
-        counts_E = expert_counts(
-            routing.expert_ids[:, :1], routing.valid[:, :1], num_experts, token_mask
-        )
-    else:
-        counts_E = expert_counts(routing.expert_ids, routing.valid, num_experts, token_mask)
     f_E = counts_E / n_tokens
     if normalization == "per_assignment_over_k":
         f_E = f_E / k
-    p_E = (_normalized_probs(routing.probs)[:, :num_experts] * w_T[:, None]).sum(0) / n_tokens
-    return num_experts * jnp.sum(jax.lax.stop_gradient(f_E) * p_E)
+    e_all = num_experts + num_null
+    p_E = (_normalized_probs(routing.probs)[:, :e_all] * w_T[:, None]).sum(0) / n_tokens
+    return e_all * jnp.sum(jax.lax.stop_gradient(f_E) * p_E)
+
+
+def _null_counts(routing, slots, num_experts, num_null, null_balance, token_mask):
+    """Null-expert loads `[num_null]` over the first `slots` slots."""
+    w_T = _token_weights(routing.expert_ids.shape[0], token_mask)
+    if null_balance == "grouped":
+        null_picks = jnp.sum((~routing.valid[:, :slots]).sum(-1) * w_T)
+        return jnp.full((num_null,), null_picks / num_null)
+    _, choice = jax.lax.top_k(routing.logits, routing.num_slots)
+    counts = expert_counts(
+        choice[:, :slots] - num_experts, choice[:, :slots] >= num_experts, num_null, token_mask
+    )
+    return counts
 
 
 def router_z_loss(logits: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:

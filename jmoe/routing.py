@@ -137,3 +137,144 @@ def _check_groups(num_experts: int, k: int, n_groups: int | None, top_groups: in
             f"k={k} exceeds the experts in top_groups={top_groups} groups of "
             f"{num_experts // n_groups}; raise top_groups or lower k"
         )
+
+
+def null_experts(
+    logits: jax.Array,
+    k: int,
+    *,
+    num_null: int,
+    null_offset: float | jax.Array = 0.0,
+) -> Routing:
+    """AdaMoE null-expert routing (ALGORITHMS.md §2).
+
+    The last `num_null` columns of `logits` are null experts: zero output, zero FLOPs. Softmax and
+    top-k run over all `E + num_null` experts; null picks become unused slots (expert id `E`,
+    weight 0, not valid) and the weights are renormalised among the chosen true experts. A token
+    that picks only null experts gets all-zero weights (its MoE output is exactly 0).
+
+    Args:
+      logits: `[T, E + num_null]` router logits (cast to float32).
+      k: slots per token, counting true and null picks.
+      num_null: null experts M >= 0.
+      null_offset: added to the null logits for selection only (the compute-budget controller's
+        knob: larger -> more null picks). The weights do not depend on it.
+
+    Returns:
+      A `Routing` with `K = k` slots; `probs` is the softmax over all `E + num_null` experts.
+
+    Example:
+      >>> r = null_experts(jnp.log(jnp.array([[0.4, 0.1, 0.3, 0.2]])), 2, num_null=2)
+      >>> r.expert_ids.tolist(), r.weights.tolist()
+      ([[0, 2]], [[1.0, 0.0]])
+    """
+    logits = logits.astype(jnp.float32)
+    e_all = logits.shape[-1]
+    num_experts = e_all - num_null
+    if num_null < 0 or num_experts < 1:
+        raise ValueError(f"null_experts: num_null={num_null} must be in [0, {e_all - 1}]")
+    if not 1 <= k <= e_all:
+        raise ValueError(f"null_experts: k={k} must be in [1, E + num_null={e_all}]")
+    probs = jax.nn.softmax(logits, axis=-1)
+    is_null_E = jnp.arange(e_all) >= num_experts
+    selection = logits + jnp.where(is_null_E, jax.lax.stop_gradient(null_offset), 0.0)
+    _, choice = jax.lax.top_k(selection, k)
+    valid = choice < num_experts
+    picked = jnp.where(valid, jnp.take_along_axis(probs, choice, axis=-1), 0.0)
+    total = picked.sum(-1, keepdims=True)
+    weights = picked / jnp.where(total > 0, total, 1.0)
+    return Routing(
+        expert_ids=jnp.where(valid, choice, num_experts).astype(jnp.int32),
+        weights=weights,
+        valid=valid,
+        probs=probs,
+        logits=logits,
+    )
+
+
+TOP_P_BOUNDARIES = ("strict", "inclusive")
+
+
+def top_p(
+    logits: jax.Array,
+    p: float | jax.Array,
+    *,
+    max_k: int | None = None,
+    boundary: str = "strict",
+) -> Routing:
+    """Dynamic top-p routing, "Harder Tasks Need More Experts" (ALGORITHMS.md §3).
+
+    Experts are taken in descending softmax probability (ties: lower index first) until the
+    cumulative probability first exceeds `p` ("strict", the official rule) or reaches it
+    ("inclusive"); at least one expert is always kept, and all of them if no prefix passes `p`.
+    Weights are the raw probabilities, not renormalised.
+
+    Args:
+      logits: `[T, E]` router logits (cast to float32).
+      p: threshold in (0, 1] (a traced scalar is fine: the budget controller moves it).
+      max_k: optional cap on experts per token (a non-paper extension); `K = max_k or E`.
+      boundary: "strict" (cumulative > p) or "inclusive" (cumulative >= p).
+
+    Returns:
+      A `Routing` with `K = max_k or E` slots, the chosen experts first.
+
+    Example:
+      >>> r = top_p(jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]])), 0.6)
+      >>> r.valid.tolist(), r.weights.tolist()[0][:2]
+      ([[True, True, False, False]], [0.5, 0.30000001192092896])
+    """
+    logits = logits.astype(jnp.float32)
+    num_experts = logits.shape[-1]
+    if isinstance(p, (int, float)) and not 0 < p <= 1:
+        raise ValueError(f"top_p: p={p} must be in (0, 1]")
+    k = num_experts if max_k is None else max_k
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"top_p: max_k={max_k} must be in [1, num_experts={num_experts}]")
+    if boundary not in TOP_P_BOUNDARIES:
+        raise ValueError(f"top_p: boundary={boundary!r} is not one of {TOP_P_BOUNDARIES}")
+    probs = jax.nn.softmax(logits, axis=-1)
+    sorted_p, order = jax.lax.top_k(probs, num_experts)
+    before = jnp.cumsum(sorted_p, axis=-1) - sorted_p  # mass of the higher-ranked experts
+    before = before.at[:, 0].set(0.0)
+    keep = before <= p if boundary == "strict" else before < p
+    keep = keep.at[:, 0].set(True)[:, :k]
+    return Routing(
+        expert_ids=jnp.where(keep, order[:, :k], num_experts).astype(jnp.int32),
+        weights=jnp.where(keep, sorted_p[:, :k], 0.0),
+        valid=keep,
+        probs=probs,
+        logits=logits,
+    )
+
+
+def expert_choice(logits: jax.Array, capacity: int) -> Routing:
+    """Expert-choice routing (Zhou et al. 2022, ALGORITHMS.md §1.6): experts pick tokens.
+
+    Each expert takes the `capacity` tokens with the highest softmax probability for it (ties:
+    lower token index first); the weight is that probability. A token may get no expert or many.
+    Not causal: a token's experts depend on the other tokens of the batch.
+
+    Args:
+      logits: `[T, E]` router logits (cast to float32).
+      capacity: tokens per expert, in [0, T].
+
+    Returns:
+      A `Routing` with `K = E` slots: slot e is expert e, valid where e chose the token.
+    """
+    logits = logits.astype(jnp.float32)
+    t, num_experts = logits.shape
+    if not 0 <= capacity <= t:
+        raise ValueError(f"expert_choice: capacity={capacity} must be in [0, tokens={t}]")
+    probs = jax.nn.softmax(logits, axis=-1)
+    _, tokens_ExC = jax.lax.top_k(probs.T, capacity)
+    chosen_ExT = (
+        jnp.zeros((num_experts, t), bool).at[jnp.arange(num_experts)[:, None], tokens_ExC].set(True)
+    )
+    valid = chosen_ExT.T
+    return Routing(
+        expert_ids=jnp.where(valid, jnp.arange(num_experts), num_experts).astype(jnp.int32),
+        weights=jnp.where(valid, probs, 0.0),
+        valid=valid,
+        probs=probs,
+        logits=logits,
+    )
