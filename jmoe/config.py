@@ -12,13 +12,17 @@ import math
 
 import jax.numpy as jnp
 
-ROUTERS = ("top_k",)
+ROUTERS = ("top_k", "null", "top_p", "expert_choice")
 SCORES = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 LB_NORMALIZATIONS = ("switch_top1", "per_assignment", "per_assignment_over_k")
 IMPLEMENTATIONS = (None, "xla", "ragged_dot")
 CAPACITY_ROUNDINGS = ("ceil", "floor", "round")
 DTYPES = ("float32", "bfloat16", "float16")
+NULL_BALANCES = ("grouped", "individual")
+TOP_P_BOUNDARIES = ("strict", "inclusive")
+CHAIN_RESIDUALS = ("prenorm", "coe")
+BUDGET_ROUTERS = ("null", "top_p")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +40,20 @@ class MoEConfig:
       renorm_when_k1: renormalise a single weight too (HF parity; cuts the router gradient).
       scale: routed scaling factor applied to the weights.
       n_groups, top_groups: DeepSeek-V3 group-limited selection (both or neither).
+      num_null: AdaMoE null experts (router "null"); `top_k` then counts null picks too.
+      null_balance: load balance of null experts, "grouped" (paper) or "individual".
+      top_p: threshold of the "top_p" router, in (0, 1].
+      max_k: optional cap on experts per token for "top_p" (default: all experts).
+      top_p_boundary: "strict" (cumulative > p, official) or "inclusive" (>= p).
+      allow_noncausal: must be True to use "expert_choice", which lets a token's routing depend
+        on later tokens (not causal).
+      chain_steps: chain-of-experts passes C >= 1, each with its own router; experts shared.
+      chain_residual: "prenorm" returns the sum of the C step outputs (to be added to the
+        residual stream by the caller; C=1 is the plain MoE); "coe" returns x + that sum, the
+        paper's inner-residual form whose output replaces the stream.
+      target_active_experts: compute budget: a controller in `moe_state/budget` (null logit
+        offset or top-p threshold shift) holds the mean active experts per token at this value.
+      budget_rate: step size of the budget controller.
       num_shared: number of always-on shared experts, fused into one MLP.
       d_ff_shared: hidden width of the fused shared MLP (default `num_shared * d_ff`).
       shared_gate: Qwen2-MoE sigmoid gate on the shared expert output.
@@ -49,6 +67,7 @@ class MoEConfig:
       lb_normalization: one of `LB_NORMALIZATIONS` (ALGORITHMS.md §0.1).
       z_loss_coef: router z-loss coefficient.
       seq_balance_coef: DeepSeek-V3 sequence-wise balance loss coefficient.
+      entropy_coef: routing-entropy ("dynamic") loss coefficient (top-p paper: 1e-4).
       bias_update_rate: auxiliary-loss-free balancing rate (0 disables the update).
       router_jitter: multiplicative router-input jitter eps (training only; 0 disables).
       dtype: compute dtype of the experts (the router always runs in float32).
@@ -66,6 +85,16 @@ class MoEConfig:
     scale: float = 1.0
     n_groups: int | None = None
     top_groups: int | None = None
+    num_null: int = 0
+    null_balance: str = "grouped"
+    top_p: float = 0.4
+    max_k: int | None = None
+    top_p_boundary: str = "strict"
+    allow_noncausal: bool = False
+    chain_steps: int = 1
+    chain_residual: str = "prenorm"
+    target_active_experts: float | None = None
+    budget_rate: float = 0.01
     num_shared: int = 0
     d_ff_shared: int | None = None
     shared_gate: bool = False
@@ -80,6 +109,7 @@ class MoEConfig:
     lb_normalization: str = "per_assignment_over_k"
     z_loss_coef: float = 0.0
     seq_balance_coef: float = 0.0
+    entropy_coef: float = 0.0
     bias_update_rate: float = 0.0
     router_jitter: float = 0.0
     dtype: str = "float32"
@@ -96,11 +126,15 @@ class MoEConfig:
         _check_choice("capacity_rounding", self.capacity_rounding, CAPACITY_ROUNDINGS)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("param_dtype", self.param_dtype, DTYPES)
+        _check_choice("null_balance", self.null_balance, NULL_BALANCES)
+        _check_choice("top_p_boundary", self.top_p_boundary, TOP_P_BOUNDARIES)
+        _check_choice("chain_residual", self.chain_residual, CHAIN_RESIDUALS)
+        self._check_adaptive()
         _check(
             "top_k",
             self.top_k,
-            self.top_k <= self.num_experts,
-            f"at most num_experts={self.num_experts}",
+            self.top_k <= self.num_experts + self.num_null,
+            f"at most num_experts + num_null={self.num_experts + self.num_null}",
         )
         self._check_groups()
         for name in ("capacity_factor", "eval_capacity_factor"):
@@ -120,9 +154,67 @@ class MoEConfig:
             not self.shared_gate or self.shared_width > 0,
             "False unless a shared expert exists (num_shared >= 1 or d_ff_shared set)",
         )
-        for name in ("lb_coef", "z_loss_coef", "seq_balance_coef", "bias_update_rate"):
+        for name in (
+            "lb_coef",
+            "z_loss_coef",
+            "seq_balance_coef",
+            "entropy_coef",
+            "bias_update_rate",
+            "budget_rate",
+        ):
             _check(name, getattr(self, name), getattr(self, name) >= 0, "a number >= 0")
         _check("router_jitter", self.router_jitter, 0 <= self.router_jitter < 1, "in [0, 1)")
+
+    def _check_adaptive(self):
+        _check("num_null", self.num_null, self.num_null >= 0, "an integer >= 0")
+        _check(
+            "num_null",
+            self.num_null,
+            self.num_null == 0 or self.router == "null",
+            f"0 unless router='null' (router={self.router!r})",
+        )
+        _check("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]")
+        _check(
+            "max_k",
+            self.max_k,
+            self.max_k is None or 1 <= self.max_k <= self.num_experts,
+            f"None or in [1, num_experts={self.num_experts}]",
+        )
+        _check("chain_steps", self.chain_steps, self.chain_steps >= 1, "an integer >= 1")
+        _check(
+            "allow_noncausal",
+            self.allow_noncausal,
+            self.router != "expert_choice" or self.allow_noncausal,
+            "True to use router='expert_choice', which is not causal: a token's experts "
+            "depend on later tokens, so a causal LM would see the future",
+        )
+        if self.target_active_experts is not None:
+            _check(
+                "target_active_experts",
+                self.target_active_experts,
+                self.router in BUDGET_ROUTERS,
+                f"None unless router is one of {BUDGET_ROUTERS}",
+            )
+            _check(
+                "target_active_experts",
+                self.target_active_experts,
+                0 < self.target_active_experts <= self.slots * self.chain_steps,
+                f"in (0, {self.slots * self.chain_steps}] (slots x chain_steps)",
+            )
+
+    @property
+    def num_router_outputs(self) -> int:
+        """Router logits per token: E true experts plus the null experts."""
+        return self.num_experts + self.num_null
+
+    @property
+    def slots(self) -> int:
+        """Routing slots K per token (and chain step) of the configured router."""
+        if self.router == "top_p":
+            return self.max_k or self.num_experts
+        if self.router == "expert_choice":
+            return self.num_experts
+        return self.top_k
 
     def _check_groups(self):
         if self.n_groups is None and self.top_groups is None:
@@ -161,8 +253,14 @@ class MoEConfig:
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
 
+    def expert_choice_capacity(self, num_tokens: int) -> int:
+        """Tokens each expert takes with router "expert_choice": `round(cf * T / E)`, where the
+        capacity factor (experts per token on average) defaults to `top_k`."""
+        factor = self.capacity_factor if self.capacity_factor is not None else self.top_k
+        return min(max(round(factor * num_tokens / self.num_experts), 1), num_tokens)
+
     def capacity(self, num_tokens: int, deterministic: bool) -> int | None:
-        """Slots per expert for `num_tokens` tokens, or None when dropless."""
+        """Slots per expert for `num_tokens` tokens, or None when dropless (token-choice)."""
         factor = self.capacity_factor
         if deterministic and self.eval_capacity_factor is not None:
             factor = self.eval_capacity_factor

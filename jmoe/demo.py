@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from jmoe.config import MoEConfig
-from jmoe.losses import update_bias
-from jmoe.moe import MoE
+from jmoe.moe import MoE, update_state
 
 
 def run(
@@ -56,9 +55,7 @@ def run(
 
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        state = {
-            "bias": update_bias(state["bias"], stats["tokens_per_expert"], cfg.bias_update_rate)
-        }
+        state = update_state(cfg, state, stats)
         return optax.apply_updates(params, updates), state, opt_state, loss, stats
 
     start = time.perf_counter()

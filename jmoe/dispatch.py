@@ -13,18 +13,18 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jmoe.permute import permute_rows
+from jmoe.permute import gather_slots, permute_rows
 from jmoe.routing import Routing
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DispatchPlan:
-    """How `M = T * K` slots are laid out as rows sorted by expert.
+    """How `M = T * K` slots are laid out as `R <= M` rows sorted by expert.
 
     Attributes:
-      sort_order: `[M]` int32 slot (`t * K + k`) held by each sorted row.
-      slot_to_row: `[M]` int32 sorted row of each slot (the inverse permutation).
+      sort_order: `[R]` int32 slot (`t * K + k`) held by each sorted row.
+      slot_to_row: `[M]` int32 sorted row of each slot (`>= R`: the slot has no row).
       group_sizes: `[E]` int32 rows per expert; rows past their sum are unused slots.
     """
 
@@ -48,31 +48,38 @@ def _flat_ids(routing: Routing, num_experts: int) -> jax.Array:
     return jnp.where(routing.valid, routing.expert_ids, num_experts).astype(jnp.int32)
 
 
-def make_plan(routing: Routing, num_experts: int) -> DispatchPlan:
-    """Sorts the valid slots of `routing` by expert (stable: token order within an expert)."""
+def make_plan(routing: Routing, num_experts: int, max_rows: int | None = None) -> DispatchPlan:
+    """Sorts the valid slots of `routing` by expert (stable: token order within an expert).
+
+    Args:
+      routing: the (possibly capacity-bounded) routing of `T` tokens over `K` slots.
+      num_experts: E.
+      max_rows: keep only the first `R = min(T * K, max_rows)` sorted rows; the caller guarantees
+        at most R valid slots (e.g. `E * capacity`), so fewer rows are gathered and carried.
+    """
     ids_M = _flat_ids(routing, num_experts).reshape(-1)
     order_M, inverse_M, _, counts = _stable_sort_ranks(ids_M, num_experts)
-    return DispatchPlan(sort_order=order_M, slot_to_row=inverse_M, group_sizes=counts[:-1])
+    rows = order_M.shape[0] if max_rows is None else min(order_M.shape[0], max_rows)
+    return DispatchPlan(sort_order=order_M[:rows], slot_to_row=inverse_M, group_sizes=counts[:-1])
 
 
 def permute(x_TxD: jax.Array, plan: DispatchPlan) -> jax.Array:
-    """Token rows to slot rows sorted by expert: `[T, D] -> [T * K, D]`."""
-    k = plan.sort_order.shape[0] // x_TxD.shape[0]
-    x_MxD = jnp.repeat(x_TxD, k, axis=0)
-    return permute_rows(x_MxD, plan.sort_order, plan.slot_to_row)
+    """Token rows to slot rows sorted by expert: `[T, D] -> [R, D]`."""
+    k = plan.slot_to_row.shape[0] // x_TxD.shape[0]
+    return gather_slots(x_TxD, plan.sort_order, plan.slot_to_row, k)
 
 
-def combine(y_MxD: jax.Array, plan: DispatchPlan, weights_TxK: jax.Array) -> jax.Array:
-    """Weighted sum of each token's slot rows back to tokens: `[T * K, D] -> [T, D]`.
+def combine(y_RxD: jax.Array, plan: DispatchPlan, weights_TxK: jax.Array) -> jax.Array:
+    """Weighted sum of each token's slot rows back to tokens: `[R, D] -> [T, D]`.
 
-    Accumulates in float32 and returns `y_MxD.dtype`; slots with weight 0 add nothing.
+    Accumulates in float32 and returns `y_RxD.dtype`; slots with weight 0 add nothing.
     """
     t, k = weights_TxK.shape
-    y_TxKxD = permute_rows(y_MxD, plan.slot_to_row, plan.sort_order).reshape(t, k, -1)
+    y_TxKxD = permute_rows(y_RxD, plan.slot_to_row, plan.sort_order).reshape(t, k, -1)
     y_TxD = jnp.einsum(
-        "tkd,tk->td", y_TxKxD, weights_TxK.astype(y_MxD.dtype), preferred_element_type=jnp.float32
+        "tkd,tk->td", y_TxKxD, weights_TxK.astype(y_RxD.dtype), preferred_element_type=jnp.float32
     )
-    return y_TxD.astype(y_MxD.dtype)
+    return y_TxD.astype(y_RxD.dtype)
 
 
 def apply_capacity(routing: Routing, num_experts: int, capacity: int) -> tuple[Routing, jax.Array]:

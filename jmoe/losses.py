@@ -184,9 +184,28 @@ def update_bias(bias: jax.Array, tokens_per_expert: jax.Array, rate: float) -> j
     outside autodiff, after the optimizer step, with the global (all-reduced) loads of the step.
 
     Args:
-      bias: `[E]` float32 selection bias.
-      tokens_per_expert: `[E]` assignments per expert this step.
+      bias: `[..., E]` float32 selection bias (`[C, E]` for a chain of C routers).
+      tokens_per_expert: `[..., E]` assignments per expert this step.
       rate: the update rate gamma (DeepSeek-V3: 1e-3).
     """
-    load_E = tokens_per_expert.astype(jnp.float32)
-    return bias + rate * jnp.sign(load_E.mean() - load_E)
+    load = tokens_per_expert.astype(jnp.float32)
+    return bias + rate * jnp.sign(load.mean(-1, keepdims=True) - load)
+
+
+def update_budget(
+    budget: jax.Array, active_experts: jax.Array, target: float, rate: float
+) -> jax.Array:
+    """Compute-budget controller step: `budget += rate * (active - target)`.
+
+    The budget is pressure toward fewer experts (a logit offset on the null experts, or a cut of
+    the top-p threshold): above the target it rises, below it falls, so the batch mean of active
+    experts per token settles at `target` while each token's count still varies. Apply outside
+    autodiff, like `update_bias`.
+
+    Args:
+      budget: float32 scalar controller state.
+      active_experts: mean real expert computations per token this step.
+      target: the wanted mean.
+      rate: step size.
+    """
+    return budget + rate * (active_experts.astype(jnp.float32) - target)

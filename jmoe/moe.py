@@ -33,21 +33,27 @@ class Router(nn.Module):
     """Router logits `x @ kernel` in float32, with optional multiplicative input jitter.
 
     Attributes:
-      num_experts: router outputs E.
+      num_experts: router outputs E (true plus null experts).
+      chain_steps: C independent routers for chain-of-experts; the kernel is `[D, E]` for
+        C = 1 and `[C, D, E]` otherwise.
       jitter: Switch-style jitter eps: the router input is scaled by U(1 - eps, 1 + eps) when
         not deterministic (needs the "jitter" rng).
-      param_dtype: dtype of `kernel` `[D, E]`.
+      param_dtype: dtype of `kernel`.
     """
 
     num_experts: int
+    chain_steps: int = 1
     jitter: float = 0.0
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_TxD: jax.Array, deterministic: bool = True) -> jax.Array:
-        kernel = self.param(
-            "kernel", _fan_in_init(), (x_TxD.shape[-1], self.num_experts), self.param_dtype
-        )
+    def __call__(self, x_TxD: jax.Array, step: int = 0, deterministic: bool = True) -> jax.Array:
+        d, e = x_TxD.shape[-1], self.num_experts
+        if self.chain_steps == 1:
+            kernel = self.param("kernel", _fan_in_init(), (d, e), self.param_dtype)
+        else:
+            init = _fan_in_init(batch_axis=(0,))
+            kernel = self.param("kernel", init, (self.chain_steps, d, e), self.param_dtype)[step]
         x_TxD = x_TxD.astype(jnp.float32)
         if self.jitter > 0 and not deterministic:
             noise = jax.random.uniform(
@@ -121,7 +127,10 @@ class SharedMLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Mixture-of-Experts FFN layer.
+    """Mixture-of-Experts FFN layer: route -> dispatch -> experts -> combine (+ shared experts).
+
+    Routers: "top_k" (softmax / sigmoid, bias, groups), "null" (AdaMoE), "top_p" (dynamic) and
+    "expert_choice"; `chain_steps > 1` runs chain-of-experts passes with one router each.
 
     Attributes:
       config: the layer's `MoEConfig`.
@@ -130,11 +139,16 @@ class MoE(nn.Module):
 
     Call: `y, stats = MoE(cfg).apply(variables, x, deterministic=True, token_mask=None)` with
     `x` `[..., D]` (`[B, S, D]` for the sequence-wise balance loss) and an optional bool
-    `token_mask` `[...]` (False for padding tokens, which are routed but left out of the losses
-    and loads). `stats` holds float32 arrays: `load_balance_loss`, `z_loss`, `entropy`,
-    `seq_balance_loss` (unscaled), `aux_loss` (the coefficient-weighted sum),
-    `tokens_per_expert` `[E]`, `active_experts` (real expert computations per token) and
-    `dropped_fraction`.
+    `token_mask` `[...]` (False for padding tokens, which are routed but left out of the losses,
+    loads and counts). `stats` holds float32 arrays:
+      - `load_balance_loss`, `z_loss`, `entropy`, `seq_balance_loss`: unscaled, summed over
+        chain steps; `aux_loss`: their coefficient-weighted sum;
+      - `tokens_per_expert`: `[E]` router assignments (`[C, E]` for a chain);
+      - `active_experts`: mean real expert computations per token (all chain steps);
+      - `active_experts_hist`: `[K * C + 1]` fraction of tokens with 0, 1, ... computations;
+      - `expert_flops_per_token`: realised forward FLOPs of routed and shared experts;
+      - `dropped_fraction`: valid slots dropped by the capacity.
+    Update `moe_state` after the optimizer step with `update_state`.
 
     Example:
       >>> cfg = MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=2)
@@ -157,31 +171,15 @@ class MoE(nn.Module):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         x_TxD = x.reshape(-1, cfg.d_model)
         mask_T = None if token_mask is None else token_mask.reshape(-1)
-        bias = self.variable(STATE, "bias", jnp.zeros, (cfg.num_experts,), jnp.float32)
+        seq_len = x.shape[-2] if x.ndim >= 2 else 1
+        c = cfg.chain_steps
+        bias_shape = (cfg.num_experts,) if c == 1 else (c, cfg.num_experts)
+        bias = self.variable(STATE, "bias", jnp.zeros, bias_shape, jnp.float32).value
+        budget = None
+        if cfg.target_active_experts is not None:
+            budget = self.variable(STATE, "budget", jnp.zeros, (), jnp.float32).value
 
-        logits = Router(cfg.num_experts, cfg.router_jitter, param_dtype, name="router")(
-            x_TxD, deterministic
-        )
-        routed = routing.top_k(
-            logits,
-            cfg.top_k,
-            score=cfg.score,
-            normalize=cfg.normalize,
-            scale=cfg.scale,
-            bias=bias.value,
-            n_groups=cfg.n_groups,
-            top_groups=cfg.top_groups,
-            renorm_when_k1=cfg.renorm_when_k1,
-        )
-        stats = self._router_stats(routed, mask_T, x.shape[-2] if x.ndim >= 2 else 1)
-
-        kept, stats["dropped_fraction"] = routed, jnp.zeros((), jnp.float32)
-        capacity = cfg.capacity(x_TxD.shape[0], deterministic)
-        if capacity is not None:
-            kept, stats["dropped_fraction"] = dispatch.apply_capacity(
-                routed, cfg.num_experts, capacity
-            )
-        plan = dispatch.make_plan(kept, cfg.num_experts)
+        router = Router(cfg.num_router_outputs, c, cfg.router_jitter, param_dtype, name="router")
         experts = Experts(
             cfg.num_experts,
             cfg.d_ff,
@@ -191,26 +189,79 @@ class MoE(nn.Module):
             param_dtype,
             name="experts",
         )
-        y_MxD = experts(dispatch.permute(x_TxD.astype(dtype), plan), plan.group_sizes)
-        y_TxD = dispatch.combine(y_MxD, plan, kept.weights)
-        stats["active_experts"] = losses.masked_mean(kept.valid.sum(-1).astype(jnp.float32), mask_T)
-
+        shared = None
         if cfg.shared_width:
-            shared = SharedMLP(cfg.shared_width, cfg.activation, dtype, param_dtype, name="shared")(
-                x_TxD
+            shared = SharedMLP(cfg.shared_width, cfg.activation, dtype, param_dtype, name="shared")
+        shared_gate = None
+        if cfg.shared_gate:
+            shared_gate = nn.Dense(
+                1,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=_fan_in_init(),
+                name="shared_gate",
             )
-            if cfg.shared_gate:
-                gate = nn.Dense(
-                    1,
-                    use_bias=False,
-                    dtype=dtype,
-                    param_dtype=param_dtype,
-                    kernel_init=_fan_in_init(),
-                    name="shared_gate",
-                )(x_TxD)
-                shared = jax.nn.sigmoid(gate) * shared
-            y_TxD = y_TxD + shared.astype(dtype)
-        return y_TxD.reshape(x.shape).astype(dtype), stats
+
+        h_TxD, sum_TxD, steps = x_TxD, None, []
+        for step in range(c):
+            logits = router(h_TxD, step, deterministic)
+            routed = self._route(logits, bias if c == 1 else bias[step], budget)
+            y_TxD, step_stats = self._step(routed, h_TxD, experts, mask_T, seq_len, deterministic)
+            if shared is not None:
+                s_TxD = shared(h_TxD)
+                if shared_gate is not None:
+                    s_TxD = jax.nn.sigmoid(shared_gate(h_TxD)) * s_TxD
+                y_TxD = y_TxD + s_TxD.astype(dtype)
+            sum_TxD = y_TxD if sum_TxD is None else sum_TxD + y_TxD
+            h_TxD = h_TxD + y_TxD
+            steps.append(step_stats)
+        y_TxD = h_TxD if cfg.chain_residual == "coe" else sum_TxD
+        return y_TxD.reshape(x.shape).astype(dtype), self._merge(steps, mask_T)
+
+    def _route(self, logits, bias, budget) -> routing.Routing:
+        cfg = self.config
+        pressure = 0.0 if budget is None else budget
+        if cfg.router == "null":
+            return routing.null_experts(
+                logits, cfg.top_k, num_null=cfg.num_null, null_offset=pressure
+            )
+        if cfg.router == "top_p":
+            p = cfg.top_p if budget is None else jnp.clip(cfg.top_p - pressure, 1e-6, 1.0)
+            return routing.top_p(logits, p, max_k=cfg.max_k, boundary=cfg.top_p_boundary)
+        if cfg.router == "expert_choice":
+            return routing.expert_choice(logits, cfg.expert_choice_capacity(logits.shape[0]))
+        return routing.top_k(
+            logits,
+            cfg.top_k,
+            score=cfg.score,
+            normalize=cfg.normalize,
+            scale=cfg.scale,
+            bias=bias,
+            n_groups=cfg.n_groups,
+            top_groups=cfg.top_groups,
+            renorm_when_k1=cfg.renorm_when_k1,
+        )
+
+    def _step(self, routed, h_TxD, experts, mask_T, seq_len, deterministic):
+        """One routed pass: losses of the router's choice, then capacity, dispatch, combine."""
+        cfg = self.config
+        num_tokens = h_TxD.shape[0]
+        stats = self._router_stats(routed, mask_T, seq_len)
+        kept, stats["dropped_fraction"] = routed, jnp.zeros((), jnp.float32)
+        max_rows = None
+        if cfg.router == "expert_choice":
+            max_rows = cfg.num_experts * cfg.expert_choice_capacity(num_tokens)
+        elif (capacity := cfg.capacity(num_tokens, deterministic)) is not None:
+            kept, stats["dropped_fraction"] = dispatch.apply_capacity(
+                routed, cfg.num_experts, capacity
+            )
+            max_rows = cfg.num_experts * capacity
+        plan = dispatch.make_plan(kept, cfg.num_experts, max_rows)
+        dtype = jnp.dtype(cfg.dtype)
+        y_RxD = experts(dispatch.permute(h_TxD.astype(dtype), plan), plan.group_sizes)
+        stats["active_T"] = kept.valid.sum(-1)
+        return dispatch.combine(y_RxD, plan, kept.weights), stats
 
     def _router_stats(self, routed: routing.Routing, mask_T, seq_len: int) -> dict:
         cfg = self.config
@@ -219,21 +270,50 @@ class MoE(nn.Module):
                 routed,
                 num_experts=cfg.num_experts,
                 normalization=cfg.lb_normalization,
+                num_null=cfg.num_null,
+                null_balance=cfg.null_balance,
                 token_mask=mask_T,
             ),
             "z_loss": losses.router_z_loss(routed.logits, mask_T),
             "entropy": losses.routing_entropy(routed.probs, mask_T),
-            "seq_balance_loss": losses.sequence_balance(
-                routed, num_experts=cfg.num_experts, seq_len=seq_len, token_mask=mask_T
-            ),
+            "seq_balance_loss": jnp.zeros((), jnp.float32),
             "tokens_per_expert": losses.expert_counts(
                 routed.expert_ids, routed.valid, cfg.num_experts, mask_T
             ),
         }
+        if cfg.router == "top_k":
+            stats["seq_balance_loss"] = losses.sequence_balance(
+                routed, num_experts=cfg.num_experts, seq_len=seq_len, token_mask=mask_T
+            )
+        return stats
+
+    def _merge(self, steps: list[dict], mask_T) -> dict[str, jax.Array]:
+        """Sums the loss terms of the chain steps and accounts the realised compute."""
+        cfg = self.config
+        loss_keys = ("load_balance_loss", "z_loss", "entropy", "seq_balance_loss")
+        stats = {key: sum(s[key] for s in steps) for key in loss_keys}
         stats["aux_loss"] = (
             cfg.lb_coef * stats["load_balance_loss"]
             + cfg.z_loss_coef * stats["z_loss"]
             + cfg.seq_balance_coef * stats["seq_balance_loss"]
+            + cfg.entropy_coef * stats["entropy"]
+        )
+        loads = [s["tokens_per_expert"] for s in steps]
+        stats["tokens_per_expert"] = loads[0] if len(loads) == 1 else jnp.stack(loads)
+        stats["dropped_fraction"] = sum(s["dropped_fraction"] for s in steps) / len(steps)
+        active_T = sum(s["active_T"] for s in steps)
+        stats["active_experts"] = losses.masked_mean(active_T.astype(jnp.float32), mask_T)
+        num_bins = cfg.slots * cfg.chain_steps + 1
+        stats["active_experts_hist"] = jnp.stack(
+            [
+                losses.masked_mean((active_T == n).astype(jnp.float32), mask_T)
+                for n in range(num_bins)
+            ]
+        )
+        num_matrices = len(_mlp_weight_names(cfg.activation)) + 1  # input projections + down
+        flops_per_hidden_unit = 2 * cfg.d_model * num_matrices
+        stats["expert_flops_per_token"] = flops_per_hidden_unit * (
+            cfg.d_ff * stats["active_experts"] + cfg.shared_width * cfg.chain_steps
         )
         return stats
 
@@ -243,3 +323,27 @@ class MoE(nn.Module):
                 f"expert parallelism (mesh axis expert={self.mesh.shape['expert']}) is not "
                 "supported yet; use a mesh whose 'expert' axis is 1 or mesh=None"
             )
+
+
+def update_state(
+    config: MoEConfig, moe_state: dict[str, jax.Array], stats: dict[str, jax.Array]
+) -> dict[str, jax.Array]:
+    """The layer's `moe_state` after one training step, outside autodiff.
+
+    Applies the auxiliary-loss-free bias step (`bias_update_rate > 0`) and the compute-budget
+    controller (`target_active_experts` set) to the step's statistics (all-reduced over the
+    batch when sharded).
+    """
+    state = dict(moe_state)
+    if config.bias_update_rate > 0:
+        state["bias"] = losses.update_bias(
+            state["bias"], stats["tokens_per_expert"], config.bias_update_rate
+        )
+    if config.target_active_experts is not None:
+        state["budget"] = losses.update_budget(
+            state["budget"],
+            stats["active_experts"],
+            config.target_active_experts,
+            config.budget_rate,
+        )
+    return jax.lax.stop_gradient(state)

@@ -33,3 +33,32 @@ def _permute_bwd(res, dy_PxD):
 
 
 permute_rows.defvjp(_permute_fwd, _permute_bwd)
+
+
+def _gather_slots_impl(x_TxD, src_slot_R, slot_to_row_M, k):
+    return jnp.take(x_TxD, src_slot_R // k, axis=0)
+
+
+def _gather_slots_fwd(x_TxD, src_slot_R, slot_to_row_M, k):
+    return _gather_slots_impl(x_TxD, src_slot_R, slot_to_row_M, k), (src_slot_R, slot_to_row_M)
+
+
+def _gather_slots_bwd(k, res, dy_RxD):
+    src_slot_R, slot_to_row_M = res
+    dslots_MxD = permute_rows(dy_RxD, slot_to_row_M, src_slot_R)
+    return dslots_MxD.reshape(-1, k, dy_RxD.shape[-1]).sum(1), None, None
+
+
+gather_slots = jax.custom_vjp(_gather_slots_impl, nondiff_argnums=(3,))
+gather_slots.defvjp(_gather_slots_fwd, _gather_slots_bwd)
+gather_slots.__doc__ = """Rows of the tokens owning some slots: `y[r] = x[src_slot[r] // k]`.
+
+Slot `s` belongs to token `s // k`. The backward pass sums each token's slot gradients with
+gathers only.
+
+Args:
+  x_TxD: token rows.
+  src_slot_R: int32 slot (in [0, T * k)) of each output row.
+  slot_to_row_M: int32 output row of each of the `T * k` slots (>= R: the slot has none).
+  k: slots per token (static).
+"""
