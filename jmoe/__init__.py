@@ -7,8 +7,8 @@ V vocab, M sorted rows (T * K), P tile-padded rows, N tiles.
 
 from jmoe import dispatch, losses, ops, routing
 from jmoe.config import MoEConfig
-from jmoe.losses import update_bias
-from jmoe.moe import Experts, MoE, Router, SharedMLP
+from jmoe.losses import update_bias, update_budget
+from jmoe.moe import Experts, MoE, Router, SharedMLP, update_state, with_null_experts
 from jmoe.ops import grouped_matmul
 from jmoe.routing import Routing
 
@@ -25,4 +25,7 @@ __all__ = [
     "ops",
     "routing",
     "update_bias",
+    "update_budget",
+    "update_state",
+    "with_null_experts",
 ]

@@ -347,3 +347,23 @@ def update_state(
             config.budget_rate,
         )
     return jax.lax.stop_gradient(state)
+
+
+def with_null_experts(params: dict, num_null: int) -> dict:
+    """Converts a trained top-k MoE layer's params for `router="null"` (AdaMoE fine-tuning init).
+
+    The router kernel `[..., D, E]` gains `num_null` columns that copy the true experts' columns
+    in turn (column `E + j` copies column `j % E`), so every null expert starts with the logit of
+    a true expert, as in the AdaMoE Mixtral recipe (ALGORITHMS.md §2.1). Other params are kept.
+
+    Args:
+      params: the layer's "params" collection (with "router"/"kernel").
+      num_null: null experts to add, >= 0.
+    """
+    if num_null < 0:
+        raise ValueError(f"with_null_experts: num_null={num_null} must be >= 0")
+    kernel = params["router"]["kernel"]
+    num_experts = kernel.shape[-1]
+    null_cols = kernel[..., jnp.arange(num_null) % num_experts]
+    router = {**params["router"], "kernel": jnp.concatenate([kernel, null_cols], axis=-1)}
+    return {**params, "router": router}

@@ -20,6 +20,8 @@ def permute_rows(x_MxD: jax.Array, src_P: jax.Array, inverse_M: jax.Array) -> ja
       inverse_M: int32 output row of each input row (`src[inverse[m]] == m`); any value >= P
         marks a row that no output takes (its gradient is zero).
     """
+    if x_MxD.shape[0] == 0:  # nothing to take: every output row is a zero row
+        return jnp.zeros((src_P.shape[0], *x_MxD.shape[1:]), x_MxD.dtype)
     return jnp.take(x_MxD, src_P, axis=0, mode="fill", fill_value=0)
 
 

@@ -63,7 +63,7 @@ def default_tile(num_rows: int, num_groups: int) -> int:
 def make_tile_plan(group_sizes_G: jax.Array, num_rows: int, tile: int) -> TilePlan:
     """Plans the tile-aligned layout of `num_rows` rows sorted into groups of `group_sizes_G`."""
     num_groups = group_sizes_G.shape[0]
-    sizes_G = group_sizes_G.astype(jnp.int32)
+    sizes_G = jnp.asarray(group_sizes_G, jnp.int32)
     tiles_G = (sizes_G + tile - 1) // tile
     tile_end_G = jnp.cumsum(tiles_G)
     tile_start_G = tile_end_G - tiles_G
@@ -164,6 +164,7 @@ def grouped_matmul(
     x_MxK: jax.Array, w_GxKxN: jax.Array, group_sizes_G: jax.Array, *, tile: int | None = None
 ) -> jax.Array:
     """`y[r] = x[r] @ w[group(r)]` for rows sorted by group; rows past the groups are zero."""
+    x_MxK, w_GxKxN = jnp.asarray(x_MxK), jnp.asarray(w_GxKxN)
     m, g = x_MxK.shape[0], w_GxKxN.shape[0]
     plan = make_tile_plan(group_sizes_G, m, tile or default_tile(m, g))
     return plan.unpad(_gmm_padded(plan.pad(x_MxK), w_GxKxN, plan))
@@ -245,6 +246,8 @@ def expert_mlp(
       activation: a key of `ACTIVATIONS`.
       tile: rows per tile (default `default_tile`).
     """
+    x_MxD, w_down_GxFxD = jnp.asarray(x_MxD), jnp.asarray(w_down_GxFxD)
+    w_in = tuple(map(jnp.asarray, w_in))
     m, g = x_MxD.shape[0], w_down_GxFxD.shape[0]
     plan = make_tile_plan(group_sizes_G, m, tile or default_tile(m, g))
-    return plan.unpad(_mlp_padded(plan.pad(x_MxD), tuple(w_in), w_down_GxFxD, plan, activation))
+    return plan.unpad(_mlp_padded(plan.pad(x_MxD), w_in, w_down_GxFxD, plan, activation))
