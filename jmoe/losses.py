@@ -65,7 +65,7 @@ def load_balance(
     With null experts (AdaMoE, ALGORITHMS.md §2.2) all `E + num_null` experts are balanced:
     "grouped" (the paper's intent) gives every null expert the mean null load, so only the total
     null usage is balanced against the true experts; "individual" counts each null expert on its
-    own (recomputing the choices from the logits, as the HF-based AdaMoE code does).
+    own (from `routing.choices`, as the HF-based AdaMoE code does).
 
     Args:
       routing: a `Routing` over `[T, K]` slots.
@@ -109,11 +109,13 @@ def _null_counts(routing, slots, num_experts, num_null, null_balance, token_mask
     if null_balance == "grouped":
         null_picks = jnp.sum((~routing.valid[:, :slots]).sum(-1) * w_T)
         return jnp.full((num_null,), null_picks / num_null)
-    _, choice = jax.lax.top_k(routing.logits, routing.num_slots)
-    counts = expert_counts(
-        choice[:, :slots] - num_experts, choice[:, :slots] >= num_experts, num_null, token_mask
-    )
-    return counts
+    if routing.choices is None:
+        raise ValueError(
+            "null_balance='individual' needs the raw picks in Routing.choices "
+            "(set by jmoe.routing.null_experts)"
+        )
+    choice = routing.choices[:, :slots]
+    return expert_counts(choice - num_experts, choice >= num_experts, num_null, token_mask)
 
 
 def router_z_loss(logits: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:

@@ -27,6 +27,9 @@ class Routing:
       valid: `[T, K]` bool, the slot is a real expert computation.
       probs: `[T, E_all]` float32 scores the router used (softmax or sigmoid).
       logits: `[T, E_all]` float32 raw router logits.
+      choices: `[T, K]` int32 raw picks over all `E_all` experts, null experts included (set by
+        `null_experts`, whose unused slots otherwise hide which null expert was picked; None for
+        the other routers).
     """
 
     expert_ids: jax.Array
@@ -34,6 +37,7 @@ class Routing:
     valid: jax.Array
     probs: jax.Array
     logits: jax.Array
+    choices: jax.Array | None = None
 
     @property
     def num_slots(self) -> int:
@@ -189,10 +193,20 @@ def null_experts(
         valid=valid,
         probs=probs,
         logits=logits,
+        choices=choice.astype(jnp.int32),
     )
 
 
 TOP_P_BOUNDARIES = ("strict", "inclusive")
+
+
+def _concrete(value) -> bool:
+    """True when `value` is known at trace time (not a tracer), so it can be checked."""
+    try:
+        float(value)
+    except jax.errors.ConcretizationTypeError:
+        return False
+    return True
 
 
 def top_p(
@@ -225,7 +239,7 @@ def top_p(
     """
     logits = logits.astype(jnp.float32)
     num_experts = logits.shape[-1]
-    if isinstance(p, (int, float)) and not 0 < p <= 1:
+    if _concrete(p) and not 0 < float(p) <= 1:
         raise ValueError(f"top_p: p={p} must be in (0, 1]")
     k = num_experts if max_k is None else max_k
     if not 1 <= k <= num_experts:
@@ -234,10 +248,10 @@ def top_p(
         raise ValueError(f"top_p: boundary={boundary!r} is not one of {TOP_P_BOUNDARIES}")
     probs = jax.nn.softmax(logits, axis=-1)
     sorted_p, order = jax.lax.top_k(probs, num_experts)
-    before = jnp.cumsum(sorted_p, axis=-1) - sorted_p  # mass of the higher-ranked experts
-    before = before.at[:, 0].set(0.0)
+    cum = jnp.cumsum(sorted_p, axis=-1)
+    before = jnp.pad(cum[:, :-1], ((0, 0), (1, 0)))  # mass of the higher-ranked experts
     keep = before <= p if boundary == "strict" else before < p
-    keep = keep.at[:, 0].set(True)[:, :k]
+    keep = (keep | (p >= 1.0))[:, :k]  # no prefix passes p >= 1: keep all (also past rounding)
     return Routing(
         expert_ids=jnp.where(keep, order[:, :k], num_experts).astype(jnp.int32),
         weights=jnp.where(keep, sorted_p[:, :k], 0.0),

@@ -353,3 +353,166 @@ def ref_moe(params, x_TxD, cfg: dict, ids, kept=None):
     return ref_moe_forward(
         params, x_TxD, ids, weights, kept, cfg.get("activation", "swiglu"), shared
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Adaptive routers (ALGORITHMS.md §1.6 expert choice, §2 AdaMoE null experts, §3 dynamic top-p)
+# ----------------------------------------------------------------------------------------------
+
+
+def ref_null_experts(logits, k: int, num_null: int, null_offset: float = 0.0):
+    """AdaMoE null-expert routing (ALGORITHMS.md §2.1), one token at a time.
+
+    The last `num_null` of the `E + M` columns are null experts. Probabilities are the float64
+    softmax over all `E + M` columns. Selection: the k best of `logits + null_offset` (offset on
+    the null columns only), stable descending order, ties to the lower index. A null pick becomes
+    an unused slot (id `E`, weight 0, not valid); the true picks' probabilities are renormalised
+    to sum 1 among themselves; a token with no true pick gets all-zero weights.
+
+    Returns:
+      ids `[T, k]` int64 (E on null picks), weights `[T, k]` float64, valid `[T, k]` bool,
+      probs `[T, E + M]` float64, choices `[T, k]` int64 (the raw picks over E + M, null ids kept).
+    """
+    z = np.asarray(logits, np.float64)
+    t_count, e_all = z.shape
+    num_true = e_all - num_null
+    probs = ref_scores(z, "softmax")
+    sel = z + np.where(np.arange(e_all) >= num_true, float(null_offset), 0.0)
+    ids = np.full((t_count, k), num_true, np.int64)
+    weights = np.zeros((t_count, k), np.float64)
+    valid = np.zeros((t_count, k), bool)
+    choices = np.zeros((t_count, k), np.int64)
+    for t in range(t_count):
+        chosen = _order_desc(sel[t])[:k]
+        choices[t] = chosen
+        total = sum(probs[t, e] for e in chosen if e < num_true)
+        for j, e in enumerate(chosen):
+            if e < num_true:
+                ids[t, j] = e
+                valid[t, j] = True
+                weights[t, j] = probs[t, e] / total
+    return ids, weights, valid, probs, choices
+
+
+def ref_top_p(logits, p: float, max_k: int | None = None, boundary: str = "strict"):
+    """Dynamic top-p routing (ALGORITHMS.md §3.1), one token at a time, float64.
+
+    Experts in descending probability (ties to the lower index); t = the first rank whose
+    cumulative probability is `> p` ("strict", official) or `>= p` ("inclusive"); ranks 0..t are
+    kept (so at least one), and every expert if no rank passes. Weights are the raw probabilities.
+    `K = max_k or E` slots: the kept experts first (descending), then unused slots (id E, weight 0).
+
+    Returns:
+      ids `[T, K]` int64, weights `[T, K]` float64, valid `[T, K]` bool, probs `[T, E]` float64.
+    """
+    probs = ref_scores(logits, "softmax")
+    t_count, e_count = probs.shape
+    k_slots = e_count if max_k is None else max_k
+    ids = np.full((t_count, k_slots), e_count, np.int64)
+    weights = np.zeros((t_count, k_slots), np.float64)
+    valid = np.zeros((t_count, k_slots), bool)
+    for t in range(t_count):
+        order = _order_desc(probs[t])
+        last = e_count - 1
+        cum = 0.0
+        for rank, e in enumerate(order):
+            cum += probs[t, e]
+            passed = cum > p if boundary == "strict" else cum >= p
+            if passed:
+                last = rank
+                break
+        for rank in range(min(last + 1, k_slots)):
+            e = order[rank]
+            ids[t, rank] = e
+            weights[t, rank] = probs[t, e]
+            valid[t, rank] = True
+    return ids, weights, valid, probs
+
+
+def ref_expert_choice(logits, capacity: int):
+    """Expert-choice routing (ALGORITHMS.md §1.6), one expert at a time, float64.
+
+    Each expert takes the `capacity` tokens with the highest softmax probability in its column
+    (ties to the lower token index). Layout: `K = E` slots, slot e is expert e:
+    `ids[t, e] = e` if e chose t else E; `weights[t, e] = probs[t, e]` if chosen else 0.
+
+    Returns:
+      ids `[T, E]` int64, weights `[T, E]` float64, valid `[T, E]` bool, probs `[T, E]` float64.
+    """
+    probs = ref_scores(logits, "softmax")
+    t_count, e_count = probs.shape
+    ids = np.full((t_count, e_count), e_count, np.int64)
+    weights = np.zeros((t_count, e_count), np.float64)
+    valid = np.zeros((t_count, e_count), bool)
+    for e in range(e_count):
+        for t in _order_desc(probs[:, e])[:capacity]:
+            ids[t, e] = e
+            weights[t, e] = probs[t, e]
+            valid[t, e] = True
+    return ids, weights, valid, probs
+
+
+def ref_masked_weights_jnp(logits, ids, valid, normalize: bool):
+    """Differentiable (jnp) weights `[T, K]` of FIXED ids / valid mask: softmax probs of the valid
+    slots' experts (0 elsewhere), renormalised over the valid slots if `normalize` (a row with no
+    valid slot stays all zero)."""
+    probs = jax.nn.softmax(jnp.asarray(logits, jnp.float32), -1)
+    ids = np.asarray(ids)
+    valid = np.asarray(valid, bool)
+    safe_ids = np.where(valid, ids, 0)  # any real column; masked out below
+    w = jnp.where(valid, probs[np.arange(ids.shape[0])[:, None], safe_ids], 0.0)
+    if normalize:
+        has_valid = valid.any(-1, keepdims=True)
+        w = w / jnp.where(has_valid, jnp.sum(w, -1, keepdims=True), 1.0)
+    return w
+
+
+def ref_load_balance_null(
+    ids_all,
+    probs_all,
+    num_true: int,
+    num_null: int,
+    normalization: str,
+    null_balance: str,
+    token_mask=None,
+):
+    """AdaMoE load balance over all `E + M` experts (ALGORITHMS.md §2.2, §0.1).
+
+    `ids_all` `[T, k]` are the raw top-k picks over E + M (null ids `E..E+M-1` included).
+    counts_i = picks of expert i over unmasked tokens (slot 0 only for "switch_top1");
+    "grouped": every null count replaced by the mean null count; "individual": kept as is.
+    f = counts / T ("switch_top1", "per_assignment") or counts / (k T) ("per_assignment_over_k"),
+    P_i = mean over unmasked tokens of the row-normalised probs; loss = (E + M) * sum_i f_i P_i.
+    `probs_all` may be a jax array, and then the result is differentiable in it.
+    """
+    ids_all = np.asarray(ids_all)
+    t_count, k = ids_all.shape
+    e_all = num_true + num_null
+    mask = _mask(t_count, token_mask)
+    n = max(int(mask.sum()), 1)
+    slots = 1 if normalization == "switch_top1" else k
+    counts = np.zeros(e_all)
+    for t in range(t_count):
+        if mask[t]:
+            for j in range(slots):
+                counts[ids_all[t, j]] += 1
+    if null_balance == "grouped":
+        if num_null:
+            counts[num_true:] = counts[num_true:].mean()
+    elif null_balance != "individual":
+        raise ValueError(null_balance)
+    if normalization in ("switch_top1", "per_assignment"):
+        f = counts / n
+    elif normalization == "per_assignment_over_k":
+        f = counts / (k * n)
+    else:
+        raise ValueError(normalization)
+    p = (
+        jnp.asarray(probs_all, jnp.float32)
+        if isinstance(probs_all, jax.Array)
+        else np.asarray(probs_all, np.float64)
+    )
+    xp = jnp if isinstance(p, jax.Array) else np
+    p_rows = p / xp.sum(p, -1, keepdims=True)
+    p_mean = xp.sum(p_rows[np.flatnonzero(mask)][:, :e_all], 0) / n
+    return e_all * xp.sum(f * p_mean)

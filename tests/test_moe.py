@@ -241,3 +241,63 @@ def test_nnx_bridge_wraps_the_linen_module():
     y_linen, _ = jmoe.MoE(cfg).apply(linen_vars, x)
     np.testing.assert_allclose(y, y_linen, rtol=1e-6, atol=1e-6)
     assert stats["tokens_per_expert"].shape == (4,)
+
+
+def test_with_null_experts_copies_true_router_columns():
+    top_k_cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, top_k=2)
+    x, variables = _setup(top_k_cfg)
+    params = jmoe.with_null_experts(variables["params"], num_null=6)
+    kernel = np.asarray(variables["params"]["router"]["kernel"])
+    new = np.asarray(params["router"]["kernel"])
+    assert new.shape == (D, 10)
+    np.testing.assert_array_equal(new[:, :4], kernel)
+    np.testing.assert_array_equal(new[:, 4:], kernel[:, [0, 1, 2, 3, 0, 1]])
+    assert params["experts"] is variables["params"]["experts"]
+    null_cfg = dataclasses.replace(top_k_cfg, router="null", num_null=6, top_k=4)
+    _, stats = jmoe.MoE(null_cfg).apply({"params": params, "moe_state": variables["moe_state"]}, x)
+    # Null columns tie with their true twins (ties go to the true expert, the lower index), so
+    # the converted model picks each token's best true experts followed by their twins.
+    logits = np.asarray(x).reshape(-1, D) @ new
+    ids, _, _, _, _ = ref.ref_null_experts(logits, 4, num_null=6)
+    np.testing.assert_allclose(stats["active_experts"], (ids < 4).sum(-1).mean(), rtol=1e-6)
+    assert (ids[:, 0] < 4).all()
+    with pytest.raises(ValueError, match="num_null=-1"):
+        jmoe.with_null_experts(variables["params"], num_null=-1)
+
+
+def test_update_state_applies_bias_and_budget_rules():
+    cfg = jmoe.MoEConfig(
+        d_model=D,
+        d_ff=F,
+        num_experts=4,
+        top_k=2,
+        router="null",
+        num_null=2,
+        bias_update_rate=0.1,
+        target_active_experts=1.5,
+        budget_rate=0.5,
+    )
+    state = {"bias": jnp.zeros(4), "budget": jnp.asarray(0.25)}
+    stats = {
+        "tokens_per_expert": jnp.array([4.0, 1.0, 2.0, 1.0]),
+        "active_experts": jnp.asarray(1.9),
+    }
+    new = jmoe.update_state(cfg, state, stats)
+    np.testing.assert_allclose(new["bias"], [-0.1, 0.1, 0.0, 0.1])
+    np.testing.assert_allclose(new["budget"], 0.25 + 0.5 * (1.9 - 1.5), rtol=1e-6)
+    still = jmoe.update_state(
+        dataclasses.replace(cfg, bias_update_rate=0.0, target_active_experts=None), state, stats
+    )
+    np.testing.assert_array_equal(still["bias"], state["bias"])
+    np.testing.assert_array_equal(still["budget"], state["budget"])
+
+
+def test_capacity_zero_drops_everything_and_outputs_zero():
+    cfg = jmoe.MoEConfig(
+        d_model=D, d_ff=F, num_experts=4, top_k=2, capacity_factor=0.1, capacity_rounding="floor"
+    )
+    assert cfg.capacity(B * S, deterministic=True) == 0
+    x, variables = _setup(cfg)
+    y, stats = jmoe.MoE(cfg).apply(variables, x)
+    np.testing.assert_array_equal(y, np.zeros_like(y))
+    assert float(stats["dropped_fraction"]) == 1.0
