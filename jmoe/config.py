@@ -174,6 +174,25 @@ class MoEConfig:
             f"0 unless router='null' (router={self.router!r})",
         )
         _check("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]")
+        top_k_only = self.router == "top_k"
+        _check(
+            "score",
+            self.score,
+            top_k_only or self.score == "softmax",
+            f"'softmax' with router={self.router!r} (sigmoid scores are for router='top_k')",
+        )
+        _check(
+            "n_groups",
+            self.n_groups,
+            top_k_only or self.n_groups is None,
+            f"None with router={self.router!r} (group limits are for router='top_k')",
+        )
+        _check(
+            "bias_update_rate",
+            self.bias_update_rate,
+            top_k_only or self.bias_update_rate == 0,
+            f"0 with router={self.router!r} (the selection bias is for router='top_k')",
+        )
         _check(
             "max_k",
             self.max_k,
@@ -253,17 +272,25 @@ class MoEConfig:
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
 
-    def expert_choice_capacity(self, num_tokens: int) -> int:
-        """Tokens each expert takes with router "expert_choice": `round(cf * T / E)`, where the
-        capacity factor (experts per token on average) defaults to `top_k`."""
-        factor = self.capacity_factor if self.capacity_factor is not None else self.top_k
+    def _capacity_factor(self, deterministic: bool) -> float | None:
+        if deterministic and self.eval_capacity_factor is not None:
+            return self.eval_capacity_factor
+        return self.capacity_factor
+
+    def expert_choice_capacity(self, num_tokens: int, deterministic: bool = True) -> int:
+        """Tokens each expert takes with router "expert_choice": `round(cf * T / E)` in [1, T],
+        where the capacity factor (experts per token on average) defaults to `top_k`."""
+        factor = self._capacity_factor(deterministic)
+        factor = self.top_k if factor is None else factor
         return min(max(round(factor * num_tokens / self.num_experts), 1), num_tokens)
 
     def capacity(self, num_tokens: int, deterministic: bool) -> int | None:
-        """Slots per expert for `num_tokens` tokens, or None when dropless (token-choice)."""
-        factor = self.capacity_factor
-        if deterministic and self.eval_capacity_factor is not None:
-            factor = self.eval_capacity_factor
+        """Slots per expert for `num_tokens` tokens, or None when dropless (token-choice).
+
+        `top_k` is the k of the rule for every token-choice router: the expected experts per
+        token (for "top_p", set it to the expected count; for "null" it counts null slots too).
+        """
+        factor = self._capacity_factor(deterministic)
         if factor is None:
             return None
         k = self.top_k if self.capacity_includes_k else 1

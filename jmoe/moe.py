@@ -206,7 +206,7 @@ class MoE(nn.Module):
         h_TxD, sum_TxD, steps = x_TxD, None, []
         for step in range(c):
             logits = router(h_TxD, step, deterministic)
-            routed = self._route(logits, bias if c == 1 else bias[step], budget)
+            routed = self._route(logits, bias if c == 1 else bias[step], budget, deterministic)
             y_TxD, step_stats = self._step(routed, h_TxD, experts, mask_T, seq_len, deterministic)
             if shared is not None:
                 s_TxD = shared(h_TxD)
@@ -219,7 +219,7 @@ class MoE(nn.Module):
         y_TxD = h_TxD if cfg.chain_residual == "coe" else sum_TxD
         return y_TxD.reshape(x.shape).astype(dtype), self._merge(steps, mask_T)
 
-    def _route(self, logits, bias, budget) -> routing.Routing:
+    def _route(self, logits, bias, budget, deterministic) -> routing.Routing:
         cfg = self.config
         pressure = 0.0 if budget is None else budget
         if cfg.router == "null":
@@ -230,7 +230,8 @@ class MoE(nn.Module):
             p = cfg.top_p if budget is None else jnp.clip(cfg.top_p - pressure, 1e-6, 1.0)
             return routing.top_p(logits, p, max_k=cfg.max_k, boundary=cfg.top_p_boundary)
         if cfg.router == "expert_choice":
-            return routing.expert_choice(logits, cfg.expert_choice_capacity(logits.shape[0]))
+            capacity = cfg.expert_choice_capacity(logits.shape[0], deterministic)
+            return routing.expert_choice(logits, capacity)
         return routing.top_k(
             logits,
             cfg.top_k,
@@ -251,7 +252,7 @@ class MoE(nn.Module):
         kept, stats["dropped_fraction"] = routed, jnp.zeros((), jnp.float32)
         max_rows = None
         if cfg.router == "expert_choice":
-            max_rows = cfg.num_experts * cfg.expert_choice_capacity(num_tokens)
+            max_rows = cfg.num_experts * cfg.expert_choice_capacity(num_tokens, deterministic)
         elif (capacity := cfg.capacity(num_tokens, deterministic)) is not None:
             kept, stats["dropped_fraction"] = dispatch.apply_capacity(
                 routed, cfg.num_experts, capacity
@@ -264,23 +265,27 @@ class MoE(nn.Module):
         return dispatch.combine(y_RxD, plan, kept.weights), stats
 
     def _router_stats(self, routed: routing.Routing, mask_T, seq_len: int) -> dict:
+        """Loss terms and loads of one router's choice (before any capacity drop)."""
         cfg = self.config
+        zero = jnp.zeros((), jnp.float32)
         stats = {
-            "load_balance_loss": losses.load_balance(
+            "load_balance_loss": zero,  # expert choice is balanced by construction: no loss
+            "z_loss": losses.router_z_loss(routed.logits, mask_T),
+            "entropy": losses.routing_entropy(routed.probs, mask_T),
+            "seq_balance_loss": zero,
+            "tokens_per_expert": losses.expert_counts(
+                routed.expert_ids, routed.valid, cfg.num_experts, mask_T
+            ),
+        }
+        if cfg.router != "expert_choice":
+            stats["load_balance_loss"] = losses.load_balance(
                 routed,
                 num_experts=cfg.num_experts,
                 normalization=cfg.lb_normalization,
                 num_null=cfg.num_null,
                 null_balance=cfg.null_balance,
                 token_mask=mask_T,
-            ),
-            "z_loss": losses.router_z_loss(routed.logits, mask_T),
-            "entropy": losses.routing_entropy(routed.probs, mask_T),
-            "seq_balance_loss": jnp.zeros((), jnp.float32),
-            "tokens_per_expert": losses.expert_counts(
-                routed.expert_ids, routed.valid, cfg.num_experts, mask_T
-            ),
-        }
+            )
         if cfg.router == "top_k":
             stats["seq_balance_loss"] = losses.sequence_balance(
                 routed, num_experts=cfg.num_experts, seq_len=seq_len, token_mask=mask_T

@@ -210,3 +210,38 @@ def test_capacity_is_exact_where_float_arithmetic_is_not():
     # 1.1 * 100 / 10 is 11.000000000000002 in floats; the capacity is 11, not 12.
     cfg = MoEConfig(num_experts=10, top_k=1, capacity_factor=1.1)
     assert cfg.capacity(100, deterministic=False) == 11
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(router="null", num_null=2, score="sigmoid"), "score"),
+        (dict(router="top_p", n_groups=2, top_groups=1), "n_groups"),
+        (dict(router="null", num_null=2, bias_update_rate=1e-3), "bias_update_rate"),
+        (
+            dict(router="expert_choice", allow_noncausal=True, bias_update_rate=1e-3),
+            "bias_update_rate",
+        ),
+    ],
+)
+def test_settings_a_router_would_ignore_are_rejected(kwargs, field):
+    with pytest.raises(ValueError, match=rf"MoEConfig\.{field}=.*router="):
+        MoEConfig(**kwargs)
+
+
+def test_expert_choice_capacity_uses_the_eval_factor_when_deterministic():
+    cfg = MoEConfig(
+        num_experts=4,
+        router="expert_choice",
+        allow_noncausal=True,
+        capacity_factor=1.0,
+        eval_capacity_factor=2.0,
+    )
+    assert cfg.expert_choice_capacity(16, deterministic=False) == 4
+    assert cfg.expert_choice_capacity(16, deterministic=True) == 8
+    assert (
+        MoEConfig(
+            num_experts=4, top_k=3, router="expert_choice", allow_noncausal=True
+        ).expert_choice_capacity(16)
+        == 12
+    )
