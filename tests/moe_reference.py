@@ -121,6 +121,27 @@ def _mask(num_tokens: int, token_mask) -> np.ndarray:
     return np.asarray(token_mask, bool).reshape(num_tokens)
 
 
+def _balance_from_counts(counts, probs, mask, n, k, normalization):
+    """`len(counts) * sum_i f_i P_i` for the per-expert `counts` over the first len(counts) columns.
+
+    `probs` may be a jax array (then the result is differentiable w.r.t. it).
+    """
+    num_cols = len(counts)
+    if normalization in ("switch_top1", "per_assignment"):
+        f = counts / n
+    elif normalization == "per_assignment_over_k":
+        f = counts / (k * n)
+    else:
+        raise ValueError(normalization)
+    if isinstance(probs, jax.Array):
+        p, xp = jnp.asarray(probs, jnp.float32), jnp
+    else:
+        p, xp = np.asarray(probs, np.float64), np
+    p_rows = p / xp.sum(p, -1, keepdims=True)
+    p_mean = xp.sum(p_rows[np.flatnonzero(mask)][:, :num_cols], 0) / n
+    return num_cols * xp.sum(f * p_mean)
+
+
 def ref_load_balance(ids, valid, probs, num_experts: int, normalization: str, token_mask=None):
     """`E * sum_i f_i P_i` (ALGORITHMS.md §0.1).
 
@@ -144,21 +165,7 @@ def ref_load_balance(ids, valid, probs, num_experts: int, normalization: str, to
         for j in range(slots):
             if valid[t, j] and ids[t, j] < num_experts:
                 counts[ids[t, j]] += 1
-    if normalization == "switch_top1" or normalization == "per_assignment":
-        f = counts / n
-    elif normalization == "per_assignment_over_k":
-        f = counts / (k * n)
-    else:
-        raise ValueError(normalization)
-    p = (
-        jnp.asarray(probs, jnp.float32)
-        if isinstance(probs, jax.Array)
-        else np.asarray(probs, np.float64)
-    )
-    xp = jnp if isinstance(p, jax.Array) else np
-    p_rows = p / xp.sum(p, -1, keepdims=True)
-    p_mean = xp.sum(p_rows[np.flatnonzero(mask)][:, :num_experts], 0) / n
-    return num_experts * xp.sum(f * p_mean)
+    return _balance_from_counts(counts, probs, mask, n, k, normalization)
 
 
 def ref_z_loss(logits, token_mask=None) -> float:
@@ -501,18 +508,4 @@ def ref_load_balance_null(
             counts[num_true:] = counts[num_true:].mean()
     elif null_balance != "individual":
         raise ValueError(null_balance)
-    if normalization in ("switch_top1", "per_assignment"):
-        f = counts / n
-    elif normalization == "per_assignment_over_k":
-        f = counts / (k * n)
-    else:
-        raise ValueError(normalization)
-    p = (
-        jnp.asarray(probs_all, jnp.float32)
-        if isinstance(probs_all, jax.Array)
-        else np.asarray(probs_all, np.float64)
-    )
-    xp = jnp if isinstance(p, jax.Array) else np
-    p_rows = p / xp.sum(p, -1, keepdims=True)
-    p_mean = xp.sum(p_rows[np.flatnonzero(mask)][:, :e_all], 0) / n
-    return e_all * xp.sum(f * p_mean)
+    return _balance_from_counts(counts, probs_all, mask, n, k, normalization)
