@@ -12,15 +12,17 @@ import math
 
 import jax.numpy as jnp
 
+from jmoe.losses import NORMALIZATIONS as LB_NORMALIZATIONS
+from jmoe.losses import NULL_BALANCES
+from jmoe.ops import ACTIVATIONS as _OPS_ACTIVATIONS
+from jmoe.ops import IMPLEMENTATIONS as _OPS_IMPLEMENTATIONS
+from jmoe.routing import SCORES, TOP_P_BOUNDARIES
+
 ROUTERS = ("top_k", "null", "top_p", "expert_choice")
-SCORES = ("softmax", "sigmoid")
-ACTIVATIONS = ("swiglu", "gelu", "relu")
-LB_NORMALIZATIONS = ("switch_top1", "per_assignment", "per_assignment_over_k")
-IMPLEMENTATIONS = (None, "xla", "ragged_dot")
+ACTIVATIONS = tuple(_OPS_ACTIVATIONS)
+IMPLEMENTATIONS = (None, *_OPS_IMPLEMENTATIONS)
 CAPACITY_ROUNDINGS = ("ceil", "floor", "round")
 DTYPES = ("float32", "bfloat16", "float16")
-NULL_BALANCES = ("grouped", "individual")
-TOP_P_BOUNDARIES = ("strict", "inclusive")
 CHAIN_RESIDUALS = ("prenorm", "coe")
 BUDGET_ROUTERS = ("null", "top_p")
 
