@@ -147,7 +147,7 @@ class MoE(nn.Module):
       - `active_experts`: mean real expert computations per token (all chain steps);
       - `active_experts_hist`: `[K * C + 1]` fraction of tokens with 0, 1, ... computations;
       - `expert_flops_per_token`: realised forward FLOPs of routed and shared experts;
-      - `dropped_fraction`: valid slots dropped by the capacity.
+      - `dropped_fraction`: valid slots of real (unmasked) tokens dropped by the capacity.
     Update `moe_state` after the optimizer step with `update_state`.
 
     Example:
@@ -249,19 +249,20 @@ class MoE(nn.Module):
         cfg = self.config
         num_tokens = h_TxD.shape[0]
         stats = self._router_stats(routed, mask_T, seq_len)
-        kept, stats["dropped_fraction"] = routed, jnp.zeros((), jnp.float32)
-        max_rows = None
+        kept, max_rows = routed, None
         if cfg.router == "expert_choice":
             max_rows = cfg.num_experts * cfg.expert_choice_capacity(num_tokens, deterministic)
         elif (capacity := cfg.capacity(num_tokens, deterministic)) is not None:
-            kept, stats["dropped_fraction"] = dispatch.apply_capacity(
-                routed, cfg.num_experts, capacity
-            )
+            kept, _ = dispatch.apply_capacity(routed, cfg.num_experts, capacity)
             max_rows = cfg.num_experts * capacity
         plan = dispatch.make_plan(kept, cfg.num_experts, max_rows)
         dtype = jnp.dtype(cfg.dtype)
         y_RxD = experts(dispatch.permute(h_TxD.astype(dtype), plan), plan.group_sizes)
         stats["active_T"] = kept.valid.sum(-1)
+        routed_slots = losses.masked_mean(routed.valid.sum(-1).astype(jnp.float32), mask_T)
+        kept_slots = losses.masked_mean(stats["active_T"].astype(jnp.float32), mask_T)
+        dropped = 1.0 - kept_slots / jnp.maximum(routed_slots, 1e-9)
+        stats["dropped_fraction"] = jnp.where(routed_slots > 0, dropped, 0.0)
         return dispatch.combine(y_RxD, plan, kept.weights), stats
 
     def _router_stats(self, routed: routing.Routing, mask_T, seq_len: int) -> dict:

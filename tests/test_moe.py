@@ -311,3 +311,15 @@ def test_capacity_zero_drops_everything_and_outputs_zero():
     y, stats = jmoe.MoE(cfg).apply(variables, x)
     np.testing.assert_array_equal(y, np.zeros_like(y))
     assert float(stats["dropped_fraction"]) == 1.0
+
+
+def test_dropped_fraction_counts_real_tokens_only():
+    cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, top_k=2, capacity_factor=0.5)
+    x, variables = _setup(cfg)
+    ids, kept, _, _ = _reference(cfg, variables, x)
+    mask = np.ones((B, S), bool)
+    mask[0, :4] = False
+    m = mask.reshape(-1)
+    _, stats = jmoe.MoE(cfg).apply(variables, x, token_mask=jnp.asarray(mask))
+    np.testing.assert_allclose(stats["dropped_fraction"], 1 - kept[m].mean(), rtol=1e-6)
+    assert 1 - kept[m].mean() != 1 - kept.mean()  # the mask matters in this case
