@@ -301,10 +301,172 @@ class MoEConfig:
         return max(int(rounded(raw)), self.min_capacity)
 
 
-def _check(name: str, value, ok: bool, allowed: str):
+def _check(name: str, value, ok: bool, allowed: str, owner: str = "MoEConfig"):
     if not ok:
-        raise ValueError(f"MoEConfig.{name}={value!r} is invalid: must be {allowed}")
+        raise ValueError(f"{owner}.{name}={value!r} is invalid: must be {allowed}")
 
 
-def _check_choice(name: str, value, choices: tuple):
-    _check(name, value, value in choices, f"one of {choices}")
+def _check_choice(name: str, value, choices: tuple, owner: str = "MoEConfig"):
+    _check(name, value, value in choices, f"one of {choices}", owner)
+
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer LM with MoE feed-forward layers.
+
+    Layer `i` (0-based) is a MoE layer when `i >= first_dense_layers` and
+    `(i - first_dense_layers) % moe_every == 0`; the other layers use a dense SwiGLU FFN of
+    width `d_ff`. `moe.d_model` is always `d_model` (it is set here, whatever `moe` says).
+
+    Attributes:
+      vocab_size: V.
+      d_model: width D.
+      n_layers: transformer blocks.
+      n_heads: query heads.
+      n_kv_heads: key/value heads (grouped-query attention); None means `n_heads`.
+      head_dim: per-head width; None means `d_model // n_heads`.
+      d_ff: hidden width of the dense FFN layers.
+      max_seq_len: longest sequence (RoPE table and KV cache size).
+      rope_theta: RoPE base.
+      qk_norm: RMSNorm on queries and keys per head (Qwen3, OLMoE).
+      qkv_bias: bias on the q/k/v projections (Qwen2).
+      tie_embeddings: output projection = embedding transposed.
+      norm_eps: RMSNorm epsilon.
+      first_dense_layers: leading layers with a dense FFN (DeepSeek `first_k_dense_replace`).
+      moe_every: MoE in every `moe_every`-th layer after those; 0 makes every layer dense.
+      moe: the MoE layer config (`jmoe.config.MoEConfig`).
+      scan_layers: `nn.scan` over identical layers (faster compiles for deep models).
+      remat: rematerialisation of each block: "none", "full" or "dots" (save matmul outputs).
+      dtype, param_dtype: compute and parameter dtypes (attention softmax and norms in float32).
+    """
+
+    vocab_size: int = 512
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    d_ff: int = 512
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    first_dense_layers: int = 0
+    moe_every: int = 1
+    moe: MoEConfig = MoEConfig()
+    scan_layers: bool = False
+    remat: str = "none"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        owner = "ModelConfig"
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            value = getattr(self, name)
+            _check(name, value, value >= 1, "an integer >= 1", owner)
+        _check(
+            "n_kv_heads",
+            self.n_kv_heads,
+            self.n_kv_heads is None
+            or (self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0),
+            f"None or a divisor of n_heads={self.n_heads}",
+            owner,
+        )
+        _check(
+            "head_dim",
+            self.head_dim,
+            self.head_dim is not None or self.d_model % self.n_heads == 0,
+            f"set explicitly when d_model={self.d_model} is not a multiple of "
+            f"n_heads={self.n_heads}",
+            owner,
+        )
+        _check(
+            "head_dim",
+            self.head_dim,
+            self.head_dim is None or (self.head_dim >= 2 and self.head_dim % 2 == 0),
+            "None or an even integer >= 2 (RoPE rotates pairs)",
+            owner,
+        )
+        _check("rope_theta", self.rope_theta, self.rope_theta > 0, "a number > 0", owner)
+        _check("norm_eps", self.norm_eps, self.norm_eps > 0, "a number > 0", owner)
+        for name in ("first_dense_layers", "moe_every"):
+            value = getattr(self, name)
+            _check(name, value, value >= 0, "an integer >= 0", owner)
+        _check_choice("remat", self.remat, REMAT_POLICIES, owner)
+        _check_choice("dtype", self.dtype, DTYPES, owner)
+        _check_choice("param_dtype", self.param_dtype, DTYPES, owner)
+        if not isinstance(self.moe, MoEConfig):
+            raise ValueError(f"ModelConfig.moe must be a MoEConfig, got {type(self.moe)}")
+        if self.moe.d_model != self.d_model:
+            object.__setattr__(self, "moe", dataclasses.replace(self.moe, d_model=self.d_model))
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` (0-based) has a MoE FFN."""
+        offset = layer - self.first_dense_layers
+        return self.moe_every > 0 and offset >= 0 and offset % self.moe_every == 0
+
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape over all devices of all processes.
+
+    Each axis is a positive size; at most one may be None, meaning "the devices left over"
+    (never -1). The product must equal the device count. Axis order is `MESH_AXES`.
+    """
+
+    data: int | None = None
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
+        for axis, size in sizes.items():
+            _check(
+                axis,
+                size,
+                size is None or size >= 1,
+                "None (fill) or an integer >= 1",
+                "MeshConfig",
+            )
+        unset = [axis for axis, size in sizes.items() if size is None]
+        if len(unset) > 1:
+            raise ValueError(
+                f"MeshConfig axes {unset} are all None: at most one axis may be None "
+                "(it takes the devices left over)"
+            )
+
+    def axis_sizes(self, num_devices: int) -> dict[str, int]:
+        """Sizes of `MESH_AXES` for `num_devices` devices, filling the None axis."""
+        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
+        fixed = math.prod(size for size in sizes.values() if size is not None)
+        unset = [axis for axis, size in sizes.items() if size is None]
+        if unset:
+            if num_devices % fixed:
+                raise ValueError(
+                    f"MeshConfig {sizes}: the fixed axes multiply to {fixed}, which does not "
+                    f"divide the {num_devices} devices, so {unset[0]!r} cannot fill the rest"
+                )
+            sizes[unset[0]] = num_devices // fixed
+        elif fixed != num_devices:
+            raise ValueError(
+                f"MeshConfig {sizes} multiplies to {fixed} devices but there are "
+                f"{num_devices}: change the sizes or set one axis to None to fill the rest"
+            )
+        return sizes
