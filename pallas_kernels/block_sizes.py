@@ -73,7 +73,8 @@ def check_block_sizes(
 
     `tm` needs no divisibility (rows are padded to a multiple of it); `tk` and `tn` must divide
     `k` and `n`. Compiled kernels add the hardware's layout rules: TPU blocks are multiples of
-    (8 or 16 for bfloat16, 128) unless they span the whole width, GPU blocks are powers of two >= 16.
+    (8 or 16 for bfloat16, 128) unless they span the whole width, GPU blocks are powers of two
+    >= 16.
     """
     tm, tk, tn = bs.tm, bs.tk, bs.tn
     for name, value in (("tm", tm), ("tk", tk), ("tn", tn)):

@@ -43,7 +43,7 @@ def gmm(
     transpose_rhs: bool,
     interpret: bool,
 ) -> tuple[jax.Array, ...]:
-    """Per output tile, `acc_r = sum_g mask_g(lhs_tile) @ rhs_r[g]`, then `epilogue(*accs, *extras)`.
+    """Per output tile, `acc_r = sum_g mask_g(lhs_tile) @ rhs_r[g]`, then the epilogue.
 
     Same contract as `gmm_tpu.gmm`, except that every tile is written: rows in no local group
     are zeros.
