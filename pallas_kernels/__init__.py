@@ -8,7 +8,12 @@
 Each runs on TPU (Mosaic) and GPU (Triton), and in the Pallas interpreter (`interpret=True`).
 """
 
-from pallas_kernels.block_sizes import BlockSizes, check_block_sizes, default_block_sizes
+from pallas_kernels.block_sizes import (
+    BlockSizes,
+    check_block_sizes,
+    default_block_sizes,
+    supported,
+)
 from pallas_kernels.gating import top_k_gating
 from pallas_kernels.gmm import tgmm
 from pallas_kernels.gmm_ops import gmm, swiglu
@@ -18,6 +23,7 @@ __all__ = [
     "check_block_sizes",
     "default_block_sizes",
     "gmm",
+    "supported",
     "swiglu",
     "tgmm",
     "top_k_gating",

@@ -47,7 +47,7 @@ def default_block_sizes(
       interpret: few, large blocks (the interpreter's cost is per grid step).
 
     Returns:
-      A `BlockSizes` that passes `check_block_sizes` for these shapes.
+      A `BlockSizes`; it passes `check_block_sizes` whenever `supported(k, n, dtype, backend)`.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
@@ -107,3 +107,17 @@ def check_block_sizes(
                 raise ValueError(f"{name}={value} is not a power of two >= 16 (GPU Triton blocks)")
     else:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+
+
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def supported(k: int, n: int, dtype, backend: str) -> bool:
+    """Whether the compiled kernels take `[*, k] x [k, n]` in `dtype` with default blocks."""
+    if jnp.dtype(dtype).name not in SUPPORTED_DTYPES or backend not in BACKENDS:
+        return False
+    try:
+        check_block_sizes(default_block_sizes(1, k, n, dtype, backend), k, n, dtype, backend)
+    except ValueError:
+        return False
+    return True
