@@ -132,6 +132,7 @@ def tgmm(
             x = lhs_ref[pl.ds(t * tm, tm), pl.ds(kk * tk, tk)]
             x = jnp.where(mask, x, jnp.zeros((), x.dtype))
             dy = rhs_ref[pl.ds(t * tm, tm), pl.ds(j * tn, tn)]
+            dy = jnp.where(mask, dy, jnp.zeros((), dy.dtype))  # other rows may hold NaN
             return acc + dot(x, dy, transpose_a=True)
 
         first = start // tm

@@ -17,8 +17,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import gmm as kernels
 from pallas_kernels.block_sizes import BlockSizes
+from pallas_kernels.gmm import gmm as gmm_fwd
+from pallas_kernels.gmm import swiglu as swiglu_fwd
+from pallas_kernels.gmm import swiglu_bwd, tgmm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +43,7 @@ def _int_zeros(a):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _gmm(x, w, group_sizes, group_offset, transpose_rhs, opts):
-    return kernels.gmm(
+    return gmm_fwd(
         x, w, group_sizes, group_offset=group_offset, transpose_rhs=transpose_rhs, **opts.kw()
     )
 
@@ -54,12 +56,12 @@ def _gmm_fwd(x, w, group_sizes, group_offset, transpose_rhs, opts):
 def _gmm_bwd(transpose_rhs, opts, res, dy):
     x, w, group_sizes, group_offset = res
     dy = dy.astype(x.dtype)
-    dx = kernels.gmm(
+    dx = gmm_fwd(
         dy, w, group_sizes, group_offset=group_offset, transpose_rhs=not transpose_rhs,
         **opts.kw(transposed=True),
     )  # fmt: skip
     tg = functools.partial(
-        kernels.tgmm, group_sizes=group_sizes, num_local=w.shape[0], group_offset=group_offset
+        tgmm, group_sizes=group_sizes, num_local=w.shape[0], group_offset=group_offset
     )
     dw = tg(dy, x, **opts.kw(transposed=True)) if transpose_rhs else tg(x, dy, **opts.kw())
     return dx, dw.astype(w.dtype), _int_zeros(group_sizes), _int_zeros(group_offset)
@@ -94,7 +96,7 @@ def gmm(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _swiglu(x, w_gate, w_up, group_sizes, group_offset, opts):
-    return kernels.swiglu(x, w_gate, w_up, group_sizes, group_offset=group_offset, **opts.kw())
+    return swiglu_fwd(x, w_gate, w_up, group_sizes, group_offset=group_offset, **opts.kw())
 
 
 def _swiglu_fwd(x, w_gate, w_up, group_sizes, group_offset, opts):
@@ -105,13 +107,13 @@ def _swiglu_fwd(x, w_gate, w_up, group_sizes, group_offset, opts):
 def _swiglu_bwd(opts, res, dh):
     x, w_gate, w_up, group_sizes, group_offset = res
     local = dict(group_offset=group_offset)
-    d_gate, d_up = kernels.swiglu_bwd(
+    d_gate, d_up = swiglu_bwd(
         x, w_gate, w_up, dh.astype(x.dtype), group_sizes, **local, **opts.kw()
     )
-    back = functools.partial(kernels.gmm, group_sizes=group_sizes, transpose_rhs=True, **local)
+    back = functools.partial(gmm_fwd, group_sizes=group_sizes, transpose_rhs=True, **local)
     dx = back(d_gate, w_gate, **opts.kw(True)).astype(jnp.float32)
     dx = (dx + back(d_up, w_up, **opts.kw(True))).astype(x.dtype)
-    tg = functools.partial(kernels.tgmm, group_sizes=group_sizes, num_local=w_gate.shape[0],
+    tg = functools.partial(tgmm, group_sizes=group_sizes, num_local=w_gate.shape[0],
                            **local, **opts.kw())  # fmt: skip
     dw_gate, dw_up = tg(x, d_gate), tg(x, d_up)
     return (dx, dw_gate.astype(w_gate.dtype), dw_up.astype(w_up.dtype),

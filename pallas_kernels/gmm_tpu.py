@@ -146,8 +146,10 @@ def tgmm(
                 acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
             mask = row_mask(m_tile[i] * tm, tm, row_start[i], row_end[i])
+            # Both sides masked: rows of other groups may hold anything, NaN included.
             x = jnp.where(mask, lhs_ref[...], jnp.zeros((), lhs_ref.dtype))
-            acc_ref[...] += dot(x, rhs_ref[...], transpose_a=True)
+            dy = jnp.where(mask, rhs_ref[...], jnp.zeros((), rhs_ref.dtype))
+            acc_ref[...] += dot(x, dy, transpose_a=True)
 
             @pl.when(last)
             def _store():
