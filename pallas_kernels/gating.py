@@ -25,7 +25,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _scores(logits_TxE: jax.Array, score: str) -> jax.Array:
-    """Same operations as `jax.nn.softmax` / `jax.nn.sigmoid`, so the values match bit for bit."""
+    """`jax.nn.softmax`'s formula (equal up to rounding; plain ops lower on every backend)."""
     if score == "sigmoid":
         return jax.nn.sigmoid(logits_TxE)
     unnormalized = jnp.exp(logits_TxE - jnp.max(logits_TxE, axis=-1, keepdims=True))
