@@ -102,9 +102,11 @@ def pad_rows(x: jax.Array, multiple: int) -> jax.Array:
     return x if extra == 0 else jnp.pad(x, ((0, extra), (0, 0)))
 
 
-def row_mask(row0: jax.Array, tm: int, start: jax.Array, end: jax.Array) -> jax.Array:
-    """`[tm, 1]` bool: which rows `row0 + i` of a tile lie in `[start, end)`."""
-    rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
+def row_mask(
+    row0: jax.Array, tm: int, start: jax.Array, end: jax.Array, cols: int = 1
+) -> jax.Array:
+    """`[tm, cols]` bool: which rows `row0 + i` of a tile lie in `[start, end)`."""
+    rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (tm, cols), 0)
     return (rows >= start) & (rows < end)
 
 

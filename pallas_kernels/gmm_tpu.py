@@ -79,7 +79,7 @@ def gmm(
             def _store():
                 tiles = [e[...].astype(jnp.float32) for e in extra_refs]
                 outs = epilogue(*(acc[...] for acc in acc_refs), *tiles)
-                mask = row_mask(m_tile[i] * tm, tm, row_start[i], row_end[i])
+                mask = row_mask(m_tile[i] * tm, tm, row_start[i], row_end[i], tn)
                 first = (i == 0) | (m_tile[jnp.maximum(i - 1, 0)] != m_tile[i])
                 for o_ref, o in zip(out_refs, outs, strict=True):
 
@@ -145,10 +145,11 @@ def tgmm(
             def _zero():
                 acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-            mask = row_mask(m_tile[i] * tm, tm, row_start[i], row_end[i])
+            mask_k = row_mask(m_tile[i] * tm, tm, row_start[i], row_end[i], tk)
+            mask_n = row_mask(m_tile[i] * tm, tm, row_start[i], row_end[i], tn)
             # Both sides masked: rows of other groups may hold anything, NaN included.
-            x = jnp.where(mask, lhs_ref[...], jnp.zeros((), lhs_ref.dtype))
-            dy = jnp.where(mask, rhs_ref[...], jnp.zeros((), rhs_ref.dtype))
+            x = jnp.where(mask_k, lhs_ref[...], jnp.zeros((), lhs_ref.dtype))
+            dy = jnp.where(mask_n, rhs_ref[...], jnp.zeros((), rhs_ref.dtype))
             acc_ref[...] += dot(x, dy, transpose_a=True)
 
             @pl.when(last)
