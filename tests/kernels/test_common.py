@@ -57,7 +57,7 @@ def test_visits_over_catalogue(case, tm):
 
 def test_visits_random_and_local_groups():
     rng = np.random.default_rng(0)
-    for _ in range(6):
+    for _ in range(4):
         g = int(rng.integers(1, 9))
         tm = int(rng.choice([1, 4, 8]))
         m = tm * int(rng.integers(1, 12))
