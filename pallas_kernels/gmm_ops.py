@@ -86,7 +86,7 @@ def gmm(
     Example:
       >>> x = jnp.ones((4, 128)); w = jnp.ones((2, 128, 128))
       >>> jax.grad(lambda w: gmm(x, w, jnp.array([1, 2]), interpret=True).sum())(w)[:, 0, 0]
-      Array([128., 256.], dtype=float32)
+      Array([1., 2.], dtype=float32)
     """
     opts = _Options(block_sizes, backend, interpret)
     group_offset = jnp.asarray(group_offset, jnp.int32)
