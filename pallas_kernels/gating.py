@@ -108,22 +108,19 @@ def _gating_fwd_impl(x_TxD, w_DxE, bias_E, k, score, normalize, scale, tt, backe
         x.shape[0], x.shape[1], w_DxE.shape[1], k, score, normalize, scale, tt
     )
     num_valid = jnp.full((1,), t, jnp.int32)
-    if backend == "tpu":
+    grid = (x.shape[0] // tt,)
+    if backend == "tpu":  # the valid-token count is a prefetched scalar
         grid_spec = pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(x.shape[0] // tt,), in_specs=in_specs,
-            out_specs=out_specs,
-        )  # fmt: skip
+            num_scalar_prefetch=1, grid=grid, in_specs=in_specs, out_specs=out_specs
+        )
         params = None if interpret else pltpu.CompilerParams(dimension_semantics=("parallel",))
         call = pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape,
                               compiler_params=params, interpret=interpret)  # fmt: skip
-        outs = call(num_valid, x, w_DxE, bias_1xE)
-    else:
-        spec = pl.BlockSpec((1,), lambda i: (0,))
-        call = pl.pallas_call(
-            kernel, grid=(x.shape[0] // tt,), in_specs=[spec, *in_specs], out_specs=out_specs,
-            out_shape=out_shape, interpret=interpret,
-        )  # fmt: skip
-        outs = call(num_valid, x, w_DxE, bias_1xE)
+    else:  # Triton: an ordinary input
+        in_specs = [pl.BlockSpec((1,), lambda i: (0,)), *in_specs]
+        call = pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                              out_shape=out_shape, interpret=interpret)  # fmt: skip
+    outs = call(num_valid, x, w_DxE, bias_1xE)
     ids, wts, probs, logits, counts = outs
     return ids[:t], wts[:t], counts.sum((0, 1)), probs[:t], logits[:t]
 
