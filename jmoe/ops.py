@@ -89,7 +89,8 @@ def grouped_matmul(
     impl = resolve_implementation(implementation, k=k, n=n, dtype=x_MxK.dtype)
     if impl == "ragged_dot":
         return _ragged_dot(x_MxK, w_GxKxN, group_sizes_G)
-    if impl == "pallas":
+    if impl == "pallas":  # the kernels take one dtype (a no-op when they already match)
+        w_GxKxN = w_GxKxN.astype(x_MxK.dtype)
         return pallas_kernels.gmm(x_MxK, w_GxKxN, group_sizes_G, interpret=_interpret())
     return tiled.grouped_matmul(x_MxK, w_GxKxN, group_sizes_G)
 
@@ -134,6 +135,8 @@ def expert_mlp(
         pre = [_ragged_dot(x_MxD, w, group_sizes_G) for w in w_in]
         return _ragged_dot(ACTIVATIONS[activation](*pre), w_down_GxFxD, group_sizes_G)
     if impl == "pallas":
+        w_in = tuple(w.astype(x_MxD.dtype) for w in w_in)
+        w_down_GxFxD = w_down_GxFxD.astype(x_MxD.dtype)
         kw = dict(interpret=_interpret())
         if activation == "swiglu":
             h = pallas_kernels.swiglu(x_MxD, *w_in, group_sizes_G, **kw)
