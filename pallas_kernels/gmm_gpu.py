@@ -20,14 +20,11 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.common import dot, row_mask
 
+_WHOLE = pl.no_block_spec  # an unblocked input: the kernel indexes it itself
+
 
 def _compiler_params(interpret: bool):
     return None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=3)
-
-
-def _whole(shape) -> pl.BlockSpec:
-    """The whole array as one block: the kernel indexes it itself."""
-    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
 def gmm(
@@ -92,11 +89,11 @@ def gmm(
             kernel,
             grid=(m // tm, n // tn),
             in_specs=[
-                _whole(offsets_L1.shape),
-                _whole(first_T.shape),
-                _whole(last_T.shape),
-                _whole(lhs_MxK.shape),
-                *[_whole(w.shape) for w in rhs],
+                _WHOLE,
+                _WHOLE,
+                _WHOLE,
+                _WHOLE,
+                *[_WHOLE] * nr,
                 *[row_spec] * ne,
             ],
             out_specs=[row_spec] * len(out_dtypes),
@@ -143,7 +140,7 @@ def tgmm(
     return pl.pallas_call(
         kernel,
         grid=(num_local, k // tk, n // tn),
-        in_specs=[_whole(offsets_L1.shape), _whole(lhs_MxK.shape), _whole(rhs_MxN.shape)],
+        in_specs=[_WHOLE, _WHOLE, _WHOLE],
         out_specs=pl.BlockSpec((None, tk, tn), lambda g, kk, j: (g, kk, j)),
         out_shape=jax.ShapeDtypeStruct((num_local, k, n), out_dtype),
         compiler_params=_compiler_params(interpret),
