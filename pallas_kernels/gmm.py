@@ -76,15 +76,12 @@ def grouped(
             x, rhs, extras, epilogue, out_dtypes, offsets, ranges, bs,
             transpose_rhs=transpose_rhs, interpret=interpret,
         )  # fmt: skip
-        return tuple(o[:m] for o in outs)
-    visits = common.make_visits(offsets, mp, bs.tm)
-    outs = gmm_tpu.gmm(
-        x, rhs, extras, epilogue, out_dtypes, visits, bs,
-        transpose_rhs=transpose_rhs, interpret=interpret,
-    )  # fmt: skip
-    rows = jnp.arange(m)[:, None]
-    local = (rows >= offsets[0]) & (rows < offsets[-1])  # tiles never visited are undefined
-    return tuple(jnp.where(local, o[:m], jnp.zeros((), o.dtype)) for o in outs)
+    else:
+        outs = gmm_tpu.gmm(
+            x, rhs, extras, epilogue, out_dtypes, common.make_visits(offsets, mp, bs.tm), bs,
+            transpose_rhs=transpose_rhs, interpret=interpret,
+        )  # fmt: skip
+    return tuple(o[:m] for o in outs)
 
 
 def gmm(
@@ -162,9 +159,7 @@ def tgmm(
     if backend == "gpu":
         return gmm_gpu.tgmm(x, dy, offsets, bs, out_dtype=lhs_MxK.dtype, interpret=interpret)
     visits = common.make_visits(offsets, x.shape[0], bs.tm)
-    out = gmm_tpu.tgmm(x, dy, visits, num_local, bs, out_dtype=lhs_MxK.dtype, interpret=interpret)
-    nonempty = (offsets[1:] > offsets[:-1])[:, None, None]  # never-visited groups are undefined
-    return jnp.where(nonempty, out, jnp.zeros((), out.dtype))
+    return gmm_tpu.tgmm(x, dy, visits, num_local, bs, out_dtype=lhs_MxK.dtype, interpret=interpret)
 
 
 def swiglu_epilogue(gate: jax.Array, up: jax.Array) -> tuple[jax.Array]:

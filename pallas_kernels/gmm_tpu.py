@@ -19,6 +19,8 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.common import Visits, dot, row_mask
 
+_UNREAD = pl.BlockSpec(memory_space=pl.ANY)  # a zero buffer aliased to an output, never copied
+
 
 def _compiler_params(interpret: bool, semantics: tuple[str, ...]):
     return None if interpret else pltpu.CompilerParams(dimension_semantics=semantics)
@@ -52,16 +54,19 @@ def gmm(
       bs: block sizes dividing `K` and `N`.
 
     Returns:
-      The outputs; rows in no local group of a visited tile are zeros, other tiles are undefined.
+      The outputs; zeros outside the local groups. Each output is a zero buffer aliased in, so
+      the row tiles no visit touches (past `sum(group_sizes)`) are never written.
     """
     m, k = lhs_MxK.shape
     n = rhs[0].shape[1 if transpose_rhs else 2]
     tm, tk, tn = bs.tm, bs.tk, bs.tn
     nk, nr, ne = k // tk, len(rhs), len(extras)
 
+    no = len(out_dtypes)
+
     def kernel(group, m_tile, row_start, row_end, num_active, lhs_ref, *refs):
         rhs_refs, extra_refs = refs[:nr], refs[nr : nr + ne]
-        out_refs, acc_refs = refs[nr + ne : -nr], refs[-nr:]
+        out_refs, acc_refs = refs[nr + ne + no : -nr], refs[-nr:]  # skips the zero buffers
         i, kk = pl.program_id(1), pl.program_id(2)
 
         @pl.when(i < num_active[0])
@@ -98,18 +103,21 @@ def gmm(
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=5,
         grid=(n // tn, visits.size, nk),
-        in_specs=[lhs_spec, *[rhs_spec] * nr, *[row_spec] * ne],
-        out_specs=[row_spec] * len(out_dtypes),
+        in_specs=[lhs_spec, *[rhs_spec] * nr, *[row_spec] * ne, *[_UNREAD] * no],
+        out_specs=[row_spec] * no,
         scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)] * nr,
     )
+    zeros = [jnp.zeros((m, n), d) for d in out_dtypes]
+    first_zero = 5 + 1 + nr + ne  # operand index, scalar-prefetch operands included
     return tuple(
         pl.pallas_call(
             kernel,
             grid_spec=grid_spec,
             out_shape=[jax.ShapeDtypeStruct((m, n), d) for d in out_dtypes],
+            input_output_aliases={first_zero + o: o for o in range(no)},
             compiler_params=_compiler_params(interpret, ("parallel", "arbitrary", "arbitrary")),
             interpret=interpret,
-        )(*_metadata(visits), lhs_MxK, *rhs, *extras)
+        )(*_metadata(visits), lhs_MxK, *rhs, *extras, *zeros)
     )
 
 
@@ -125,14 +133,16 @@ def tgmm(
 ) -> jax.Array:
     """`out[g] = lhs[rows of g].T @ rhs[rows of g]` for each visited local group: `[L, K, N]`.
 
-    Groups with no rows are never visited and come out undefined (the caller zeroes them).
+    Groups with no rows are never visited: the output is a zero buffer aliased in.
     """
     m, k = lhs_MxK.shape
     n = rhs_MxN.shape[1]
     tm, tk, tn = bs.tm, bs.tk, bs.tn
     size = visits.size
 
-    def kernel(group, m_tile, row_start, row_end, num_active, lhs_ref, rhs_ref, out_ref, acc_ref):
+    def kernel(
+        group, m_tile, row_start, row_end, num_active, lhs_ref, rhs_ref, _, out_ref, acc_ref
+    ):
         i = pl.program_id(2)
 
         @pl.when(i < num_active[0])
@@ -162,6 +172,7 @@ def tgmm(
         in_specs=[
             pl.BlockSpec((tm, tk), lambda kk, j, i, g, mt, *_: (mt[i], kk)),
             pl.BlockSpec((tm, tn), lambda kk, j, i, g, mt, *_: (mt[i], j)),
+            _UNREAD,
         ],
         out_specs=pl.BlockSpec((None, tk, tn), lambda kk, j, i, g, mt, *_: (g[i], kk, j)),
         scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)],
@@ -170,6 +181,7 @@ def tgmm(
         kernel,
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((num_local, k, n), out_dtype),
+        input_output_aliases={5 + 2: 0},
         compiler_params=_compiler_params(interpret, ("parallel", "parallel", "arbitrary")),
         interpret=interpret,
-    )(*_metadata(visits), lhs_MxK, rhs_MxN)
+    )(*_metadata(visits), lhs_MxK, rhs_MxN, jnp.zeros((num_local, k, n), out_dtype))
