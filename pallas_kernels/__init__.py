@@ -1,0 +1,30 @@
+"""Pallas kernels for Mixture-of-Experts (never imports jmoe).
+
+- `gmm` / `tgmm`: grouped matmul `[M, K] x [G, K, N] -> [M, N]` and its transposed form (the
+  weight gradient), differentiable through `gmm_ops`.
+- `swiglu`: the fused SwiGLU expert input `silu(x @ w_gate[g]) * (x @ w_up[g])` and its backward.
+- `top_k_gating`: router matmul, scores, bias and top-k in one kernel.
+
+Each runs on TPU (Mosaic) and GPU (Triton), and in the Pallas interpreter (`interpret=True`).
+"""
+
+from pallas_kernels.block_sizes import (
+    BlockSizes,
+    check_block_sizes,
+    default_block_sizes,
+    supported,
+)
+from pallas_kernels.gating import top_k_gating
+from pallas_kernels.gmm import tgmm
+from pallas_kernels.gmm_ops import gmm, swiglu
+
+__all__ = [
+    "BlockSizes",
+    "check_block_sizes",
+    "default_block_sizes",
+    "gmm",
+    "supported",
+    "swiglu",
+    "tgmm",
+    "top_k_gating",
+]

@@ -1,0 +1,85 @@
+"""Block-size heuristic and validation: every default passes its own checks, overrides that
+cannot tile the shapes or break a backend's layout rules fail with the values named."""
+
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.block_sizes import (
+    BlockSizes,
+    check_block_sizes,
+    default_block_sizes,
+    supported,
+)
+
+SHAPES = [
+    (16384 * 2, 4096, 14336),
+    (8192 * 6, 2048, 1408),
+    (64, 16, 24),
+    (1, 128, 128),
+    (37, 96, 200),
+]
+
+
+def test_block_sizes_are_frozen_and_hashable():
+    bs = BlockSizes(128, 256, 512)
+    assert hash(bs) == hash(BlockSizes(128, 256, 512))
+    with pytest.raises(AttributeError):
+        bs.tm = 8
+
+
+@pytest.mark.parametrize("m, k, n", SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_defaults_pass_their_checks(m, k, n, dtype):
+    for interpret in (True, False):
+        for backend in ("tpu", "gpu"):
+            bs = default_block_sizes(m, k, n, dtype, backend, interpret=interpret)
+            if interpret or supported(k, n, dtype, backend):
+                check_block_sizes(bs, k, n, dtype, backend, interpret=interpret)
+            assert k % bs.tk == 0 and n % bs.tn == 0 and bs.tm >= 1
+
+
+def test_heuristic_on_model_shapes():
+    """Mixtral-like on TPU in bfloat16: large blocks that divide the widths; GPU: Triton sizes."""
+    assert default_block_sizes(32768, 4096, 14336, jnp.bfloat16, "tpu") == BlockSizes(
+        512, 1024, 1024
+    )
+    assert default_block_sizes(32768, 4096, 14336, jnp.float32, "tpu") == BlockSizes(512, 512, 512)
+    assert default_block_sizes(32768, 2048, 1408, jnp.bfloat16, "gpu") == BlockSizes(128, 64, 128)
+    assert default_block_sizes(20, 2048, 1408, jnp.bfloat16, "gpu").tm == 32  # few rows: small tm
+    assert default_block_sizes(64, 16, 24, jnp.float32, "tpu", interpret=True) == BlockSizes(
+        64, 16, 24
+    )
+
+
+@pytest.mark.parametrize(
+    "bs, backend, dtype, match",
+    [
+        (BlockSizes(0, 128, 128), "tpu", jnp.float32, "tm=0 must be a positive int"),
+        (BlockSizes(8, 100, 128), "tpu", jnp.float32, "k=256 is not a multiple of tk=100"),
+        (BlockSizes(8, 128, 100), "tpu", jnp.float32, "n=384 is not a multiple of tn=100"),
+        (BlockSizes(8, 128, 128), "tpu", jnp.bfloat16, "tm=8 is not a multiple of 16 for bfloat16"),
+        (BlockSizes(16, 64, 128), "tpu", jnp.float32, "tk=64 is neither a multiple of 128"),
+        (BlockSizes(16, 128, 96 * 2), "gpu", jnp.float32, "tn=192 is not a power of two"),
+        (BlockSizes(8, 128, 128), "gpu", jnp.float32, "tm=8 is not a power of two >= 16"),
+        (BlockSizes(16, 128, 128), "cuda", jnp.float32, "backend='cuda'"),
+    ],
+)
+def test_bad_block_sizes_name_the_values(bs, backend, dtype, match):
+    with pytest.raises(ValueError, match=match):
+        check_block_sizes(bs, 256, 384, dtype, backend)
+
+
+def test_interpret_skips_the_hardware_rules_only():
+    check_block_sizes(BlockSizes(3, 8, 8), 16, 24, jnp.bfloat16, "tpu", interpret=True)
+    with pytest.raises(ValueError, match="k=16 is not a multiple of tk=5"):
+        check_block_sizes(BlockSizes(3, 5, 8), 16, 24, jnp.float32, "tpu", interpret=True)
+
+
+def test_supported():
+    assert supported(4096, 14336, jnp.bfloat16, "tpu") and supported(
+        2048, 1408, jnp.bfloat16, "gpu"
+    )
+    assert supported(200, 96, jnp.float32, "tpu")  # full-width blocks
+    assert not supported(200, 96, jnp.float32, "gpu")  # 200 has no power-of-two block >= 16
+    assert not supported(128, 128, jnp.int8, "tpu")
+    assert not supported(128, 128, jnp.float32, "cpu")

@@ -1,0 +1,125 @@
+"""Fused top-k gating (interpreted) against `jax.lax.top_k` on the same logits and a NumPy
+count, over the catalogue's routing cases (ties, all tokens on one expert, k = E, ...)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from kernel_cases import BACKEND_IDS, BACKENDS
+
+from jmoe import catalogue
+from pallas_kernels import gating, reference
+
+D = 80  # >= 2 * the catalogue's largest token count
+TT = 16  # tokens per program: the catalogue's 8..37 tokens make 1..3 programs and a ragged tail
+VARIANTS = {
+    "softmax": dict(score="softmax"),
+    "sigmoid_bias_normalized": dict(score="sigmoid", normalize=True, scale=2.5, bias=True),
+}
+
+
+def _router_inputs(case, seed=0):
+    """`x`, `w` whose product is exactly the case's logits: `x` picks rows of `w`, and a second
+    random half of `x` meets zero rows of `w` (so the matmul sums real products)."""
+    t, e = case.num_tokens, case.num_experts
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([np.eye(t, D // 2), rng.normal(size=(t, D // 2))], 1).astype(np.float32)
+    w = np.zeros((D, e), np.float32)
+    w[:t] = case.logits(seed)
+    return x, w
+
+
+@functools.cache
+def _gating(backend, k, score, normalize=False, scale=1.0):
+    f = functools.partial(gating.top_k_gating, k=k, score=score, normalize=normalize, scale=scale,
+                          block_tokens=TT, backend=backend, interpret=True)  # fmt: skip
+    return jax.jit(lambda x, w, bias: f(x, w, bias=bias))
+
+
+def _check_case(backend, case, variant):
+    opts = dict(VARIANTS[variant])
+    use_bias = opts.pop("bias", False)
+    x, w = _router_inputs(case)
+    e, k = case.num_experts, case.k
+    bias = np.linspace(0.0, 0.1, e, dtype=np.float32) if use_bias else np.zeros(e, np.float32)
+    ids, weights, counts, probs, logits = _gating(backend, k, **opts)(x, w, bias)
+    # The oracle: the same logits through jax.nn scores and jax.lax.top_k.
+    ref_logits = x @ w
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5, err_msg=case.name)
+    scores = jax.nn.softmax(logits) if opts["score"] == "softmax" else jax.nn.sigmoid(logits)
+    np.testing.assert_allclose(probs, scores, rtol=1e-6, atol=1e-7, err_msg=case.name)
+    # Exactly `jax.lax.top_k`'s choice on the kernel's scores, ties included ...
+    _, ref_ids = jax.lax.top_k(probs + bias, k)
+    np.testing.assert_array_equal(ids, ref_ids, err_msg=case.name)
+    # ... and on the scores recomputed from the logits (no case has near ties of one ulp).
+    np.testing.assert_array_equal(ids, jax.lax.top_k(scores + bias, k)[1], err_msg=case.name)
+    ref_w = np.take_along_axis(np.asarray(scores), np.asarray(ref_ids), -1)
+    if opts.get("normalize") and k > 1:
+        ref_w = ref_w / ref_w.sum(-1, keepdims=True)
+    np.testing.assert_allclose(weights, ref_w * opts.get("scale", 1.0), rtol=1e-6,
+                               err_msg=case.name)  # fmt: skip
+    np.testing.assert_array_equal(counts, np.bincount(np.ravel(ref_ids), minlength=e))
+    if case.name == "all_to_one_expert":
+        assert counts[0] == case.num_tokens
+    if case.name == "ties" and not use_bias:  # equal scores: the lowest indices win
+        np.testing.assert_array_equal(ids, np.tile(np.arange(k), (case.num_tokens, 1)))
+
+
+# Each case has its own (T, E, k), so each compiles: the Mosaic kernel runs the whole catalogue,
+# the Triton one the cases that stress it most; the variants alternate over the cases.
+TRITON_CASES = ("ragged_tail", "k_equals_e", "ties")
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
+def test_matches_top_k_over_routing_catalogue(backend):
+    cases = catalogue.ROUTING_CASES
+    if backend == "gpu":
+        cases = [c for c in cases if c.name in TRITON_CASES]
+    for i, case in enumerate(cases):
+        variant = "softmax" if case.name == "ties" else list(VARIANTS)[i % 2]
+        _check_case(backend, case, variant)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
+def test_gradients_match_reference(backend):
+    case = catalogue.ROUTING_CASES[1]  # ragged tail: 37 tokens, 5 experts, k = 2
+    x, w = _router_inputs(case, seed=1)
+    x = x + np.random.default_rng(2).normal(size=x.shape).astype(np.float32)
+    bias = np.linspace(0.0, 0.05, case.num_experts, dtype=np.float32)
+    rng = np.random.default_rng(3)
+    ct_w, ct_p, ct_l = (rng.normal(size=s).astype(np.float32)
+                        for s in ((37, 2), (37, 5), (37, 5)))  # fmt: skip
+
+    def loss(fn, x, w):
+        _, weights, _, probs, logits = fn(x, w, bias)
+        return (weights * ct_w).sum() + (probs * ct_p).sum() + (logits * ct_l).sum()
+
+    kernel = _gating(backend, 2, "sigmoid", normalize=True, scale=1.5)
+    ref = functools.partial(reference.top_k_gating, k=2, score="sigmoid", normalize=True,
+                            scale=1.5)  # fmt: skip
+    grads = jax.grad(functools.partial(loss, kernel), (0, 1))(x, w)
+    ref_grads = jax.grad(lambda x, w: loss(lambda x, w, b: ref(x, w, bias=b), x, w), (0, 1))(x, w)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, rg, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_input_and_errors():
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(20, D)), jnp.bfloat16)
+    w = jnp.asarray(np.random.default_rng(5).normal(size=(D, 4)), jnp.float32)
+    ids, _, counts, _, logits = gating.top_k_gating(x, w, 2, interpret=True)
+    np.testing.assert_allclose(logits, np.asarray(x, np.float32) @ np.asarray(w), rtol=1e-5,
+                               atol=1e-4)  # fmt: skip
+    np.testing.assert_array_equal(ids, jax.lax.top_k(jax.nn.softmax(logits), 2)[1])
+    assert int(counts.sum()) == 40
+    with pytest.raises(ValueError, match="k=5"):
+        gating.top_k_gating(x, w, 5, interpret=True)
+    with pytest.raises(ValueError, match="'tanh'"):
+        gating.top_k_gating(x, w, 2, score="tanh", interpret=True)
+    with pytest.raises(ValueError, match="bias has shape"):
+        gating.top_k_gating(x, w, 2, bias=jnp.zeros(3), interpret=True)
+    with pytest.raises(ValueError, match="block_tokens=12 is not a multiple of 8"):
+        gating.top_k_gating(x, w, 2, block_tokens=12, backend="tpu")
+    with pytest.raises(ValueError, match="block_tokens=24 is not a power of two"):
+        gating.top_k_gating(x, w, 2, block_tokens=24, backend="gpu")
