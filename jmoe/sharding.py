@@ -90,7 +90,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], me
 
 def _param_spec(path, leaf, mesh: Mesh) -> P:
     names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-    shape = np.shape(leaf)
+    shape = tuple(getattr(leaf, "shape", np.shape(leaf)))
     logical = PARAM_AXES.get(names[-2:])
     if logical is not None and len(logical) == len(shape):
         return logical_to_spec(logical, shape, mesh)
@@ -116,6 +116,19 @@ def param_shardings(params, mesh: Mesh):
 def shard_params(params, mesh: Mesh):
     """Places a params tree (the same values on every process) by `param_shardings`."""
     return jax.device_put(params, param_shardings(params, mesh))
+
+
+def init_sharded(init_fn, mesh: Mesh, *args):
+    """`init_fn(*args)` under jit, its outputs born sharded by `param_shardings`.
+
+    Each device computes only its shards, so nothing is materialised whole on one host; use it
+    for models too large for one device and on several processes (`args` equal on all of them).
+
+    Example:
+      >>> variables = init_sharded(lambda: MoE(cfg).init(jax.random.key(0), x_BxSxD), mesh)
+    """
+    shardings = param_shardings(jax.eval_shape(init_fn, *args), mesh)
+    return jax.jit(init_fn, out_shardings=shardings)(*args)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -19,6 +19,7 @@ if "JMOE_JAX_CACHE" in os.environ:
     jax.config.update("jax_compilation_cache_dir", os.environ["JMOE_JAX_CACHE"])
 
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jmoe  # noqa: E402
@@ -29,19 +30,18 @@ CFG = jmoe.MoEConfig(d_model=8, d_ff=16, num_experts=4, top_k=2, lb_coef=0.1, z_
 BATCH, SEQ, STEPS = 8, 4, 3
 
 
-def global_batch(step: int):
-    x = jax.random.normal(jax.random.key(100 + step), (BATCH, SEQ, CFG.d_model))
-    return x, jnp.tanh(x[..., ::-1])
+def global_batch():
+    x = np.random.default_rng(0).normal(size=(BATCH, SEQ, CFG.d_model)).astype(np.float32)
+    return x, np.tanh(x[..., ::-1])
 
 
 def train(mesh) -> list[float]:
     model = jmoe.MoE(CFG, mesh=mesh)
-    variables = jmoe.MoE(CFG).init(jax.random.key(0), global_batch(0)[0])
+    init = lambda: jmoe.MoE(CFG).init(jax.random.key(0), jnp.zeros((BATCH, SEQ, CFG.d_model)))  # noqa: E731
+    variables = jax.jit(init)() if mesh is None else sharding.init_sharded(init, mesh)
     params = variables["params"]
     tx = optax.adam(1e-2)
-    opt_state = tx.init(params)
-    if mesh is not None:
-        params, opt_state = sharding.shard_params((params, opt_state), mesh)
+    opt_state = jax.jit(tx.init)(params)
 
     @jax.jit
     def step(params, opt_state, x, target):
@@ -54,9 +54,9 @@ def train(mesh) -> list[float]:
         return optax.apply_updates(params, updates), opt_state, loss
 
     losses = []
-    for i in range(STEPS):
-        x, target = global_batch(i)
-        if mesh is not None:
+    for _ in range(STEPS):
+        x, target = global_batch()
+        if mesh is not None:  # each process loads only its rows
             rows = sharding.process_batch_slice(BATCH, mesh)
             x, target = sharding.shard_batch((x[rows], target[rows]), mesh)
         params, opt_state, loss = step(params, opt_state, x, target)
