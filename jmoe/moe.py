@@ -177,11 +177,11 @@ class MoE(nn.Module):
         self, x: jax.Array, *, deterministic: bool = True, token_mask: jax.Array | None = None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.config
-        self._check_mesh()
         if x.shape[-1] != cfg.d_model:
             raise ValueError(f"MoE input width {x.shape[-1]} != config.d_model={cfg.d_model}")
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         x_TxD = x.reshape(-1, cfg.d_model)
+        self._check_mesh(x_TxD.shape[0])
         if self.mesh is not None:
             x_TxD = jax.lax.with_sharding_constraint(x_TxD, sharding.batch_sharding(self.mesh))
         mask_T = None if token_mask is None else token_mask.reshape(-1)
@@ -361,10 +361,16 @@ class MoE(nn.Module):
         )
         return stats
 
-    def _check_mesh(self):
+    def _check_mesh(self, num_tokens: int):
         cfg, mesh = self.config, self.mesh
         if mesh is None:
             return
+        shards = sharding.axis_size(mesh, sharding.BATCH_AXES)
+        if num_tokens % shards:
+            raise ValueError(
+                f"tokens T={num_tokens} are not a multiple of the {shards} batch shards of mesh "
+                f"{dict(mesh.shape)}: use a batch whose token count divides evenly"
+            )
         if cfg.router == "expert_choice":
             raise NotImplementedError(
                 "router='expert_choice' ranks tokens over the whole batch and is not supported "

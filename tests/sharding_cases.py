@@ -8,6 +8,7 @@ setting fixed when JAX starts, so these cases live outside the in-process suite.
 import dataclasses
 import os
 import sys
+import time
 import traceback
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -38,7 +39,7 @@ MESHES = {
 
 def _setup(cfg, bias=None, seed=0):
     x = jax.random.normal(jax.random.key(seed), (B, S, D))
-    variables = jmoe.MoE(cfg).init(jax.random.key(seed + 1), x)
+    variables = jax.jit(jmoe.MoE(cfg).init)(jax.random.key(seed + 1), x)
     if bias is not None:
         variables = {**variables, "moe_state": {"bias": jnp.asarray(bias, jnp.float32)}}
     return x, variables
@@ -55,11 +56,18 @@ def _step_fn(model):
     return jax.jit(jax.value_and_grad(loss, (1, 2), has_aux=True))
 
 
-def _compare(cfg, mesh_name, *, bias=None, mask=None, atol=2e-5):
-    """The layer on a mesh equals the one-device layer: outputs, stats, grads, state update."""
+def _compare(cfg, mesh_names, *, bias=None, mask=None, atol=2e-5):
+    """The layer on each mesh equals the one-device layer: outputs, stats, grads, state update."""
     x, variables = _setup(cfg, bias)
-    mesh = sharding.make_mesh(MESHES[mesh_name])
     (loss0, (y0, s0)), g0 = _step_fn(jmoe.MoE(cfg))(variables, variables["params"], x, mask)
+    for mesh_name in mesh_names:
+        _compare_on(cfg, mesh_name, x, variables, mask, atol, (loss0, y0, s0, g0))
+    return s0
+
+
+def _compare_on(cfg, mesh_name, x, variables, mask, atol, want):
+    loss0, y0, s0, g0 = want
+    mesh = sharding.make_mesh(MESHES[mesh_name])
     sharded = sharding.shard_params(variables, mesh)
     args = (sharded, sharded["params"], x, mask)
     step = _step_fn(jmoe.MoE(cfg, mesh=mesh)).lower(*args).compile()
@@ -78,7 +86,6 @@ def _compare(cfg, mesh_name, *, bias=None, mask=None, atol=2e-5):
     np.testing.assert_allclose(state1["bias"], state0["bias"], atol=1e-7)
     hlo = step.as_text()
     assert ("all-to-all" in hlo) == (mesh.shape["expert"] > 1), f"all-to-all on {mesh_name}"
-    return s0
 
 
 def _cfg(**kw):
@@ -89,35 +96,35 @@ def case_top_k_meshes():
     cfg = _cfg(num_experts=8, top_k=2, num_shared=1, shared_gate=True, bias_update_rate=0.01)
     bias = 0.2 * np.arange(8) % 0.5
     mask = jnp.arange(B * S).reshape(B, S) % 7 != 3
-    for name in ("1x8", "2x4", "4x2", "fsdp", "tensor"):
-        _compare(cfg, name, bias=bias, mask=mask if name == "2x4" else None)
+    _compare(cfg, ["1x8", "4x2", "fsdp"], bias=bias)
+    _compare(cfg, ["2x4"], bias=bias, mask=mask)
 
 
 def case_sigmoid_groups_fsdp():
     cfg = _cfg(num_experts=8, top_k=2, score="sigmoid", n_groups=4, top_groups=2, scale=2.5)
-    _compare(cfg, "fsdp", bias=0.3 * np.sin(np.arange(8)))
+    _compare(cfg, ["fsdp"], bias=0.3 * np.sin(np.arange(8)))
 
 
 def case_null_experts():
     cfg = _cfg(num_experts=8, top_k=3, router="null", num_null=4, seq_balance_coef=0.0)
-    stats = _compare(cfg, "2x4")
+    stats = _compare(cfg, ["2x4"])
     assert 0 < float(stats["active_experts"]) < 3, "some null picks are never sent"
 
 
 def case_top_p():
     cfg = _cfg(num_experts=8, router="top_p", top_p=0.5, max_k=4, seq_balance_coef=0.0)
-    _compare(cfg, "4x2")
+    _compare(cfg, ["4x2"])
 
 
 def case_chain_of_experts():
     cfg = _cfg(num_experts=8, top_k=2, chain_steps=2, chain_residual="coe", num_shared=1)
-    _compare(cfg, "1x8")
+    _compare(cfg, ["tensor"])  # expert hidden width split too
 
 
 def case_skewed_to_one_device():
     """Every token picks experts 0 and 1, both on the first expert device; others get none."""
     cfg = _cfg(num_experts=8, top_k=2)
-    stats = _compare(cfg, "2x4", bias=np.where(np.arange(8) < 2, 50.0, 0.0))
+    stats = _compare(cfg, ["2x4"], bias=np.where(np.arange(8) < 2, 50.0, 0.0))
     np.testing.assert_array_equal(stats["tokens_per_expert"], [B * S] * 2 + [0] * 6)
 
 
@@ -159,12 +166,6 @@ def case_capacity_overflow():
     skewed = _check_capacity(cfg, "4x2", bias=np.where(np.arange(8) < 2, 50.0, 0.0))
     # capacity ceil(1.0 * 2 * 4 / 8) = 1 per expert per shard: 2 of the 8 slots of a shard kept
     np.testing.assert_allclose(skewed, 1 - 2 / 8)
-
-
-def case_capacity_without_drops_is_exact():
-    roomy = _cfg(num_experts=8, top_k=2, capacity_factor=8.0)
-    stats = _compare(roomy, "2x4")
-    assert float(stats["dropped_fraction"]) == 0.0
 
 
 def _raises(exc, fn, *needles):
@@ -209,9 +210,10 @@ def case_param_shardings():
 def main(names):
     failed = []
     for name in names:
+        start = time.process_time()
         try:
             globals()[f"case_{name}"]()
-            print(f"{name}: ok", flush=True)
+            print(f"{name}: ok ({time.process_time() - start:.1f} s cpu)", flush=True)
         except Exception:
             failed.append(name)
             print(f"{name}: FAILED\n{traceback.format_exc()}", flush=True)

@@ -14,10 +14,9 @@ import pytest
 
 TESTS = pathlib.Path(__file__).parent
 GROUPS = {
-    "top_k_meshes": ["top_k_meshes"],
+    "meshes": ["top_k_meshes", "param_shardings", "bad_meshes"],
     "routers": ["sigmoid_groups_fsdp", "null_experts", "top_p", "chain_of_experts"],
-    "loads": ["skewed_to_one_device", "capacity_overflow", "capacity_without_drops_is_exact"],
-    "setup": ["bad_meshes", "param_shardings"],
+    "loads": ["skewed_to_one_device", "capacity_overflow"],
 }
 
 
