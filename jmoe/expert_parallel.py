@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from jmoe import dispatch, ops
 from jmoe.permute import gather_slots, permute_rows
 from jmoe.routing import Routing
-from jmoe.sharding import BATCH_AXES, axis_size
+from jmoe.sharding import BATCH_AXES, axis_size, mesh_axes
 
 
 def chunk_rows(num_tokens: int, k: int, experts_per_device: int, capacity: int | None) -> int:
@@ -144,12 +144,13 @@ def expert_parallel_mlp(
         y_TxD = dispatch.combine(y_NxCxD.reshape(n * chunk, -1), plan, kept.weights)
         return y_TxD, kept.valid
 
-    tokens = P(BATCH_AXES, None)
-    w_in_spec = P("expert", None, "tensor")
+    tokens = P(mesh_axes(mesh, BATCH_AXES), None)
+    expert, hidden = (mesh_axes(mesh, (axis,)) or None for axis in ("expert", "tensor"))
+    w_in_spec = P(expert, None, hidden)
     y_TxD, kept_valid = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(tokens, tokens, tokens, tokens, (w_in_spec,) * len(w_in), P("expert", "tensor")),
+        in_specs=(tokens, tokens, tokens, tokens, (w_in_spec,) * len(w_in), P(expert, hidden)),
         out_specs=(tokens, tokens),
         check_vma=False,  # the grouped matmul's loop carries are not typed per mesh axis
     )(x_TxD, routed.expert_ids, routed.weights, routed.valid, tuple(w_in), w_down_ExFxD)

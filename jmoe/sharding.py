@@ -70,6 +70,11 @@ def axis_size(mesh: Mesh | None, axes: str | Sequence[str]) -> int:
     return int(np.prod([mesh.shape.get(axis, 1) for axis in axes]))
 
 
+def mesh_axes(mesh: Mesh, axes: Sequence[str]) -> tuple[str, ...]:
+    """The names among `axes` that `mesh` has (a hand-made mesh may leave some out)."""
+    return tuple(axis for axis in axes if axis in mesh.axis_names)
+
+
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
     """`PartitionSpec` of an array from its logical axes, via `LOGICAL_RULES`.
 
@@ -133,7 +138,7 @@ def init_sharded(init_fn, mesh: Mesh, *args):
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Leading (batch or token) axis split over `BATCH_AXES`, the rest replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES, *(None,) * (ndim - 1)))
+    return NamedSharding(mesh, P(mesh_axes(mesh, BATCH_AXES), *(None,) * (ndim - 1)))
 
 
 def process_batch_slice(global_batch: int, mesh: Mesh) -> slice:
