@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jmoe import dispatch, losses, ops, routing
+from jmoe import dispatch, expert_parallel, losses, ops, routing, sharding
 from jmoe.config import MoEConfig
 
 STATE = "moe_state"
@@ -85,14 +85,19 @@ class Experts(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_MxD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
-        e, d, f = self.num_experts, x_MxD.shape[-1], self.d_ff
+    def weights(self, d_model: int) -> tuple[tuple[jax.Array, ...], jax.Array]:
+        """The weights in the compute dtype: `w_in` `([E, D, F], ...)` and `w_down` `[E, F, D]`."""
+        e, f = self.num_experts, self.d_ff
         init = _fan_in_init(batch_axis=(0,))
         w_in = tuple(
-            self.param(name, init, (e, d, f), self.param_dtype).astype(self.dtype)
+            self.param(name, init, (e, d_model, f), self.param_dtype).astype(self.dtype)
             for name in _mlp_weight_names(self.activation)
         )
-        w_down = self.param("w_down", init, (e, f, d), self.param_dtype).astype(self.dtype)
+        w_down = self.param("w_down", init, (e, f, d_model), self.param_dtype).astype(self.dtype)
+        return w_in, w_down
+
+    def __call__(self, x_MxD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+        w_in, w_down = self.weights(x_MxD.shape[-1])
         return ops.expert_mlp(
             x_MxD.astype(self.dtype),
             w_in,
@@ -134,8 +139,15 @@ class MoE(nn.Module):
 
     Attributes:
       config: the layer's `MoEConfig`.
-      mesh: optional `jax.sharding.Mesh`; an "expert" axis larger than 1 (expert parallelism)
-        is not supported yet and raises.
+      mesh: optional `jax.sharding.Mesh` from `jmoe.sharding.make_mesh` (None: one device).
+        Tokens are split over its batch axes ("data", "fsdp", "expert"); experts over "expert"
+        and exchanged with all-to-all (`jmoe.expert_parallel`) when that axis is larger than 1.
+        Routing, losses and statistics are computed on the global batch (the sums behind them
+        are all-reduced), so outputs, statistics and gradients equal the one-device layer's when
+        dropless. With a capacity factor the capacity applies per token shard (GShard groups):
+        each shard of `T / shards` tokens keeps at most `config.capacity(T / shards)` slots per
+        expert, the one-device rule when there is one shard. "expert_choice" is not supported
+        with a mesh.
 
     Call: `y, stats = MoE(cfg).apply(variables, x, deterministic=True, token_mask=None)` with
     `x` `[..., D]` (`[B, S, D]` for the sequence-wise balance loss) and an optional bool
@@ -165,11 +177,13 @@ class MoE(nn.Module):
         self, x: jax.Array, *, deterministic: bool = True, token_mask: jax.Array | None = None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.config
-        self._check_mesh()
         if x.shape[-1] != cfg.d_model:
             raise ValueError(f"MoE input width {x.shape[-1]} != config.d_model={cfg.d_model}")
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         x_TxD = x.reshape(-1, cfg.d_model)
+        self._check_mesh(x_TxD.shape[0])
+        if self.mesh is not None:
+            x_TxD = jax.lax.with_sharding_constraint(x_TxD, sharding.batch_sharding(self.mesh))
         mask_T = None if token_mask is None else token_mask.reshape(-1)
         seq_len = x.shape[-2] if x.ndim >= 2 else 1
         c = cfg.chain_steps
@@ -249,6 +263,34 @@ class MoE(nn.Module):
         cfg = self.config
         num_tokens = h_TxD.shape[0]
         stats = self._router_stats(routed, mask_T, seq_len)
+        dtype = jnp.dtype(cfg.dtype)
+        if self.mesh is not None:
+            w_in, w_down = experts.weights(cfg.d_model)
+            y_TxD, kept_valid = expert_parallel.expert_parallel_mlp(
+                h_TxD.astype(dtype),
+                routed,
+                w_in,
+                w_down,
+                mesh=self.mesh,
+                capacity=expert_parallel.local_capacity(
+                    cfg.capacity, num_tokens, self.mesh, deterministic
+                ),
+                activation=cfg.activation,
+                implementation=cfg.implementation,
+            )
+        else:
+            y_TxD, kept_valid = self._dispatch_local(routed, h_TxD, experts, deterministic)
+        stats["active_T"] = kept_valid.sum(-1)
+        routed_slots = losses.masked_mean(routed.valid.sum(-1).astype(jnp.float32), mask_T)
+        kept_slots = losses.masked_mean(stats["active_T"].astype(jnp.float32), mask_T)
+        dropped = 1.0 - kept_slots / jnp.maximum(routed_slots, 1e-9)
+        stats["dropped_fraction"] = jnp.where(routed_slots > 0, dropped, 0.0)
+        return y_TxD, stats
+
+    def _dispatch_local(self, routed, h_TxD, experts, deterministic):
+        """One device: capacity, dispatch, experts, combine. Returns `(y_TxD, kept valid)`."""
+        cfg = self.config
+        num_tokens = h_TxD.shape[0]
         kept, max_rows = routed, None
         if cfg.router == "expert_choice":
             max_rows = cfg.num_experts * cfg.expert_choice_capacity(num_tokens, deterministic)
@@ -256,14 +298,10 @@ class MoE(nn.Module):
             kept, _ = dispatch.apply_capacity(routed, cfg.num_experts, capacity)
             max_rows = cfg.num_experts * capacity
         plan = dispatch.make_plan(kept, cfg.num_experts, max_rows)
-        dtype = jnp.dtype(cfg.dtype)
-        y_RxD = experts(dispatch.permute(h_TxD.astype(dtype), plan), plan.group_sizes)
-        stats["active_T"] = kept.valid.sum(-1)
-        routed_slots = losses.masked_mean(routed.valid.sum(-1).astype(jnp.float32), mask_T)
-        kept_slots = losses.masked_mean(stats["active_T"].astype(jnp.float32), mask_T)
-        dropped = 1.0 - kept_slots / jnp.maximum(routed_slots, 1e-9)
-        stats["dropped_fraction"] = jnp.where(routed_slots > 0, dropped, 0.0)
-        return dispatch.combine(y_RxD, plan, kept.weights), stats
+        y_RxD = experts(
+            dispatch.permute(h_TxD.astype(jnp.dtype(cfg.dtype)), plan), plan.group_sizes
+        )
+        return dispatch.combine(y_RxD, plan, kept.weights), kept.valid
 
     def _router_stats(self, routed: routing.Routing, mask_T, seq_len: int) -> dict:
         """Loss terms and loads of one router's choice (before any capacity drop)."""
@@ -323,11 +361,26 @@ class MoE(nn.Module):
         )
         return stats
 
-    def _check_mesh(self):
-        if self.mesh is not None and self.mesh.shape.get("expert", 1) > 1:
+    def _check_mesh(self, num_tokens: int):
+        cfg, mesh = self.config, self.mesh
+        if mesh is None:
+            return
+        shards = sharding.axis_size(mesh, sharding.BATCH_AXES)
+        if num_tokens % shards:
+            raise ValueError(
+                f"tokens T={num_tokens} are not a multiple of the {shards} batch shards of mesh "
+                f"{dict(mesh.shape)}: use a batch whose token count divides evenly"
+            )
+        if cfg.router == "expert_choice":
             raise NotImplementedError(
-                f"expert parallelism (mesh axis expert={self.mesh.shape['expert']}) is not "
-                "supported yet; use a mesh whose 'expert' axis is 1 or mesh=None"
+                "router='expert_choice' ranks tokens over the whole batch and is not supported "
+                "with a mesh; use router='top_k' with capacity_factor set, or mesh=None"
+            )
+        n = sharding.axis_size(mesh, "expert")
+        if cfg.num_experts % n:
+            raise ValueError(
+                f"num_experts={cfg.num_experts} is not a multiple of the mesh's expert axis "
+                f"({n}): choose an expert axis size that divides the experts"
             )
 
 
