@@ -46,8 +46,16 @@ class Router(nn.Module):
     jitter: float = 0.0
     param_dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
     def __call__(self, x_TxD: jax.Array, step: int = 0, deterministic: bool = True) -> jax.Array:
+        x_TxD, kernel_DxE = self.operands(x_TxD, step, deterministic)
+        return jnp.dot(x_TxD, kernel_DxE, precision=jax.lax.Precision.HIGHEST)
+
+    @nn.compact
+    def operands(
+        self, x_TxD: jax.Array, step: int = 0, deterministic: bool = True
+    ) -> tuple[jax.Array, jax.Array]:
+        """The float32 router input (jittered in training) and step `step`'s kernel `[D, E]`,
+        for a caller that fuses the matmul with the routing (`jmoe.ops.top_k_gating`)."""
         d, e = x_TxD.shape[-1], self.num_experts
         if self.chain_steps == 1:
             kernel = self.param("kernel", _fan_in_init(), (d, e), self.param_dtype)
@@ -64,7 +72,7 @@ class Router(nn.Module):
                 1.0 + self.jitter,
             )
             x_TxD = x_TxD * noise
-        return jnp.dot(x_TxD, kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+        return x_TxD, kernel.astype(jnp.float32)
 
 
 class Experts(nn.Module):
@@ -219,8 +227,20 @@ class MoE(nn.Module):
 
         h_TxD, sum_TxD, steps = x_TxD, None, []
         for step in range(c):
-            logits = router(h_TxD, step, deterministic)
-            routed = self._route(logits, bias if c == 1 else bias[step], budget, deterministic)
+            step_bias = bias if c == 1 else bias[step]
+            if self._fused_gating():
+                routed, _ = ops.top_k_gating(
+                    *router.operands(h_TxD, step, deterministic),
+                    cfg.top_k,
+                    score=cfg.score,
+                    bias=step_bias,
+                    normalize=cfg.normalize,
+                    scale=cfg.scale,
+                    implementation=cfg.implementation,
+                )
+            else:
+                logits = router(h_TxD, step, deterministic)
+                routed = self._route(logits, step_bias, budget, deterministic)
             y_TxD, step_stats = self._step(routed, h_TxD, experts, mask_T, seq_len, deterministic)
             if shared is not None:
                 s_TxD = shared(h_TxD)
@@ -232,6 +252,16 @@ class MoE(nn.Module):
             steps.append(step_stats)
         y_TxD = h_TxD if cfg.chain_residual == "coe" else sum_TxD
         return y_TxD.reshape(x.shape).astype(dtype), self._merge(steps, mask_T)
+
+    def _fused_gating(self) -> bool:
+        """Whether routing goes through `ops.top_k_gating`, which fuses the router matmul and
+        top-k in one Pallas kernel where `implementation` selects it: plain top-k routing on one
+        device (group limits and the k=1 renormalisation are not in the kernel)."""
+        cfg = self.config
+        k1_renorm = cfg.renorm_when_k1 and cfg.top_k == 1
+        return (
+            cfg.router == "top_k" and cfg.n_groups is None and not k1_renorm and self.mesh is None
+        )
 
     def _route(self, logits, bias, budget, deterministic) -> routing.Routing:
         cfg = self.config
