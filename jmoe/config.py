@@ -738,10 +738,13 @@ def _merge(tree: dict, update: dict, cls: type, prefix: str) -> None:
 
 
 def _coerce(path: str, value, kind):
-    """`value` as the annotated type `kind` (YAML reads `1e-3` as text: floats are parsed)."""
+    """`value` as the annotated type `kind`. YAML reads `1e-3` as text (floats are parsed) and
+    `null` as None (a text-only field such as `router` takes it as the text "null")."""
     allowed = typing.get_args(kind) or (kind,)
     if value is None and type(None) in allowed:
         return None
+    if value is None and str in allowed:
+        return "null"
     if float in allowed and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)
