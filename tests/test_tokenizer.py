@@ -1,6 +1,10 @@
 """Tokenizers: byte round trips, BPE training (size, determinism, cache), save/load, user files."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import tokenizers
@@ -56,9 +60,21 @@ def test_bpe_round_trip_size_and_compression(bpe):
     assert bpe.encode_batch(SAMPLES) == [bpe.encode(text) for text in SAMPLES]
 
 
-def test_bpe_is_deterministic(bpe):
+def test_bpe_is_deterministic(bpe, tmp_path):
     again = train_bpe(list(CORPUS), vocab_size=320)
     assert again.tokenizer.to_str() == bpe.tokenizer.to_str()
+    # Another process (other hash seeds) learns the same vocabulary and merges.
+    script = (
+        "import sys; from jmoe.tokenizer import train_bpe; from test_tokenizer import CORPUS; "
+        "train_bpe(CORPUS, vocab_size=320).save(sys.argv[1])"
+    )
+    tests_dir = pathlib.Path(__file__).parent
+    path = os.pathsep.join(
+        [str(tests_dir), str(tests_dir.parent), os.environ.get("PYTHONPATH", "")]
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": path}
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, env=env)
+    assert load_tokenizer(tmp_path).tokenizer.to_str() == bpe.tokenizer.to_str()
     other_size = train_bpe(CORPUS, vocab_size=300)
     assert other_size.vocab_size == 300
     assert other_size.tokenizer.to_str() != bpe.tokenizer.to_str()
