@@ -107,7 +107,11 @@ class HFTokenizer:
 
 
 def train_bpe(
-    texts: Iterable[str], vocab_size: int, cache_dir: str | pathlib.Path | None = None
+    texts: Iterable[str],
+    vocab_size: int,
+    cache_dir: str | pathlib.Path | None = None,
+    *,
+    max_bytes: int | None = 16_000_000,
 ) -> HFTokenizer:
     """Trains a byte-level BPE (GPT-2 pre-tokenisation, `EOS` as its only special token).
 
@@ -120,6 +124,8 @@ def train_bpe(
       vocab_size: total symbols including the 256 byte symbols and `EOS`; the result has fewer
         only when the texts hold too few distinct pairs to merge.
       cache_dir: optional directory of trained tokenizers.
+      max_bytes: learn from the leading texts up to this many UTF-8 bytes (the text that
+        crosses the limit included) so training stays within seconds; None uses all.
 
     Returns:
       The trained tokenizer.
@@ -127,7 +133,7 @@ def train_bpe(
     min_size = len(pre_tokenizers.ByteLevel.alphabet()) + 1
     if vocab_size < min_size:
         raise ValueError(f"{vocab_size=} is below {min_size} (256 byte symbols + end-of-text)")
-    texts = list(texts)
+    texts = _leading_texts(texts, max_bytes)
     cache_path = None
     if cache_dir is not None:
         digest = hashlib.sha256(f"{_BPE_CACHE_VERSION}:{vocab_size}:{len(texts)}".encode())
@@ -153,6 +159,17 @@ def train_bpe(
         tokenizer.save(str(tmp_path))
         tmp_path.replace(cache_path)  # atomic: concurrent runs never read a partial file
     return result
+
+
+def _leading_texts(texts: Iterable[str], max_bytes: int | None) -> list[str]:
+    """The texts in order, stopping after the one that reaches `max_bytes` UTF-8 bytes."""
+    taken, total = [], 0
+    for text in texts:
+        if max_bytes is not None and total >= max_bytes:
+            break
+        taken.append(text)
+        total += len(text.encode("utf-8"))
+    return taken
 
 
 def load_tokenizer(path: str | pathlib.Path) -> ByteTokenizer | HFTokenizer:

@@ -80,6 +80,13 @@ def test_bpe_is_deterministic(bpe, tmp_path):
     assert other_size.tokenizer.to_str() != bpe.tokenizer.to_str()
 
 
+def test_bpe_learns_from_the_leading_max_bytes():
+    limit = len(CORPUS[0].encode()) + 1  # reached inside the second text
+    capped = train_bpe(CORPUS, vocab_size=300, max_bytes=limit)
+    assert capped.tokenizer.to_str() == train_bpe(CORPUS[:2], vocab_size=300).tokenizer.to_str()
+    assert capped.tokenizer.to_str() != train_bpe(CORPUS[:3], vocab_size=300).tokenizer.to_str()
+
+
 def test_bpe_cache_is_keyed_by_texts_and_size(tmp_path, monkeypatch, bpe):
     first = train_bpe(CORPUS, vocab_size=320, cache_dir=tmp_path)
     (cached,) = tmp_path.glob("bpe-320-*.json")
