@@ -61,11 +61,11 @@ def load_documents(source: str, max_bytes: int | None = None) -> list[str]:
     docs, budget = [], max_bytes
     for text in _texts(files):
         if budget is not None:
-            data = text.encode("utf-8")
-            if len(data) >= budget:
-                docs.append(data[:budget].decode("utf-8", errors="ignore"))
+            encoded = text.encode("utf-8")
+            if len(encoded) >= budget:
+                docs.append(encoded[:budget].decode("utf-8", errors="ignore"))
                 break
-            budget -= len(data)
+            budget -= len(encoded)
         docs.append(text)
     docs = [doc for doc in docs if doc]
     if not docs:
@@ -288,7 +288,8 @@ def _jsonl_texts(path: pathlib.Path) -> Iterator[str]:
                     f"{path}:{line_number} has no string 'text' field (a .jsonl source needs "
                     'one JSON object per line like {"text": "..."})'
                 )
-            yield record["text"]
+            # JSON may escape lone surrogates, which no tokenizer can encode: replace them.
+            yield record["text"].encode("utf-8", errors="replace").decode("utf-8")
 
 
 def _split_text(text: str, eval_fraction: float) -> tuple[list[str], list[str]]:

@@ -65,16 +65,16 @@ def test_file_directory_glob_and_jsonl_sources(tmp_path):
     (tmp_path / "sub" / "blob.bin").write_bytes(b"\x00\x01binary")
     (tmp_path / ".hidden").write_text("never read")
     (tmp_path / "empty.txt").write_text("")
-    records = [{"text": "json one"}, {"text": "json two", "id": 2}]
+    records = [{"text": "json one"}, {"text": "json two\ud800", "id": 2}]
     lines = [json.dumps(records[0]), "", json.dumps(records[1])]
     (tmp_path / "sub" / "c.jsonl").write_text("\n".join(lines) + "\n")
 
     assert data.load_documents(str(tmp_path / "one.txt")) == ["first file\n"]
-    everything = ["first file\n", "json one", "json two", "second ✓\n"]
+    everything = ["first file\n", "json one", "json two?", "second ✓\n"]  # lone surrogate
     assert data.load_documents(str(tmp_path)) == everything
     assert data.load_documents(str(tmp_path / "**" / "*.txt")) == ["first file\n", "second ✓\n"]
     assert data.load_documents(str(tmp_path / "s*")) == everything[1:]
-    assert data.load_documents(str(tmp_path / "sub" / "c.jsonl")) == ["json one", "json two"]
+    assert data.load_documents(str(tmp_path / "sub" / "c.jsonl")) == everything[1:3]
     assert data.load_documents(str(tmp_path), max_bytes=15) == ["first file\n", "json"]
 
 
