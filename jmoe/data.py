@@ -5,10 +5,11 @@ standard-library `.py` files: real text on every machine, no download), a text f
 a glob or a `.jsonl` file with a "text" field. `split_documents` holds out whole documents,
 deterministically. `make_iterator` packs a document list into one token stream (each document
 followed by the tokenizer's end-of-text id), cuts it into windows of `seq_len + 1` tokens that
-overlap by one (so every token but the first is a target exactly once), shuffles the windows with
-a fresh seeded permutation each epoch, and batches them. With P processes the global batch of
-P * batch_size windows is split into P disjoint consecutive slices, slice i for process i. The
-result is a grain `DatasetIterator` whose `get_state()` / `set_state()` resume it exactly:
+overlap by one (every token but the first, up to the dropped tail, is a target once), shuffles
+the windows with a fresh seeded permutation each epoch, and batches them. With P processes the
+global batch of P * batch_size windows is split into P disjoint consecutive slices, slice i for
+process i. The result is a grain `DatasetIterator` whose `get_state()` / `set_state()` resume it
+exactly:
 
   docs = load_documents("stdlib", max_bytes=2_000_000)
   train_docs, eval_docs = split_documents(docs, eval_fraction=0.02, seed=0)
@@ -181,9 +182,10 @@ def make_iterator(
     global_batch = batch_size * shard_count
     if len(windows_WxS1) < global_batch:
         raise ValueError(
-            f"the corpus packs into {len(windows_WxS1)} sequences of {seq_len + 1} tokens, fewer "
-            f"than one global batch of {global_batch} ({batch_size=} x {shard_count=}); add "
-            "text (data.source / data.max_bytes) or lower seq_len or batch_size"
+            f"the {len(docs)} documents pack into {len(windows_WxS1)} sequences of {seq_len + 1} "
+            f"tokens, fewer than one global batch of {global_batch} ({batch_size=} x "
+            f"{shard_count=}); add text (data.source, data.max_bytes; data.eval_fraction for the "
+            "held-out split) or lower seq_len or batch_size"
         )
     order = grain.MapDataset.range(len(windows_WxS1))
     if shuffle:

@@ -223,7 +223,9 @@ def test_iterator_state_restores_exactly(prefetch):
 
 
 def test_iterator_errors():
-    with pytest.raises(ValueError, match=r"packs into 2 sequences .* one global batch of 6"):
+    with pytest.raises(
+        ValueError, match=r"1 documents pack into 2 sequences .* one global batch of 6"
+    ):
         data.make_iterator(["x" * 40], BYTE, seq_len=16, batch_size=3, shard_count=2, seed=0)
     with pytest.raises(ValueError, match=r"shard_index=2 must be in \[0, shard_count=2\)"):
         data.make_iterator(
