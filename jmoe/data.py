@@ -15,6 +15,9 @@ exactly:
   train_docs, eval_docs = split_documents(docs, eval_fraction=0.02, seed=0)
   it = make_iterator(train_docs, ByteTokenizer(), seq_len=128, batch_size=16, seed=0)
   batch = next(it)  # {"inputs": [16, 128] int32, "targets": [16, 128] int32, "mask": [16, 128]}
+
+Every process tokenises the whole document list in memory (4 bytes per token): right for the
+embedded corpus and user corpora up to a few hundred million tokens.
 """
 
 from __future__ import annotations

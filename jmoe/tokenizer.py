@@ -139,7 +139,10 @@ def train_bpe(
         digest = hashlib.sha256(f"{_BPE_CACHE_VERSION}:{vocab_size}:{len(texts)}".encode())
         for text in texts:
             digest.update(hashlib.sha256(text.encode("utf-8")).digest())
-        cache_path = pathlib.Path(cache_dir) / f"bpe-{vocab_size}-{digest.hexdigest()[:16]}.json"
+        cache_path = (
+            pathlib.Path(cache_dir).expanduser()
+            / f"bpe-{vocab_size}-{digest.hexdigest()[:16]}.json"
+        )
         if cache_path.exists():
             return HFTokenizer.from_file(cache_path)
     tokenizer = tokenizers.Tokenizer(models.BPE())
