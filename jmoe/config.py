@@ -348,7 +348,7 @@ class ModelConfig:
     """
 
     vocab_size: int = 512
-    d_model: int = 256
+    d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None
@@ -362,7 +362,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     first_dense_layers: int = 0
     moe_every: int = 1
-    moe: MoEConfig = MoEConfig()
+    moe: MoEConfig = MoEConfig(d_model=128, d_ff=256)
     scan_layers: bool = False
     remat: str = "none"
     dtype: str = "float32"
@@ -555,9 +555,9 @@ class TrainConfig:
       plot: write `report.png` (loss curves, expert-load heatmap) at the end.
     """
 
-    steps: int = 600
+    steps: int = 300
     learning_rate: float = 3e-3
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     final_lr_fraction: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
@@ -566,9 +566,9 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 200
-    eval_batches: int | None = 16
-    checkpoint_every: int = 200
+    eval_every: int = 100
+    eval_batches: int | None = 8
+    checkpoint_every: int = 100
     max_to_keep: int = 2
     max_bad_steps: int = 10
     progress: bool = True
