@@ -103,6 +103,7 @@ def plot_report(records: list[dict], path: str | os.PathLike, baseline: float | 
         load_LxE = np.asarray(loads[-1], dtype=np.float64).reshape(len(loads[-1]), -1)
         share_LxE = load_LxE / np.maximum(load_LxE.sum(-1, keepdims=True), 1e-12)
         image = ax_load.imshow(share_LxE, aspect="auto", cmap="viridis")
+        ax_load.set_yticks(range(share_LxE.shape[0]))
         fig.colorbar(image, ax=ax_load, label="share of routed tokens")
         ax_load.set(
             xlabel="expert", ylabel="MoE layer", title=f"expert load (step {train[-1]['step']})"

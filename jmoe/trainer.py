@@ -154,6 +154,7 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation):
             bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
         )
         metrics = {"loss": ce, "total_loss": loss, "grad_norm": grad_norm, **stats}
+        metrics["bad_steps"] = new_state.bad_steps
         return new_state, metrics
 
     return train_step
@@ -234,7 +235,8 @@ def _per_process_batch(config: Config) -> int:
 
 
 def _log_record(step: int, metrics: dict, lr: float, tokens_per_s: float, config: Config):
-    """The metrics.jsonl line of a training step: scalars, per-MoE-layer stats and MFU."""
+    """The metrics.jsonl line of a training step: scalars, per-MoE-layer stats and MFU
+    (`bad_steps` > 0 marks a skipped non-finite step)."""
     record = {"step": step, "lr": lr, "tokens_per_s": tokens_per_s}
     for key, value in metrics.items():
         value = np.asarray(value)
@@ -319,13 +321,6 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
             state, metrics = train_step(state, _put_batch(next(train_iter), mesh))
             bad_steps = int(state.bad_steps)  # waits for the step
             final["skipped_steps"] += bad_steps > 0
-            if bad_steps >= train_cfg.max_bad_steps:
-                raise FloatingPointError(
-                    f"{bad_steps} non-finite steps in a row (loss or gradient NaN/Inf) up to step "
-                    f"{step}: stopping (train.max_bad_steps={train_cfg.max_bad_steps}). The last "
-                    f"good checkpoint is in {ckpt.latest_step()=}; lower train.learning_rate or "
-                    "check the data"
-                )
             if step == start_step + 1:  # leave compilation out of the throughput
                 window_start, window_steps = time.perf_counter(), 0
             else:
@@ -341,6 +336,13 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
                 )
                 final["loss"] = float(metrics["loss"])
                 progress.update(step, final["loss"], tokens_per_s)
+            if bad_steps >= train_cfg.max_bad_steps:
+                raise FloatingPointError(
+                    f"{bad_steps} non-finite steps in a row (loss or gradient NaN/Inf) up to step "
+                    f"{step}: stopping (train.max_bad_steps={train_cfg.max_bad_steps}). The last "
+                    f"good checkpoint (step {ckpt.latest_step()}) is kept in {workdir}; lower "
+                    "train.learning_rate or check the data, then resume or start a new workdir"
+                )
             if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
                 final.update(evaluate(eval_step, state, eval_batches))
                 log.write({"step": step, **{k: final[k] for k in ("eval_loss", "eval_perplexity")}})
