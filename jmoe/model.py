@@ -113,7 +113,12 @@ def stack_layers(config: ModelConfig, tree: dict) -> dict:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; `moe` picks a `jmoe.MoE` or a dense SwiGLU FFN."""
+    """Pre-norm transformer block; `moe` picks a `jmoe.MoE` or a dense SwiGLU FFN.
+
+    Call: `x_BxSxD, (stats, cache) = block(x_BxSxD, cache, positions_BxS, token_mask_BxS,
+    deterministic)`, with the float32 residual stream `x`, this layer's KV cache or None, and
+    the MoE stats (`{}` for a dense block).
+    """
 
     config: ModelConfig
     moe: bool
@@ -256,6 +261,11 @@ class Transformer(nn.Module):
           token_mask_BxS: bool, False for padding (left out of the MoE losses and loads).
           positions_BxS: RoPE positions (default `0..S-1` in every row).
         """
+        if tokens_BxS.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {tokens_BxS.shape[1]} > max_seq_len={self.config.max_seq_len}: "
+                "raise model.max_seq_len or shorten the sequences"
+            )
         if positions_BxS is None:
             positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
         x_BxSxD, stats, _ = self._blocks(
@@ -274,7 +284,8 @@ class Transformer(nn.Module):
 
         Args:
           tokens_BxS: new tokens (a prompt, or one token per row).
-          positions_BxS: their absolute positions (per row; may differ between rows).
+          positions_BxS: their absolute positions (per row; may differ between rows), each
+            below the cache length M (writes past it are dropped).
           cache: from `init_cache` or the previous call.
           token_mask_BxS: optional bool, False for padding tokens.
         """

@@ -151,6 +151,35 @@ def test_stats_aggregate_the_moe_layers():
     assert all(v.dtype == np.float32 for v in jax.tree.leaves(stats))
 
 
+@pytest.mark.parametrize("residual", ["prenorm", "coe"])
+def test_chain_of_experts_residual(residual):
+    """ "prenorm" adds the MoE output to the stream; "coe" (x_C = norm(h) + sum of the steps)
+    replaces it."""
+    moe = dict(chain_steps=2, top_k=1, chain_residual=residual)
+    cfg = _config(n_layers=1, moe=moe)
+    variables = _init(cfg)
+    fn = lambda v, t: Transformer(cfg).apply(  # noqa: E731
+        v, t, capture_intermediates=True, mutable=["intermediates"]
+    )
+    _, inter = jax.jit(fn)(variables, _tokens(11))
+    layer = inter["intermediates"]["layers_0"]
+    out, (stats, _) = layer["__call__"][0]
+    y = layer["moe"]["__call__"][0][0]
+    assert stats["tokens_per_expert"].shape == (2, 4)  # [C, E]
+    if residual == "coe":
+        np.testing.assert_array_equal(out, y)
+    else:
+        x = variables["params"]["embed"]["embedding"][_tokens(11)]
+        attn = layer["attn"]["__call__"][0][0]
+        np.testing.assert_allclose(out, x + attn + y, atol=1e-5)
+
+
+def test_sequence_longer_than_max_seq_len_is_refused():
+    cfg = _config(max_seq_len=4)
+    with pytest.raises(ValueError, match="sequence length 6 > max_seq_len=4"):
+        jax.eval_shape(Transformer(cfg).init, jax.random.key(0), _tokens())
+
+
 def test_dense_model_has_empty_moe_stats():
     cfg = _config(moe_every=0)
     variables = _init(cfg)
