@@ -44,12 +44,15 @@ def mfu(flops_per_token: float, tokens_per_s: float, devices: Sequence[jax.Devic
 
 
 class MetricsLog:
-    """Appends one JSON object per line to `path` (arrays become lists)."""
+    """Appends one JSON object per line to `path` (arrays become lists); a no-op unless
+    `enabled` (only the first process writes)."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = path
+    def __init__(self, path: str | os.PathLike, enabled: bool = True):
+        self.path, self.enabled = path, enabled
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")
 

@@ -224,6 +224,14 @@ def _put_batch(batch: dict, mesh: jax.sharding.Mesh | None) -> dict:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
+def _replicate(state: TrainState, mesh: jax.sharding.Mesh | None) -> TrainState:
+    """The state copied to every device of the mesh (unchanged on a single device)."""
+    if mesh is None:
+        return state
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.device_put(state, replicated)
+
+
 def _per_process_batch(config: Config) -> int:
     batch, processes = config.data.batch_size, jax.process_count()
     if batch % processes:
@@ -305,15 +313,18 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
     if resume:
         state, data_state = ckpt.restore(state)
         train_iter.set_state(data_state)
+    state = _replicate(state, mesh)
     start_step = int(state.step)
-    _truncate_metrics(metrics_path, start_step)
-    log = report.MetricsLog(metrics_path)
+    chief = jax.process_index() == 0
+    if chief:
+        _truncate_metrics(metrics_path, start_step)
+    log = report.MetricsLog(metrics_path, enabled=chief)
 
     train_step = jax.jit(make_train_step(model, tx), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(model))
     schedule = learning_rate_schedule(train_cfg)
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    progress = report.Progress(train_cfg.steps, start_step, train_cfg.progress)
+    progress = report.Progress(train_cfg.steps, start_step, train_cfg.progress and chief)
     final = {"step": start_step, "unigram_loss": unigram, "skipped_steps": 0}
     window_start, window_steps, tokens_per_s = time.perf_counter(), 0, 0.0
     try:
@@ -346,10 +357,11 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
             if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
                 final.update(evaluate(eval_step, state, eval_batches))
                 log.write({"step": step, **{k: final[k] for k in ("eval_loss", "eval_perplexity")}})
-                progress.write(
-                    f"step {step}: held-out loss {final['eval_loss']:.4f} "
-                    f"(perplexity {final['eval_perplexity']:.2f}; unigram {unigram:.4f})"
-                )
+                if chief:
+                    progress.write(
+                        f"step {step}: held-out loss {final['eval_loss']:.4f} "
+                        f"(perplexity {final['eval_perplexity']:.2f}; unigram {unigram:.4f})"
+                    )
                 window_start = time.perf_counter()  # leave evaluation out of the throughput
             if bad_steps == 0 and (
                 step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps
@@ -363,7 +375,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
     if "eval_loss" not in final:
         final.update(evaluate(eval_step, state, eval_batches))
     final.update(tokens_per_s=tokens_per_s, wall_time_s=time.perf_counter() - wall_start)
-    if train_cfg.plot and jax.process_index() == 0:
+    if train_cfg.plot and chief:
         report.plot_report(
             report.read_metrics(metrics_path), os.path.join(workdir, "report.png"), unigram
         )
