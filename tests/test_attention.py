@@ -27,13 +27,18 @@ def _module(cfg: ModelConfig) -> Attention:
 
 
 def _init(cfg: ModelConfig, seed=0):
-    x = jax.random.normal(jax.random.key(seed), (B, S, D))
-    positions = jnp.broadcast_to(jnp.arange(S), (B, S))
-    params = jax.jit(_module(cfg).init)(jax.random.key(seed + 1), x, positions)["params"]
-    # Nonzero biases and non-unit norm scales, so a missing or misplaced one shows.
+    """Inputs and NumPy-filled params: kernels N(0, 0.25^2), nonzero biases, norm scales around 1
+    (so a missing or misplaced bias or scale shows)."""
     rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda p: p + 0.3 * rng.standard_normal(p.shape, np.float32), params)
-    return np.asarray(x), positions, params
+    x = rng.standard_normal((B, S, D)).astype(np.float32)
+    positions = np.broadcast_to(np.arange(S), (B, S))
+    shapes = jax.eval_shape(_module(cfg).init, jax.random.key(0), x, positions)["params"]
+
+    def fill(path, leaf):
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        return 1.0 + 0.3 * noise if "scale" in jax.tree_util.keystr(path) else 0.25 * noise
+
+    return x, positions, jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _apply(module, params, *args):
