@@ -71,9 +71,9 @@ def ref_swiglu(p: dict, x_SxD):
 
 
 def ref_moe_top_k(p: dict, bias, x_SxD, moe_cfg):
-    """A top-k MoE FFN (dropless) via `moe_reference`."""
-    x = np.asarray(x_SxD, np.float32)
-    logits = x.astype(np.float64) @ np.asarray(p["router"]["kernel"], np.float64)
+    """A dropless top-k MoE FFN with SwiGLU experts, token by token (routing by `moe_reference`)."""
+    x = np.asarray(x_SxD, np.float64)
+    logits = x @ np.asarray(p["router"]["kernel"], np.float64)
     ids, weights, _ = ref.ref_top_k(
         logits,
         moe_cfg.top_k,
@@ -82,14 +82,18 @@ def ref_moe_top_k(p: dict, bias, x_SxD, moe_cfg):
         scale=moe_cfg.scale,
         bias=bias,
     )
-    shared = None if "shared" not in p else ("gated" if moe_cfg.shared_gate else "plain")
-    kept = np.ones(ids.shape, bool)
-    y = ref.ref_moe_forward(p, x, ids, weights, kept, moe_cfg.activation, shared)
-    return np.asarray(y, np.float64)
+    experts = {k: np.asarray(w, np.float64) for k, w in p["experts"].items()}
+    y = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, w in zip(ids[t], weights[t]):
+            expert = {k: experts[k][e] for k in ("w_gate", "w_up", "w_down")}
+            y[t] += w * ref_swiglu(expert, x[t : t + 1])[0]
+    return y
 
 
 def ref_transformer(variables: dict, tokens_BxS, cfg):
-    """Logits `[B, S, V]` float64 of the unrolled-layout model (top-k MoE layers only)."""
+    """Logits `[B, S, V]` float64 of the unrolled-layout model (top-k SwiGLU MoE layers without
+    shared experts only)."""
     params, state = variables["params"], variables.get("moe_state", {})
     embedding = np.asarray(params["embed"]["embedding"], np.float64)
     logits = []
