@@ -25,7 +25,8 @@ Parameters: `embed/embedding` `[V, D]`, `layers_{i}/{attn_norm,attn,ffn_norm}` a
 `layers_{i}/mlp` (dense) or `layers_{i}/moe` (exactly `jmoe.MoE`'s tree), `final_norm/scale`,
 and `lm_head/kernel` `[D, V]` unless embeddings are tied. With `scan_layers` each run of
 identical layer units is one `nn.scan` named `stacks_{j}` whose blocks `block_{u}` carry a
-leading repeat axis; `stack_layers` / `unstack_layers` convert between the two layouts.
+leading repeat axis; `jmoe.layout.stack_layers` / `unstack_layers` convert between the two
+layouts.
 The "moe_state" collection (one entry per MoE layer) follows the same layout.
 """
 
@@ -41,75 +42,10 @@ import numpy as np
 
 from jmoe.attention import Attention
 from jmoe.config import ModelConfig
+from jmoe.layout import layer_locations, layer_segments, moe_layers
 from jmoe.moe import MoE, SharedMLP, update_state
 
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
-
-
-def layer_segments(config: ModelConfig) -> list[tuple[int, int, tuple[bool, ...]]]:
-    """Runs of identical layer units as `(first layer, repeats, unit)`; `unit[u]` is True for a
-    MoE layer. A unit is one dense layer, or one MoE layer followed by `moe_every - 1` dense ones.
-    """
-    n, dense = config.n_layers, min(config.first_dense_layers, config.n_layers)
-    if config.moe_every == 0:
-        return [(0, n, (False,))]
-    segments = [(0, dense, (False,))] if dense else []
-    unit = (True,) + (False,) * (config.moe_every - 1)
-    repeats, tail = divmod(n - dense, config.moe_every)
-    if repeats:
-        segments.append((dense, repeats, unit))
-    if tail:
-        segments.append((dense + repeats * config.moe_every, 1, unit[:tail]))
-    return segments
-
-
-def _layer_locations(
-    config: ModelConfig, scanned: bool
-) -> list[tuple[tuple[str, ...], int | None]]:
-    """Where layer i's variables live: `(path, repeat index or None when unrolled)`."""
-    if not scanned:
-        return [((f"layers_{i}",), None) for i in range(config.n_layers)]
-    return [
-        ((f"stacks_{j}", f"block_{u}"), r)
-        for j, (_, repeats, unit) in enumerate(layer_segments(config))
-        for r in range(repeats)
-        for u in range(len(unit))
-    ]
-
-
-def _get(tree: dict, path: tuple[str, ...]):
-    for key in path:
-        if key not in tree:
-            return None
-        tree = tree[key]
-    return tree
-
-
-def unstack_layers(config: ModelConfig, tree: dict) -> dict:
-    """A scanned-layout variable collection ("params" or "moe_state") in the unrolled layout."""
-    out = {k: v for k, v in tree.items() if not k.startswith("stacks_")}
-    for i, (path, r) in enumerate(_layer_locations(config, scanned=True)):
-        if (sub := _get(tree, path)) is not None:
-            out[f"layers_{i}"] = jax.tree.map(lambda a, r=r: a[r], sub)
-    return out
-
-
-def stack_layers(config: ModelConfig, tree: dict) -> dict:
-    """An unrolled-layout variable collection in the scanned layout of `config` (inverse of
-    `unstack_layers`)."""
-    out = {k: v for k, v in tree.items() if not k.startswith("layers_")}
-    for j, (first, repeats, unit) in enumerate(layer_segments(config)):
-        blocks = {
-            f"block_{u}": jax.tree.map(
-                lambda *a: jnp.stack(a),
-                *(tree[f"layers_{first + r * len(unit) + u}"] for r in range(repeats)),
-            )
-            for u in range(len(unit))
-            if f"layers_{first + u}" in tree
-        }
-        if blocks:
-            out[f"stacks_{j}"] = blocks
-    return out
 
 
 class Block(nn.Module):
@@ -408,11 +344,6 @@ def init_cache(
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def moe_layers(config: ModelConfig) -> list[int]:
-    """Indices of the MoE layers (the order of the `[L_moe, ...]` stats)."""
-    return [i for i in range(config.n_layers) if config.is_moe_layer(i)]
-
-
 def update_moe_state(config: ModelConfig, moe_state: dict, stats: dict[str, jax.Array]) -> dict:
     """The "moe_state" collection after a training step: `jmoe.update_state` on every MoE layer.
 
@@ -424,7 +355,7 @@ def update_moe_state(config: ModelConfig, moe_state: dict, stats: dict[str, jax.
       moe_state: `variables["moe_state"]` (either layer layout).
       stats: the model stats of the step (global over the batch).
     """
-    locations = _layer_locations(config, config.scan_layers)
+    locations = layer_locations(config, config.scan_layers)
     state = jax.tree.map(lambda a: a, moe_state)  # a fresh nested dict to write into
     for row, layer in enumerate(moe_layers(config)):
         path, r = locations[layer]
