@@ -29,7 +29,7 @@ from jmoe import data, trainer
 from jmoe.config import Config, load_config
 from jmoe.model import Transformer
 
-# Routing changes on top of the tiny config; each computes 2 expert widths per token on average.
+# Routing changes on top of the tiny config.
 VARIANTS = {
     "top_k (k=2)": [],
     "null experts (AdaMoE, 2 of 4 slots)": [
@@ -46,13 +46,14 @@ VARIANTS = {
     "chain_of_experts (C=2, k=1)": ["model.moe.chain_steps=2", "model.moe.top_k=1"],
     "top_1 + shared expert": ["model.moe.top_k=1", "model.moe.num_shared=1"],
 }
-ACTIVE_EXPERTS = 2  # routed expert widths per token of every variant (see above)
 
 
 def dense_twin(config: Config) -> Config:
-    """The same model with dense FFNs of the MoE's active width in every layer."""
+    """The same model with dense FFNs of the MoE's active width in every layer: the routed
+    experts a token uses (`top_k x chain_steps`, or the budget target) plus the shared expert."""
     moe = config.model.moe
-    width = ACTIVE_EXPERTS * moe.d_ff + moe.shared_width * moe.chain_steps
+    active = moe.target_active_experts or moe.top_k * moe.chain_steps
+    width = round(active * moe.d_ff) + moe.shared_width * moe.chain_steps
     return load_config(None, [f"model.d_ff={width}", "model.moe_every=0"])
 
 
