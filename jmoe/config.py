@@ -555,7 +555,7 @@ class TrainConfig:
       plot: write `report.png` (loss curves, expert-load heatmap) at the end.
     """
 
-    steps: int = 300
+    steps: int = 500
     learning_rate: float = 3e-3
     warmup_steps: int = 30
     final_lr_fraction: float = 0.1
