@@ -8,9 +8,13 @@ construction and a bad value raises a `ValueError` naming the field, the value a
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import os
+import typing
 
 import jax.numpy as jnp
+import yaml
 
 from jmoe.losses import NORMALIZATIONS as LB_NORMALIZATIONS
 from jmoe.losses import NULL_BALANCES
@@ -344,7 +348,7 @@ class ModelConfig:
     """
 
     vocab_size: int = 512
-    d_model: int = 256
+    d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None
@@ -358,7 +362,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     first_dense_layers: int = 0
     moe_every: int = 1
-    moe: MoEConfig = MoEConfig()
+    moe: MoEConfig = MoEConfig(d_model=128, d_ff=256)
     scan_layers: bool = False
     remat: str = "none"
     dtype: str = "float32"
@@ -470,3 +474,287 @@ class MeshConfig:
                 f"{num_devices}: change the sizes or set one axis to None to fill the rest"
             )
         return sizes
+
+
+TOKENIZERS = ("byte", "bpe")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training text, tokenizer and batch shape.
+
+    The model's vocabulary follows the tokenizer: "bpe" trains a byte-level BPE of exactly
+    `model.vocab_size` symbols on the training split; "byte" (256 bytes + end-of-text) and a
+    user `tokenizer.json` path need `model.vocab_size` >= the tokenizer's size (checked when the
+    run starts; the extra rows are never targets).
+
+    Attributes:
+      source: "stdlib" (the running interpreter's standard-library `.py` files, no download), or
+        a text file, directory, glob or `.jsonl` file with a "text" field.
+      max_bytes: read at most this many bytes of the source (None: all of it).
+      eval_fraction: fraction of the documents held out for evaluation (deterministic split).
+      tokenizer: "byte", "bpe" or a path to a `tokenizer.json` / saved tokenizer directory.
+      seq_len: tokens per training sequence (at most `model.max_seq_len`).
+      batch_size: global batch in sequences (split evenly over processes).
+      seed: split and shuffle seed.
+      prefetch: batches prepared ahead by background threads (0 disables).
+    """
+
+    source: str = "stdlib"
+    max_bytes: int | None = 4_000_000
+    eval_fraction: float = 0.02
+    tokenizer: str = "bpe"
+    seq_len: int = 128
+    batch_size: int = 16
+    seed: int = 0
+    prefetch: int = 2
+
+    def __post_init__(self):
+        owner = "DataConfig"
+        _check("source", self.source, bool(self.source), "'stdlib' or a path / glob", owner)
+        _check(
+            "max_bytes",
+            self.max_bytes,
+            self.max_bytes is None or self.max_bytes >= 1,
+            "None (all) or an integer >= 1",
+            owner,
+        )
+        _check("eval_fraction", self.eval_fraction, 0 < self.eval_fraction < 1, "in (0, 1)", owner)
+        _check(
+            "tokenizer",
+            self.tokenizer,
+            bool(self.tokenizer),
+            f"one of {TOKENIZERS} or a path to a tokenizer.json",
+            owner,
+        )
+        for name in ("seq_len", "batch_size"):
+            _check(name, getattr(self, name), getattr(self, name) >= 1, "an integer >= 1", owner)
+        _check("prefetch", self.prefetch, self.prefetch >= 0, "an integer >= 0", owner)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer, schedule, evaluation, checkpoints and logging.
+
+    Attributes:
+      steps: total optimizer steps (a resumed run continues up to this).
+      learning_rate: peak learning rate of the warmup + cosine schedule.
+      warmup_steps: linear warmup from 0 to `learning_rate`.
+      final_lr_fraction: the cosine decays to `learning_rate * final_lr_fraction` at `steps`.
+      b1, b2, eps: AdamW moments.
+      weight_decay: decoupled weight decay on matrices (never on norms, biases, router bias).
+      grad_clip: clip by global norm (None disables).
+      seed: parameter init and per-step RNG seed.
+      log_every: steps between metrics.jsonl lines and progress-bar updates.
+      eval_every: steps between held-out evaluations (also at the last step).
+      eval_batches: held-out batches per evaluation (None: the whole held-out split).
+      checkpoint_every: steps between (async) checkpoints (also at the last step).
+      max_to_keep: checkpoints kept.
+      max_bad_steps: stop after this many non-finite steps in a row (each one is skipped).
+      progress: show a progress bar.
+      plot: write `report.png` (loss curves, expert-load heatmap) at the end.
+    """
+
+    steps: int = 500
+    learning_rate: float = 3e-3
+    warmup_steps: int = 30
+    final_lr_fraction: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int | None = 8
+    checkpoint_every: int = 100
+    max_to_keep: int = 2
+    max_bad_steps: int = 10
+    progress: bool = True
+    plot: bool = True
+
+    def __post_init__(self):
+        owner = "TrainConfig"
+        for name in ("steps", "log_every", "eval_every", "checkpoint_every", "max_to_keep"):
+            _check(name, getattr(self, name), getattr(self, name) >= 1, "an integer >= 1", owner)
+        for name in ("warmup_steps", "weight_decay", "eps"):
+            _check(name, getattr(self, name), getattr(self, name) >= 0, "a number >= 0", owner)
+        _check("learning_rate", self.learning_rate, self.learning_rate > 0, "a number > 0", owner)
+        _check(
+            "final_lr_fraction",
+            self.final_lr_fraction,
+            0 <= self.final_lr_fraction <= 1,
+            "in [0, 1]",
+            owner,
+        )
+        for name in ("b1", "b2"):
+            _check(name, getattr(self, name), 0 <= getattr(self, name) < 1, "in [0, 1)", owner)
+        _check(
+            "grad_clip",
+            self.grad_clip,
+            self.grad_clip is None or self.grad_clip > 0,
+            "None (no clipping) or a number > 0",
+            owner,
+        )
+        _check(
+            "eval_batches",
+            self.eval_batches,
+            self.eval_batches is None or self.eval_batches >= 1,
+            "None (all) or an integer >= 1",
+            owner,
+        )
+        _check(
+            "max_bad_steps", self.max_bad_steps, self.max_bad_steps >= 1, "an integer >= 1", owner
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run: model, data, training and device mesh (`load_config` builds one)."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    def __post_init__(self):
+        _check(
+            "data.seq_len",
+            self.data.seq_len,
+            self.data.seq_len <= self.model.max_seq_len,
+            f"at most model.max_seq_len={self.model.max_seq_len}",
+            "Config",
+        )
+
+
+# Keys that may differ between a run and its resumption: they change how long it runs or how it
+# reports, not what it computes.
+RESUMABLE_KEYS = (
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.max_to_keep",
+    "train.max_bad_steps",
+    "train.progress",
+    "train.plot",
+)
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()
+) -> Config:
+    """The defaults, then the YAML file at `path` (sparse nested overrides), then `overrides`.
+
+    Args:
+      path: a YAML file such as `configs/small.yaml`, or None for the defaults (tiny CPU run).
+      overrides: `"key.path=value"` strings; values are parsed as YAML (`true`, `1e-3`, `null`).
+
+    Returns:
+      The validated `Config`. An unknown key raises a ValueError naming the key, the allowed keys
+      at that level and the closest one; a bad value raises the dataclass's ValueError prefixed
+      with the full key path.
+
+    Example:
+      >>> cfg = load_config("configs/tiny.yaml", ["model.moe.router=top_p", "train.steps=50"])
+    """
+    tree = config_to_dict(Config())
+    if path is not None:
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of config sections, got {loaded!r}")
+        _merge(tree, loaded, Config, prefix="")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} is not of the form key.path=value")
+        nested: typing.Any = yaml.safe_load(text) if text.strip() else None
+        for part in reversed(key.strip().split(".")):
+            nested = {part: nested}
+        _merge(tree, nested, Config, prefix="")
+    return config_from_dict(tree)
+
+
+def config_to_dict(config) -> dict:
+    """The config as nested plain dicts (YAML / JSON safe)."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(tree: dict, cls: type = Config, prefix: str = ""):
+    """Builds `cls` from a complete nested dict, prefixing validation errors with the key path."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        value = tree[field.name]
+        if dataclasses.is_dataclass(hints[field.name]):
+            value = config_from_dict(value, hints[field.name], f"{prefix}{field.name}.")
+        kwargs[field.name] = value
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        if prefix and not str(e).startswith(prefix):
+            raise ValueError(f"{prefix.rstrip('.')}: {e}") from None
+        raise
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Writes the resolved config as YAML (`load_config(path)` reads it back)."""
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = sorted(set(a) | set(b))
+    diff = []
+    for key in keys:
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diff += config_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            diff.append(f"{prefix}{key}")
+    return diff
+
+
+def _merge(tree: dict, update: dict, cls: type, prefix: str) -> None:
+    """Merges `update` into `tree` (the dict of dataclass `cls`), checking keys and value types."""
+    if not isinstance(update, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {update!r}")
+    hints = typing.get_type_hints(cls)
+    for key, value in update.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            allowed = sorted(hints)
+            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+            raise ValueError(f"unknown config key {path!r}: allowed keys are {allowed}{hint}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            _merge(tree[key], value if value is not None else {}, kind, f"{path}.")
+        else:
+            tree[key] = _coerce(path, value, kind)
+
+
+def _coerce(path: str, value, kind):
+    """`value` as the annotated type `kind`. YAML reads `1e-3` as text (floats are parsed) and
+    `null` as None (a text-only field such as `router` takes it as the text "null")."""
+    allowed = typing.get_args(kind) or (kind,)
+    if value is None and type(None) in allowed:
+        return None
+    if value is None and str in allowed:
+        return "null"
+    if float in allowed and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) and bool not in allowed:
+        ok = False
+    else:
+        ok = any(isinstance(value, t) for t in allowed if t is not type(None))
+    if not ok:
+        names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+        raise ValueError(f"config key {path!r}={value!r} is invalid: must be {names}")
+    return value

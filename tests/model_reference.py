@@ -1,0 +1,116 @@
+"""Plain reference of the transformer LM: one row, one head and one layer at a time, float64.
+
+Written from the model's description (pre-norm blocks, RMSNorm, grouped-query causal attention
+with RoPE pairing feature i with i + A/2, SwiGLU FFNs, MoE layers via `moe_reference`), not from
+jmoe's code. It reads the unrolled parameter tree (`layers_{i}/...`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import moe_reference as ref
+
+
+def ref_rms_norm(x, scale, eps: float):
+    x = np.asarray(x, np.float64)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * np.asarray(scale)
+
+
+def ref_rope(x_SxA, positions_S, theta: float):
+    """RoPE as a complex rotation of the pairs (x_i, x_{i + A/2}) by `pos * theta**(-2i/A)`."""
+    x_SxA = np.asarray(x_SxA, np.float64)
+    a = x_SxA.shape[-1]
+    z = x_SxA[:, : a // 2] + 1j * x_SxA[:, a // 2 :]
+    freq = theta ** (-2.0 * np.arange(a // 2) / a)
+    z = z * np.exp(1j * np.asarray(positions_S, np.float64)[:, None] * freq[None, :])
+    return np.concatenate([z.real, z.imag], axis=-1)
+
+
+def ref_attention(p: dict, x_SxD, positions_S, cfg, visible_SxT=None, kv=None):
+    """One row of grouped-query attention, head by head.
+
+    `p` is the layer's `attn` params. Keys and values come from `x_SxD` itself (causal mask
+    `t <= s` unless `visible_SxT` is given) or, for cache checks, from `kv = (k_TxGxA, v_TxGxA)`.
+    Returns the output `[S, D]` and this row's rotated keys and values `[S, G, A]`.
+    """
+    x = np.asarray(x_SxD, np.float64)
+    h, g, a = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+    w = {name: np.asarray(p[name]["kernel"], np.float64) for name in ("q", "k", "v", "o")}
+
+    def project(name, head):
+        y = x @ w[name][:, head, :]
+        if "bias" in p[name]:
+            y = y + np.asarray(p[name]["bias"])[head]
+        if cfg.qk_norm and name in ("q", "k"):
+            y = ref_rms_norm(y, p[f"{name}_norm"]["scale"], cfg.norm_eps)
+        return ref_rope(y, positions_S, cfg.rope_theta) if name in ("q", "k") else y
+
+    keys = np.stack([project("k", j) for j in range(g)], axis=1)
+    values = np.stack([project("v", j) for j in range(g)], axis=1)
+    k_all, v_all = (keys, values) if kv is None else kv
+    s, t = x.shape[0], k_all.shape[0]
+    if visible_SxT is None:
+        visible_SxT = np.arange(t)[None, :] <= np.arange(s)[:, None]
+    out = np.zeros((s, w["o"].shape[-1]))
+    for head in range(h):
+        j = head // (h // g)
+        scores = project("q", head) @ k_all[:, j, :].T / np.sqrt(a)
+        scores = np.where(visible_SxT, scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs = probs / probs.sum(-1, keepdims=True)
+        out += (probs @ v_all[:, j, :]) @ w["o"][head]
+    return out, keys, values
+
+
+def ref_swiglu(p: dict, x_SxD):
+    x = np.asarray(x_SxD, np.float64)
+    gate = x @ np.asarray(p["w_gate"], np.float64)
+    hidden = gate / (1.0 + np.exp(-gate)) * (x @ np.asarray(p["w_up"], np.float64))
+    return hidden @ np.asarray(p["w_down"], np.float64)
+
+
+def ref_moe_top_k(p: dict, bias, x_SxD, moe_cfg):
+    """A dropless top-k MoE FFN with SwiGLU experts, token by token (routing by `moe_reference`)."""
+    x = np.asarray(x_SxD, np.float64)
+    logits = x @ np.asarray(p["router"]["kernel"], np.float64)
+    ids, weights, _ = ref.ref_top_k(
+        logits,
+        moe_cfg.top_k,
+        score=moe_cfg.score,
+        normalize=moe_cfg.normalize,
+        scale=moe_cfg.scale,
+        bias=bias,
+    )
+    experts = {k: np.asarray(w, np.float64) for k, w in p["experts"].items()}
+    y = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, w in zip(ids[t], weights[t]):
+            expert = {k: experts[k][e] for k in ("w_gate", "w_up", "w_down")}
+            y[t] += w * ref_swiglu(expert, x[t : t + 1])[0]
+    return y
+
+
+def ref_transformer(variables: dict, tokens_BxS, cfg):
+    """Logits `[B, S, V]` float64 of the unrolled-layout model (top-k SwiGLU MoE layers without
+    shared experts only)."""
+    params, state = variables["params"], variables.get("moe_state", {})
+    embedding = np.asarray(params["embed"]["embedding"], np.float64)
+    logits = []
+    for row in np.asarray(tokens_BxS):
+        x = embedding[row]
+        positions = np.arange(len(row))
+        for i in range(cfg.n_layers):
+            p = params[f"layers_{i}"]
+            h = ref_rms_norm(x, p["attn_norm"]["scale"], cfg.norm_eps)
+            x = x + ref_attention(p["attn"], h, positions, cfg)[0]
+            h = ref_rms_norm(x, p["ffn_norm"]["scale"], cfg.norm_eps)
+            if "moe" in p:
+                bias = np.asarray(state[f"layers_{i}"]["moe"]["bias"])
+                x = x + ref_moe_top_k(p["moe"], bias, h, cfg.moe)
+            else:
+                x = x + ref_swiglu(p["mlp"], h)
+        x = ref_rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps)
+        head = embedding.T if cfg.tie_embeddings else np.asarray(params["lm_head"]["kernel"])
+        logits.append(x @ head)
+    return np.stack(logits)
