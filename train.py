@@ -15,6 +15,7 @@ import sys
 
 import jax
 
+from jmoe import sharding
 from jmoe.config import load_config
 from jmoe.trainer import train_and_evaluate
 
@@ -26,7 +27,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument(
         "--distributed",
         action="store_true",
-        help="call jax.distributed.initialize() first (multi-host: TPU pods, SLURM, Open MPI)",
+        help="join a multi-process run first (jmoe.sharding.initialize_distributed: "
+        "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or a TPU pod slice, "
+        "SLURM or Open MPI detected by JAX); CPU processes exchange data with gloo",
     )
     parser.add_argument("overrides", nargs="*", help="key.path=value, e.g. model.moe.top_k=1")
     args = parser.parse_args(argv)
@@ -35,7 +38,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     except (ValueError, OSError) as e:
         parser.error(str(e))
     if args.distributed:
-        jax.distributed.initialize()
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only CPUs use it
+        sharding.initialize_distributed()
     kinds = sorted({d.device_kind for d in jax.devices()})
     print(
         f"jax {jax.__version__}: {jax.process_count()} process(es), {jax.device_count()} "

@@ -97,6 +97,8 @@ def _param_spec(path, leaf, mesh: Mesh) -> P:
     names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
     shape = tuple(getattr(leaf, "shape", np.shape(leaf)))
     logical = PARAM_AXES.get(names[-2:])
+    if logical is not None and len(shape) == len(logical) + 1:
+        logical = (None, *logical)  # stacked by `scan_layers`: a leading layer axis
     if logical is not None and len(logical) == len(shape):
         return logical_to_spec(logical, shape, mesh)
     fsdp = axis_size(mesh, "fsdp")

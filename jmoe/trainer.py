@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jmoe import checkpoint, data, report
+from jmoe import checkpoint, data, report, sharding
 from jmoe.config import Config, TrainConfig
 from jmoe.model import Transformer, flops_per_token, update_moe_state
 from jmoe.tokenizer import load_tokenizer, make_tokenizer
@@ -91,19 +91,28 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
 
 
 def init_state(config: Config, model: Transformer, tx: optax.GradientTransformation) -> TrainState:
-    """Fresh parameters, optimizer and MoE state from `config.train.seed`."""
-    rng = jax.random.PRNGKey(config.train.seed)
-    tokens_BxS = jnp.zeros((1, config.data.seq_len), jnp.int32)
-    variables = jax.jit(lambda key: model.init(key, tokens_BxS, deterministic=True))(rng)
-    params = variables["params"]
-    return TrainState(
-        params=params,
-        opt_state=tx.init(params),
-        moe_state=variables.get("moe_state", {}),
-        step=jnp.zeros((), jnp.int32),
-        rng=jax.random.fold_in(rng, 1),
-        bad_steps=jnp.zeros((), jnp.int32),
-    )
+    """Fresh parameters, optimizer and MoE state from `config.train.seed`, created under jit
+    and, on a mesh (`model.mesh`), born sharded by `jmoe.sharding.param_shardings` (experts on
+    "expert", large weights on "fsdp"; the optimizer moments like their parameters)."""
+    batch = max(sharding.axis_size(model.mesh, sharding.BATCH_AXES), 1)
+    tokens_BxS = jnp.zeros((batch, config.data.seq_len), jnp.int32)
+
+    def init() -> TrainState:
+        rng = jax.random.PRNGKey(config.train.seed)
+        variables = model.init(rng, tokens_BxS, deterministic=True)
+        params = variables["params"]
+        return TrainState(
+            params=params,
+            opt_state=tx.init(params),
+            moe_state=variables.get("moe_state", {}),
+            step=jnp.zeros((), jnp.int32),
+            rng=jax.random.fold_in(rng, 1),
+            bad_steps=jnp.zeros((), jnp.int32),
+        )
+
+    if model.mesh is None:
+        return jax.jit(init)()
+    return sharding.init_sharded(init, model.mesh)
 
 
 def cross_entropy(logits_BxSxV, targets_BxS, mask_BxS) -> tuple[jax.Array, jax.Array]:
@@ -207,29 +216,18 @@ def prepare_data(config: Config, workdir: str, resume: bool):
 
 
 def make_mesh(config: Config) -> jax.sharding.Mesh | None:
-    """The device mesh of `config.mesh`, or None on a single device."""
+    """The device mesh of `config.mesh` over every device of every process (`jmoe.sharding`),
+    or None on a single device."""
     if jax.device_count() == 1:
         return None
-    sizes = config.mesh.axis_sizes(jax.device_count())
-    devices = np.asarray(jax.devices()).reshape(tuple(sizes.values()))
-    return jax.sharding.Mesh(devices, tuple(sizes))
+    return sharding.make_mesh(config.mesh)
 
 
 def _put_batch(batch: dict, mesh: jax.sharding.Mesh | None) -> dict:
-    """This process's NumPy batch as global arrays split over the data-parallel mesh axes."""
+    """This process's NumPy batch as global arrays split over the mesh's batch axes."""
     if mesh is None:
         return jax.tree.map(jnp.asarray, batch)
-    spec = jax.sharding.PartitionSpec(("data", "fsdp"))
-    sharding = jax.sharding.NamedSharding(mesh, spec)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
-
-
-def _replicate(state: TrainState, mesh: jax.sharding.Mesh | None) -> TrainState:
-    """The state copied to every device of the mesh (unchanged on a single device)."""
-    if mesh is None:
-        return state
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.device_put(state, replicated)
+    return sharding.shard_batch(batch, mesh)
 
 
 def _per_process_batch(config: Config) -> int:
@@ -313,7 +311,6 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
     if resume:
         state, data_state = ckpt.restore(state)
         train_iter.set_state(data_state)
-    state = _replicate(state, mesh)
     start_step = int(state.step)
     chief = jax.process_index() == 0
     if chief:

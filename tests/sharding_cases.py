@@ -203,8 +203,69 @@ def case_param_shardings():
     assert specs["params"]["shared"]["w_up"] == P("fsdp", "tensor")
     assert specs["params"]["router"]["kernel"] == P()
     assert specs["moe_state"]["bias"] == P()
+    stacked = {"stacks_0": {"block_0": {"experts": {"w_up": jnp.zeros((3, 4, 8, 16))}}}}
+    spec = sharding.param_shardings(stacked, mesh)["stacks_0"]["block_0"]["experts"]["w_up"].spec
+    assert spec == P(None, "expert", "fsdp", "tensor")  # scan_layers' leading layer axis
     assert sharding.process_batch_slice(16, mesh) == slice(0, 16)  # one process holds all
     _raises(ValueError, lambda: sharding.process_batch_slice(6, mesh), "6", "4")
+
+
+def case_train_steps():
+    """Three trainer steps of a tiny MoE LM (bias balancing on) on two meshes equal one device:
+    losses, parameters and moe_state."""
+    from jmoe import trainer
+    from jmoe.config import load_config
+    from jmoe.model import Transformer
+
+    overrides = [
+        "model.vocab_size=64",
+        "model.d_model=16",
+        "model.n_layers=2",
+        "model.n_heads=2",
+        "model.d_ff=32",
+        "model.max_seq_len=16",
+        "model.moe.d_ff=16",
+        "model.moe.bias_update_rate=0.01",
+        "data.seq_len=16",
+        "data.batch_size=8",
+        "train.warmup_steps=0",
+    ]
+    cfg = load_config(None, overrides)
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(3):
+        tokens = rng.integers(0, 64, size=(8, 17), dtype=np.int32)
+        batches.append(
+            {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": tokens[:, 1:] > 3}
+        )
+
+    def run(mesh):
+        model = Transformer(cfg.model, mesh)
+        tx = trainer.make_optimizer(cfg.train)
+        state = trainer.init_state(cfg, model, tx)
+        step = jax.jit(trainer.make_train_step(model, tx))
+        losses = []
+        for batch in batches:
+            batch = (
+                jax.tree.map(jnp.asarray, batch)
+                if mesh is None
+                else sharding.shard_batch(batch, mesh)
+            )
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["total_loss"]))
+        return np.array(losses), state
+
+    want_losses, want = run(None)
+    for mesh_config in (MeshConfig(data=2, expert=4), MeshConfig(data=2, fsdp=2, expert=2)):
+        losses, got = run(sharding.make_mesh(mesh_config))
+        np.testing.assert_allclose(losses, want_losses, rtol=1e-5, err_msg=str(mesh_config))
+        for tree in ("params", "moe_state"):
+            jax.tree.map(
+                lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                getattr(got, tree),
+                getattr(want, tree),
+            )
+    assert float(np.abs(np.asarray(want.moe_state["layers_0"]["moe"]["bias"])).sum()) > 0
 
 
 def main(names):
