@@ -76,7 +76,7 @@ def prepare_workdir(workdir: str | os.PathLike, config: Config) -> bool:
     """Creates the run directory and saves the config; returns whether a checkpoint exists.
 
     A directory whose checkpoints came from a config that differs in anything beyond
-    `RESUMABLE_KEYS` (length, logging, checkpoint cadence) refuses to resume: the error names
+    `RESUMABLE_KEYS` (logging, checkpoint cadence) refuses to resume: the error names
     the differing keys and the fix.
     """
     os.makedirs(workdir, exist_ok=True)
@@ -97,5 +97,6 @@ def prepare_workdir(workdir: str | os.PathLike, config: Config) -> bool:
                 f"{differing} differ from its {CONFIG_FILE}. Use a new workdir for this config, "
                 f"or rerun with the saved values (only {list(RESUMABLE_KEYS)} may change on resume)"
             )
-    save_config(config, config_path)
+    if jax.process_index() == 0:  # one writer on a shared file system
+        save_config(config, config_path)
     return has_checkpoint

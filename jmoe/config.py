@@ -630,8 +630,7 @@ class Config:
 
 # Keys that may differ between a run and its resumption: they change how long it runs or how it
 # reports, not what it computes.
-RESUMABLE_KEYS = (
-    "train.steps",
+RESUMABLE_KEYS = (  # not train.steps: it is the cosine schedule's length
     "train.log_every",
     "train.eval_every",
     "train.checkpoint_every",
@@ -670,7 +669,11 @@ def load_config(
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} is not of the form key.path=value")
-        nested: typing.Any = yaml.safe_load(text) if text.strip() else None
+        try:
+            nested: typing.Any = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            nested = text  # not YAML (e.g. a glob like *.txt): the raw text
+
         for part in reversed(key.strip().split(".")):
             nested = {part: nested}
         _merge(tree, nested, Config, prefix="")
@@ -701,8 +704,10 @@ def config_from_dict(tree: dict, cls: type = Config, prefix: str = ""):
 
 def save_config(config: Config, path: str | os.PathLike) -> None:
     """Writes the resolved config as YAML (`load_config(path)` reads it back)."""
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+    os.replace(tmp, path)  # readers never see a half-written file
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -183,10 +183,11 @@ def make_iterator(
         raise ValueError(f"{num_epochs=} must be None (forever) or >= 1")
     windows_WxS1 = pack(token_stream(docs, tokenizer), seq_len)
     global_batch = batch_size * shard_count
-    if len(windows_WxS1) < global_batch:
+    needed = global_batch if num_epochs is None else 1  # finite passes pad the last batch
+    if len(windows_WxS1) < needed:
         raise ValueError(
             f"the {len(docs)} documents pack into {len(windows_WxS1)} sequences of {seq_len + 1} "
-            f"tokens, fewer than one global batch of {global_batch} ({batch_size=} x "
+            f"tokens, fewer than {needed} ({batch_size=} x "
             f"{shard_count=}); add text (data.source, data.max_bytes; data.eval_fraction for the "
             "held-out split) or lower seq_len or batch_size"
         )

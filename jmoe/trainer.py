@@ -12,8 +12,10 @@ checkpoints and exact resumption happen around it. Everything runs from a notebo
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -206,7 +208,9 @@ def prepare_data(config: Config, workdir: str, resume: bool):
     else:
         cache = os.path.join(os.path.expanduser("~"), ".cache", "jmoe", "tokenizers")
         tokenizer = make_tokenizer(cfg.tokenizer, train_docs, config.model.vocab_size, cache)
-        tokenizer.save(saved)
+        if jax.process_index() == 0:  # one writer; a stale tokenizer of another kind goes
+            shutil.rmtree(saved, ignore_errors=True)
+            tokenizer.save(saved)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} symbols but model.vocab_size="
@@ -297,12 +301,6 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
         _put_batch(batch, mesh)
         for _, batch in zip(range(train_cfg.eval_batches or 2**62), eval_iter, strict=False)
     ]
-    if not eval_batches:
-        raise ValueError(
-            f"the held-out split ({len(eval_docs)} documents) is shorter than one batch of "
-            f"{iterator_args['batch_size']} x {config.data.seq_len} tokens: raise "
-            "data.eval_fraction or data.max_bytes, or lower data.batch_size"
-        )
 
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, checkpoint.CHECKPOINT_DIR), max_to_keep=train_cfg.max_to_keep
@@ -348,10 +346,12 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
                 raise FloatingPointError(
                     f"{bad_steps} non-finite steps in a row (loss or gradient NaN/Inf) up to step "
                     f"{step}: stopping (train.max_bad_steps={train_cfg.max_bad_steps}). The last "
-                    f"good checkpoint (step {ckpt.latest_step()}) is kept in {workdir}; lower "
-                    "train.learning_rate or check the data, then resume or start a new workdir"
+                    f"good checkpoint (step {ckpt.latest_step()}) is kept in {workdir}; check the "
+                    "data, or lower train.learning_rate in a new workdir (a run directory only "
+                    "resumes its own config)"
                 )
             if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
+                eval_start = time.perf_counter()
                 final.update(evaluate(eval_step, state, eval_batches))
                 log.write({"step": step, **{k: final[k] for k in ("eval_loss", "eval_perplexity")}})
                 if chief:
@@ -359,7 +359,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
                         f"step {step}: held-out loss {final['eval_loss']:.4f} "
                         f"(perplexity {final['eval_perplexity']:.2f}; unigram {unigram:.4f})"
                     )
-                window_start = time.perf_counter()  # leave evaluation out of the throughput
+                window_start += time.perf_counter() - eval_start  # evaluation is not training
             if bad_steps == 0 and (
                 step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps
             ):
@@ -384,7 +384,6 @@ def _truncate_metrics(path: str, step: int) -> None:
     if not os.path.exists(path):
         return
     keep = [r for r in report.read_metrics(path) if r["step"] <= step]
-    os.remove(path)
-    log = report.MetricsLog(path)
-    for record in keep:
-        log.write(record)
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in keep)
+    os.replace(f"{path}.tmp", path)  # the history is never missing, even after a crash here

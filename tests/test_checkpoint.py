@@ -56,10 +56,13 @@ def test_prepare_workdir_saves_config_and_detects_checkpoints(tmp_path):
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints", max_to_keep=1)
     ckpt.save(1, _state(1), {})
     ckpt.close()
-    # Run length, logging and checkpoint cadence may change on resume.
-    longer = load_config(None, ["train.steps=20", "train.log_every=5"])
-    assert prepare_workdir(tmp_path / "run", longer) is True
-    assert load_config(tmp_path / "run" / CONFIG_FILE) == longer
+    # Logging and checkpoint cadence may change on resume; the run length sets the learning-rate
+    # schedule, so it may not.
+    relogged = load_config(None, ["train.steps=10", "train.log_every=5"])
+    assert prepare_workdir(tmp_path / "run", relogged) is True
+    assert load_config(tmp_path / "run" / CONFIG_FILE) == relogged
+    with pytest.raises(ValueError, match=r"\['train.steps'\] differ"):
+        prepare_workdir(tmp_path / "run", load_config(None, ["train.steps=20"]))
 
 
 def test_refuses_to_resume_a_different_config(tmp_path):

@@ -223,10 +223,13 @@ def test_iterator_state_restores_exactly(prefetch):
 
 
 def test_iterator_errors():
-    with pytest.raises(
-        ValueError, match=r"1 documents pack into 2 sequences .* one global batch of 6"
-    ):
+    with pytest.raises(ValueError, match=r"1 documents pack into 2 sequences .* fewer than 6"):
         data.make_iterator(["x" * 40], BYTE, seq_len=16, batch_size=3, shard_count=2, seed=0)
+    # one finite pass pads its last global batch instead: only an empty stream is refused
+    once = dict(seq_len=16, batch_size=3, shard_count=2, seed=0, num_epochs=1)
+    assert len(list(data.make_iterator(["x" * 40], BYTE, **once))) == 1
+    with pytest.raises(ValueError, match=r"pack into 0 sequences .* fewer than 1"):
+        data.make_iterator(["x" * 8], BYTE, **once)
     with pytest.raises(ValueError, match=r"shard_index=2 must be in \[0, shard_count=2\)"):
         data.make_iterator(
             DOCS, BYTE, seq_len=8, batch_size=1, seed=0, shard_index=2, shard_count=2
