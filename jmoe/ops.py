@@ -6,8 +6,9 @@
   (and reportedly recent NVIDIA GPUs) it computes every group densely, about E times the work.
 - "pallas": the `pallas_kernels` grouped matmul (TPU Mosaic / GPU Triton) and, for SwiGLU experts,
   the fused gate-and-up kernel. Forced on a CPU it runs in the Pallas interpreter (slow; tests).
-- None: "pallas" on TPU / GPU when the kernels support the shapes and dtype, else "ragged_dot" on
-  TPU and "xla" elsewhere (always "xla" on CPU).
+- None: "pallas" on the backends of `PALLAS_DEFAULT_BACKENDS` (none until the compiled kernels
+  are verified on that hardware) when the kernels support the shapes and dtype, else
+  "ragged_dot" on TPU and "xla" elsewhere (always "xla" on CPU).
 
 Rows of `x` are sorted by group; rows past `sum(group_sizes)` come out as zeros.
 """
@@ -23,6 +24,10 @@ from jmoe import routing, tiled
 IMPLEMENTATIONS = ("xla", "ragged_dot", "pallas")
 ACTIVATIONS = tiled.ACTIVATIONS
 _ACCELERATORS = ("tpu", "gpu")
+# Backends where `implementation=None` picks the Pallas kernels: those whose compiled kernel
+# tests (`tests/kernels/test_compiled.py`) have passed on the real hardware. None has yet, so
+# "pallas" is opt-in everywhere; add "tpu" / "gpu" here once they do.
+PALLAS_DEFAULT_BACKENDS: tuple[str, ...] = ()
 
 
 def resolve_implementation(
@@ -33,12 +38,14 @@ def resolve_implementation(
     Args:
       implementation: None or one of `IMPLEMENTATIONS` (returned as is).
       k, n, dtype: the matmul's contracted and output widths and dtype; "pallas" is picked only
-        when they are given and the kernels support them.
+        on a backend of `PALLAS_DEFAULT_BACKENDS`, when they are given and the kernels support
+        them.
     """
     if implementation is None:
         backend = jax.default_backend()
         known = None not in (k, n, dtype)
-        if backend in _ACCELERATORS and known and pallas_kernels.supported(k, n, dtype, backend):
+        default = backend in PALLAS_DEFAULT_BACKENDS and known
+        if default and pallas_kernels.supported(k, n, dtype, backend):
             return "pallas"
         return "ragged_dot" if backend == "tpu" else "xla"
     if implementation not in IMPLEMENTATIONS:
@@ -165,7 +172,7 @@ def top_k_gating(
       k, score, bias, normalize, scale: as in `jmoe.routing.top_k` (`bias` `[E]` shifts the scores
         for selection only).
       implementation: "pallas" (one fused kernel), "xla" / "ragged_dot" (`routing.top_k` on
-        `x @ w`), or None ("pallas" on TPU / GPU where supported, else "xla").
+        `x @ w`), or None ("pallas" on the `PALLAS_DEFAULT_BACKENDS` where supported, else "xla").
 
     Returns:
       `(routing, counts)`: a `Routing` equal to `routing.top_k(logits, k, ...)` (ids exactly,
@@ -181,7 +188,8 @@ def top_k_gating(
     if impl is None:
         backend = jax.default_backend()
         pow2 = all(v & (v - 1) == 0 for v in (d, e, k))
-        impl = "pallas" if backend == "tpu" or (backend == "gpu" and pow2) else "xla"
+        fits = backend == "tpu" or (backend == "gpu" and pow2)
+        impl = "pallas" if backend in PALLAS_DEFAULT_BACKENDS and fits else "xla"
     resolve_implementation(impl)
     if impl == "pallas":
         ids, weights, counts, probs, logits = pallas_kernels.top_k_gating(

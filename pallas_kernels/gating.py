@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import common
 
@@ -116,10 +117,12 @@ def _gating_fwd_impl(x_TxD, w_DxE, bias_E, k, score, normalize, scale, tt, backe
         params = None if interpret else pltpu.CompilerParams(dimension_semantics=("parallel",))
         call = pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape,
                               compiler_params=params, interpret=interpret)  # fmt: skip
-    else:  # Triton: an ordinary input
+    else:  # Triton (named: JAX may default GPU kernels to Mosaic GPU): an ordinary input
         in_specs = [pl.BlockSpec((1,), lambda i: (0,)), *in_specs]
+        params = None if interpret else pltriton.CompilerParams(num_warps=4)
         call = pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                              out_shape=out_shape, interpret=interpret)  # fmt: skip
+                              out_shape=out_shape, compiler_params=params,
+                              interpret=interpret)  # fmt: skip
     outs = call(num_valid, x, w_DxE, bias_1xE)
     ids, wts, probs, logits, counts = outs
     return ids[:t], wts[:t], counts.sum((0, 1)), probs[:t], logits[:t]

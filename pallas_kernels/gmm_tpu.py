@@ -69,6 +69,11 @@ def gmm(
         out_refs, acc_refs = refs[nr + ne + no : -nr], refs[-nr:]  # skips the zero buffers
         i, kk = pl.program_id(1), pl.program_id(2)
 
+        @pl.when((num_active[0] == 0) & (kk == nk - 1))
+        def _no_rows():  # the pipeline still writes back the block the idle visits map to
+            for o_ref in out_refs:
+                o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+
         @pl.when(i < num_active[0])
         def _visit():
             @pl.when(kk == 0)
@@ -144,6 +149,10 @@ def tgmm(
         group, m_tile, row_start, row_end, num_active, lhs_ref, rhs_ref, _, out_ref, acc_ref
     ):
         i = pl.program_id(2)
+
+        @pl.when(num_active[0] == 0)
+        def _no_rows():  # the pipeline still writes back the block the idle visits map to
+            out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
 
         @pl.when(i < num_active[0])
         def _visit():

@@ -56,6 +56,19 @@ def test_pallas_is_an_implementation_and_none_stays_xla_on_cpu():
     jmoe.MoEConfig(d_model=16, d_ff=32, num_experts=4, implementation="pallas")
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu"], ids=lambda b: f"on_{b}")  # conftest skips "gpu"
+def test_none_picks_pallas_only_on_verified_backends(monkeypatch, backend):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    fallback = "ragged_dot" if backend == "tpu" else "xla"
+    big = dict(k=4096, n=14336, dtype=jnp.bfloat16)
+    assert ops.resolve_implementation(None, **big) == fallback  # not verified on hardware yet
+    monkeypatch.setattr(ops, "PALLAS_DEFAULT_BACKENDS", (backend,))
+    assert ops.resolve_implementation(None, **big) == "pallas"
+    assert ops.resolve_implementation(None) == fallback  # shapes unknown
+    odd = dict(k=200, n=96, dtype=jnp.float32)  # no power-of-two block for Triton
+    assert ops.resolve_implementation(None, **odd) == ("pallas" if backend == "tpu" else "xla")
+
+
 def test_grouped_matmul_over_catalogue():
     for gs in GS_CASES.values():
         _check_gmm(_gmm_run(), gs, seed=1)

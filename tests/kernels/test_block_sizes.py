@@ -39,11 +39,13 @@ def test_defaults_pass_their_checks(m, k, n, dtype):
 
 
 def test_heuristic_on_model_shapes():
-    """Mixtral-like on TPU in bfloat16: large blocks that divide the widths; GPU: Triton sizes."""
-    assert default_block_sizes(32768, 4096, 14336, jnp.bfloat16, "tpu") == BlockSizes(
-        512, 1024, 1024
-    )
-    assert default_block_sizes(32768, 4096, 14336, jnp.float32, "tpu") == BlockSizes(512, 512, 512)
+    """Mixtral-like on TPU: blocks that divide the widths and keep the fused SwiGLU kernel's
+    double-buffered blocks and float32 accumulators within VMEM; GPU: Triton sizes."""
+    bf16 = default_block_sizes(32768, 4096, 14336, jnp.bfloat16, "tpu")
+    assert bf16 == BlockSizes(512, 512, 512)
+    assert default_block_sizes(32768, 4096, 14336, jnp.float32, "tpu") == BlockSizes(256, 512, 512)
+    blocks = 2 * (bf16.tm * bf16.tk + 2 * bf16.tk * bf16.tn + bf16.tm * bf16.tn)  # in / out
+    assert blocks * 2 + 2 * bf16.tm * bf16.tn * 4 < 16 * 2**20 // 2  # half the 16 MiB default
     assert default_block_sizes(32768, 2048, 1408, jnp.bfloat16, "gpu") == BlockSizes(128, 64, 128)
     assert default_block_sizes(20, 2048, 1408, jnp.bfloat16, "gpu").tm == 32  # few rows: small tm
     assert default_block_sizes(64, 16, 24, jnp.float32, "tpu", interpret=True) == BlockSizes(

@@ -86,3 +86,20 @@ def test_zero_rows_give_empty_or_zero_outputs():
     assert gmm(jnp.ones((0, K)), jnp.ones((G, K, N)), gs, interpret=True).shape == (0, N)
     dw = tgmm(jnp.ones((0, K)), jnp.ones((0, N)), gs, interpret=True)
     assert dw.shape == (G, K, N) and not np.asarray(dw).any()
+
+
+@pytest.mark.parametrize("group_sizes", [[0, 0], [3, 20]], ids=["no_rows", "partial"])
+def test_mosaic_pipeline_writes_nothing_uninitialised(group_sizes):
+    """The TPU interpreter with NaN-filled fresh buffers models Mosaic's block pipeline: idle
+    visits (every visit when no group has rows) must not write back uninitialised blocks."""
+    pltpu = pytest.importorskip("jax.experimental.pallas.tpu")
+    nan_buffers = pltpu.InterpretParams(uninitialized_memory="nan")
+    x = jnp.ones((64, 128))
+    gs = jnp.array(group_sizes, jnp.int32)
+    y = gmm(x, jnp.ones((2, 128, 128)), gs, backend="tpu", interpret=nan_buffers)
+    rows = sum(group_sizes)
+    np.testing.assert_array_equal(y[rows:], 0.0)
+    np.testing.assert_array_equal(y[:rows], 128.0)
+    dw = tgmm(x, x, gs, backend="tpu", interpret=nan_buffers)
+    want = np.broadcast_to(np.asarray(group_sizes, np.float32)[:, None, None], dw.shape)
+    np.testing.assert_array_equal(dw, want)
