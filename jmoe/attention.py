@@ -5,7 +5,8 @@ Axis letters beyond the package legend: `H` query heads, `G` key/value heads (ea
 
 Parameters of `Attention` (HF-like names, kernels laid out input-first): `q/kernel` `[D, H, A]`,
 `k/kernel` and `v/kernel` `[D, G, A]` (plus `bias` `[H|G, A]` with `qkv_bias`), `o/kernel`
-`[H, A, D]`, and with `qk_norm` the per-head RMSNorm scales `q_norm/scale`, `k_norm/scale` `[A]`.
+`[H, A, D]`, and with `qk_norm` the RMSNorm scales `q_norm/scale`, `k_norm/scale` (`[A]` per head,
+`[H, A]` / `[G, A]` over the whole projection).
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ class Attention(nn.Module):
     Attributes:
       num_heads, num_kv_heads, head_dim: H, G and A.
       rope_theta: RoPE base.
-      qk_norm: RMSNorm over each query and key head (before RoPE), as in Qwen3 and OLMoE.
+      qk_norm: RMSNorm on queries and keys (before RoPE).
+      qk_norm_scope: "head" (each head, Qwen3) or "projection" (all heads of q and of k
+        together, OLMoE).
       qkv_bias: biases on the q/k/v projections, as in Qwen2.
       norm_eps: epsilon of the qk-norm.
       dtype, param_dtype: compute and parameter dtypes (scores and softmax are float32).
@@ -107,6 +110,7 @@ class Attention(nn.Module):
     norm_eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    qk_norm_scope: str = "head"
 
     @nn.compact
     def __call__(
@@ -131,8 +135,14 @@ class Attention(nn.Module):
         k = dense((g, a), use_bias=self.qkv_bias, name="k")(x_BxSxD)
         v = dense((g, a), use_bias=self.qkv_bias, name="v")(x_BxSxD)
         if self.qk_norm:
+            axes = (-2, -1) if self.qk_norm_scope == "projection" else -1
             norm = functools.partial(
-                nn.RMSNorm, self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype
+                nn.RMSNorm,
+                self.norm_eps,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                reduction_axes=axes,
+                feature_axes=axes,
             )
             q, k = norm(name="q_norm")(q), norm(name="k_norm")(k)
         q = rope(q, positions_BxS, self.rope_theta)

@@ -315,6 +315,7 @@ def _check_choice(name: str, value, choices: tuple, owner: str = "MoEConfig"):
 
 
 REMAT_POLICIES = ("none", "full", "dots")
+QK_NORM_SCOPES = ("head", "projection")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,7 +336,9 @@ class ModelConfig:
       d_ff: hidden width of the dense FFN layers.
       max_seq_len: longest sequence (RoPE table and KV cache size).
       rope_theta: RoPE base.
-      qk_norm: RMSNorm on queries and keys per head (Qwen3, OLMoE).
+      qk_norm: RMSNorm on queries and keys (before RoPE).
+      qk_norm_scope: "head" normalises each head (Qwen3; scales `[A]`), "projection" the whole
+        query / key projection (OLMoE; scales `[H, A]` / `[G, A]`).
       qkv_bias: bias on the q/k/v projections (Qwen2).
       tie_embeddings: output projection = embedding transposed.
       norm_eps: RMSNorm epsilon.
@@ -357,6 +360,7 @@ class ModelConfig:
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     qk_norm: bool = False
+    qk_norm_scope: str = "head"
     qkv_bias: bool = False
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
@@ -402,6 +406,7 @@ class ModelConfig:
             value = getattr(self, name)
             _check(name, value, value >= 0, "an integer >= 0", owner)
         _check_choice("remat", self.remat, REMAT_POLICIES, owner)
+        _check_choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES, owner)
         _check_choice("dtype", self.dtype, DTYPES, owner)
         _check_choice("param_dtype", self.param_dtype, DTYPES, owner)
         if not isinstance(self.moe, MoEConfig):

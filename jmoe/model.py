@@ -77,6 +77,7 @@ class Block(nn.Module):
             cfg.norm_eps,
             dtype,
             param_dtype,
+            qk_norm_scope=cfg.qk_norm_scope,
             name="attn",
         )
         a_BxSxD, cache = attn(norm(name="attn_norm")(x_BxSxD), positions_BxS, cache)

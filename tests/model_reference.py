@@ -42,7 +42,14 @@ def ref_attention(p: dict, x_SxD, positions_S, cfg, visible_SxT=None, kv=None):
         y = x @ w[name][:, head, :]
         if "bias" in p[name]:
             y = y + np.asarray(p[name]["bias"])[head]
-        if cfg.qk_norm and name in ("q", "k"):
+        if cfg.qk_norm and name in ("q", "k") and cfg.qk_norm_scope == "projection":
+            y_SxNxA = np.einsum("sd,dna->sna", x, w[name])
+            if "bias" in p[name]:
+                y_SxNxA = y_SxNxA + np.asarray(p[name]["bias"])
+            scale_NxA = np.asarray(p[f"{name}_norm"]["scale"], np.float64)
+            rms_S = np.sqrt((y_SxNxA**2).mean((1, 2)) + cfg.norm_eps)
+            y = y / rms_S[:, None] * scale_NxA[head]
+        elif cfg.qk_norm and name in ("q", "k"):
             y = ref_rms_norm(y, p[f"{name}_norm"]["scale"], cfg.norm_eps)
         return ref_rope(y, positions_S, cfg.rope_theta) if name in ("q", "k") else y
 

@@ -23,6 +23,7 @@ def _module(cfg: ModelConfig) -> Attention:
         cfg.qk_norm,
         cfg.qkv_bias,
         cfg.norm_eps,
+        qk_norm_scope=cfg.qk_norm_scope,
     )
 
 
@@ -86,8 +87,9 @@ def test_attend_rejects_heads_not_divisible():
         dict(n_heads=4, n_kv_heads=2),
         dict(n_heads=4, n_kv_heads=1, qk_norm=True),
         dict(n_heads=2, head_dim=6, qkv_bias=True, qk_norm=True),
+        dict(n_heads=4, n_kv_heads=2, qk_norm=True, qk_norm_scope="projection"),
     ],
-    ids=["gqa", "mqa_qk_norm", "head_dim_bias"],
+    ids=["gqa", "mqa_qk_norm", "head_dim_bias", "gqa_projection_qk_norm"],
 )
 def test_attention_matches_reference(overrides):
     cfg = ModelConfig(d_model=D, rope_theta=100.0, **overrides)

@@ -43,6 +43,8 @@ def test_overrides_parse_yaml_values_at_nested_paths():
     assert cfg.train.grad_clip is None and cfg.model.qk_norm is True
     assert cfg.data.source == "/tmp/corpus.txt"
     assert cfg.model.moe.d_model == cfg.model.d_model
+    # text that is not YAML (a glob starting with "*" reads as an alias) is taken as it is
+    assert load_config(None, ["data.source=*.txt"]).data.source == "*.txt"
 
 
 def test_file_then_overrides_later_wins(tmp_path):
