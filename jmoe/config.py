@@ -572,7 +572,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
-    eval_batches: int | None = 8
+    eval_batches: int | None = None
     checkpoint_every: int = 100
     max_to_keep: int = 2
     max_bad_steps: int = 10
