@@ -227,20 +227,11 @@ class MoE(nn.Module):
 
         h_TxD, sum_TxD, steps = x_TxD, None, []
         for step in range(c):
-            step_bias = bias if c == 1 else bias[step]
-            if self._fused_gating():
-                routed, _ = ops.top_k_gating(
-                    *router.operands(h_TxD, step, deterministic),
-                    cfg.top_k,
-                    score=cfg.score,
-                    bias=step_bias,
-                    normalize=cfg.normalize,
-                    scale=cfg.scale,
-                    implementation=cfg.implementation,
-                )
+            if cfg.router == "top_k":
+                routed = self._top_k(router.operands(h_TxD, step, deterministic), bias, step)
             else:
                 logits = router(h_TxD, step, deterministic)
-                routed = self._route(logits, step_bias, budget, deterministic)
+                routed = self._route(logits, budget, deterministic)
             y_TxD, step_stats = self._step(routed, h_TxD, experts, mask_T, seq_len, deterministic)
             if shared is not None:
                 s_TxD = shared(h_TxD)
@@ -253,17 +244,27 @@ class MoE(nn.Module):
         y_TxD = h_TxD if cfg.chain_residual == "coe" else sum_TxD
         return y_TxD.reshape(x.shape).astype(dtype), self._merge(steps, mask_T)
 
-    def _fused_gating(self) -> bool:
-        """Whether routing goes through `ops.top_k_gating`, which fuses the router matmul and
-        top-k in one Pallas kernel where `implementation` selects it: plain top-k routing on one
-        device (group limits and the k=1 renormalisation are not in the kernel)."""
+    def _top_k(self, operands, bias, step: int) -> routing.Routing:
+        """Router matmul and top-k of chain step `step` through `ops.top_k_gating` (one fused
+        Pallas kernel where `implementation` selects it; the XLA path on a mesh, where the
+        routing runs on the global batch)."""
         cfg = self.config
-        k1_renorm = cfg.renorm_when_k1 and cfg.top_k == 1
-        return (
-            cfg.router == "top_k" and cfg.n_groups is None and not k1_renorm and self.mesh is None
+        routed, _ = ops.top_k_gating(
+            *operands,
+            cfg.top_k,
+            score=cfg.score,
+            bias=bias if cfg.chain_steps == 1 else bias[step],
+            normalize=cfg.normalize,
+            scale=cfg.scale,
+            n_groups=cfg.n_groups,
+            top_groups=cfg.top_groups,
+            renorm_when_k1=cfg.renorm_when_k1,
+            implementation=cfg.implementation if self.mesh is None else "xla",
         )
+        return routed
 
-    def _route(self, logits, bias, budget, deterministic) -> routing.Routing:
+    def _route(self, logits, budget, deterministic) -> routing.Routing:
+        """The routing of the "null", "top_p" and "expert_choice" routers."""
         cfg = self.config
         pressure = 0.0 if budget is None else budget
         if cfg.router == "null":
@@ -273,20 +274,8 @@ class MoE(nn.Module):
         if cfg.router == "top_p":
             p = cfg.top_p if budget is None else jnp.clip(cfg.top_p - pressure, 1e-6, 1.0)
             return routing.top_p(logits, p, max_k=cfg.max_k, boundary=cfg.top_p_boundary)
-        if cfg.router == "expert_choice":
-            capacity = cfg.expert_choice_capacity(logits.shape[0], deterministic)
-            return routing.expert_choice(logits, capacity)
-        return routing.top_k(
-            logits,
-            cfg.top_k,
-            score=cfg.score,
-            normalize=cfg.normalize,
-            scale=cfg.scale,
-            bias=bias,
-            n_groups=cfg.n_groups,
-            top_groups=cfg.top_groups,
-            renorm_when_k1=cfg.renorm_when_k1,
-        )
+        capacity = cfg.expert_choice_capacity(logits.shape[0], deterministic)
+        return routing.expert_choice(logits, capacity)
 
     def _step(self, routed, h_TxD, experts, mask_T, seq_len, deterministic):
         """One routed pass: losses of the router's choice, then capacity, dispatch, combine."""

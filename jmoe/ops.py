@@ -162,6 +162,9 @@ def top_k_gating(
     bias: jax.Array | None = None,
     normalize: bool = False,
     scale: float = 1.0,
+    n_groups: int | None = None,
+    top_groups: int | None = None,
+    renorm_when_k1: bool = False,
     implementation: str | None = None,
 ) -> tuple[routing.Routing, jax.Array]:
     """Router logits `x @ w` (float32, highest precision) and top-k routing, fused with "pallas".
@@ -169,10 +172,12 @@ def top_k_gating(
     Args:
       x_TxD: `[T, D]` router input.
       w_DxE: `[D, E]` router weights.
-      k, score, bias, normalize, scale: as in `jmoe.routing.top_k` (`bias` `[E]` shifts the scores
-        for selection only).
+      k, score, bias, normalize, scale, n_groups, top_groups, renorm_when_k1: as in
+        `jmoe.routing.top_k` (`bias` `[E]` shifts the scores for selection only).
       implementation: "pallas" (one fused kernel), "xla" / "ragged_dot" (`routing.top_k` on
         `x @ w`), or None ("pallas" on the `PALLAS_DEFAULT_BACKENDS` where supported, else "xla").
+        Group-limited selection and the k = 1 renormalisation are not in the kernel: they always
+        take the "xla" path.
 
     Returns:
       `(routing, counts)`: a `Routing` equal to `routing.top_k(logits, k, ...)` (ids exactly,
@@ -191,7 +196,8 @@ def top_k_gating(
         fits = backend == "tpu" or (backend == "gpu" and pow2)
         impl = "pallas" if backend in PALLAS_DEFAULT_BACKENDS and fits else "xla"
     resolve_implementation(impl)
-    if impl == "pallas":
+    in_kernel = n_groups is None and not (renorm_when_k1 and k == 1)
+    if impl == "pallas" and in_kernel:
         ids, weights, counts, probs, logits = pallas_kernels.top_k_gating(
             x_TxD, w_DxE, k, score=score, bias=bias, normalize=normalize, scale=scale,
             interpret=_interpret(),
@@ -201,6 +207,16 @@ def top_k_gating(
     logits = jnp.dot(
         x_TxD.astype(jnp.float32), w_DxE.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
     )
-    r = routing.top_k(logits, k, score=score, normalize=normalize, scale=scale, bias=bias)
+    r = routing.top_k(
+        logits,
+        k,
+        score=score,
+        normalize=normalize,
+        scale=scale,
+        bias=bias,
+        n_groups=n_groups,
+        top_groups=top_groups,
+        renorm_when_k1=renorm_when_k1,
+    )
     counts = jnp.zeros(e, jnp.int32).at[r.expert_ids.reshape(-1)].add(1)
     return r, counts
