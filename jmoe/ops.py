@@ -188,13 +188,10 @@ def top_k_gating(
       >>> r.expert_ids.tolist(), counts.tolist()
       ([[0], [2]], [1, 0, 1])
     """
-    d, e = x_TxD.shape[-1], w_DxE.shape[-1]
+    e = w_DxE.shape[-1]
     impl = implementation
-    if impl is None:
-        backend = jax.default_backend()
-        pow2 = all(v & (v - 1) == 0 for v in (d, e, k))
-        fits = backend == "tpu" or (backend == "gpu" and pow2)
-        impl = "pallas" if backend in PALLAS_DEFAULT_BACKENDS and fits else "xla"
+    if impl is None:  # the kernel takes every shape (the GPU one pads to its power-of-two blocks)
+        impl = "pallas" if jax.default_backend() in PALLAS_DEFAULT_BACKENDS else "xla"
     resolve_implementation(impl)
     in_kernel = n_groups is None and not (renorm_when_k1 and k == 1)
     if impl == "pallas" and in_kernel:

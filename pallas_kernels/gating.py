@@ -1,16 +1,27 @@
 """Fused top-k gating: router matmul, softmax / sigmoid, selection bias and top-k in one kernel.
 
-One program per tile of tokens computes `logits = x @ w` (float32, highest precision), the
-scores, and picks the k best `scores + bias` by k rounds of "max, lowest index among the maxima,
-mask it" (the tie rule of `jax.lax.top_k`). It writes expert ids, combine weights, scores, logits
-and the tile's per-expert counts (summed outside, so tiles stay independent on every backend).
+Forward: one program per tile of tokens accumulates `logits = x @ w` (float32, highest precision)
+over chunks of the model width `D`, so no program holds the whole `[D, E]` router weight: on TPU
+the chunks are a sequential grid axis with the logits block resident, on GPU a loop inside the
+program (Triton programs cannot accumulate across the grid). It then computes the scores and picks
+the k best `scores + bias` by k rounds of "max, lowest index among the maxima, mask it" (the tie
+rule of `jax.lax.top_k`), and writes expert ids, combine weights, scores, logits and the tile's
+per-expert counts (summed outside, so tiles stay independent on every backend).
 
-The backward (`jax.custom_vjp`) differentiates weights, scores and logits with the chosen ids
-held fixed, then runs the two router-sized matmuls for `dx` and `dw` in XLA.
+Backward (`jax.custom_vjp`): a second kernel turns the cotangents of weights, scores and logits
+into the logits' cotangent `dl` per tile of tokens, from the saved logits and ids (the softmax /
+sigmoid and renormalisation derivatives written out with one-hot masks; the chosen ids are held
+fixed). The router gradients `dx = dl @ w.T` and `dw = x.T @ dl` are dense matmuls, left to XLA
+(cuBLAS / the MXU at their roofline).
+
+Triton needs power-of-two arrays and dot sides >= 16, so on GPU the experts, the k slots and the
+model width are padded (padded experts get `-inf` logits: zero score, never chosen) and the
+padding is sliced off.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -23,6 +34,7 @@ from pallas_kernels import common
 
 SCORES = ("softmax", "sigmoid")
 _HIGHEST = jax.lax.Precision.HIGHEST
+_WHOLE = pl.no_block_spec  # an unblocked input: the kernel indexes it itself
 
 
 def _scores(logits_TxE: jax.Array, score: str) -> jax.Array:
@@ -33,11 +45,39 @@ def _scores(logits_TxE: jax.Array, score: str) -> jax.Array:
     return unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
 
 
-def _combine(probs_TxE, ids_TxK, normalize, scale):
-    weights = jnp.take_along_axis(probs_TxE, ids_TxK, axis=-1)
-    if normalize:
-        weights = weights / weights.sum(-1, keepdims=True)
-    return weights * scale
+def _pow2_at_least(n: int, floor: int = 1) -> int:
+    return max(floor, 1 << max(n - 1, 0).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static description of one gating call (hashable: a `custom_vjp` non-diff argument).
+
+    `t, d, e, k`: tokens, model width, experts and slots; `tt` tokens per program, `td` columns
+    of `x` per step of the logits matmul; `tp, dp, ep, kp` the padded sizes.
+    """
+
+    t: int
+    d: int
+    e: int
+    k: int
+    score: str
+    normalize: bool
+    scale: float
+    tt: int
+    td: int
+    ep: int
+    kp: int
+    backend: str
+    interpret: bool
+
+    @property
+    def tp(self) -> int:
+        return -(-self.t // self.tt) * self.tt
+
+    @property
+    def dp(self) -> int:
+        return -(-self.d // self.td) * self.td
 
 
 def check_block_tokens(tt: int, backend: str, interpret: bool) -> None:
@@ -48,108 +88,241 @@ def check_block_tokens(tt: int, backend: str, interpret: bool) -> None:
         return
     if backend == "tpu" and tt % 8:
         raise ValueError(f"block_tokens={tt} is not a multiple of 8 (TPU sublanes)")
-    if backend == "gpu" and tt & (tt - 1):
-        raise ValueError(f"block_tokens={tt} is not a power of two (GPU Triton blocks)")
+    if backend == "gpu" and (tt < 16 or tt & (tt - 1)):
+        raise ValueError(f"block_tokens={tt} is not a power of two >= 16 (GPU Triton blocks)")
 
 
-def _gating_kernel(t, d, e, k, score, normalize, scale, tt):
-    """Kernel and block specs for `T = t` tokens (a multiple of `tt`); `num_valid` rows count."""
-    num_tiles = t // tt
+def check_block_d(td: int, d: int, backend: str, interpret: bool) -> None:
+    """Raises a ValueError naming `td` if it cannot chunk the model width `d` on `backend`."""
+    if not isinstance(td, int) or td <= 0:
+        raise ValueError(f"block_d={td!r} must be a positive int")
+    if backend == "tpu" and d % td:
+        raise ValueError(f"block_d={td} does not divide the model width {d}; pick a divisor")
+    if interpret:
+        return
+    if backend == "tpu" and td % 128 and td != d:
+        raise ValueError(f"block_d={td} is neither a multiple of 128 nor the model width {d} (TPU)")
+    if backend == "gpu" and (td < 16 or td & (td - 1)):
+        raise ValueError(f"block_d={td} is not a power of two >= 16 (GPU Triton blocks)")
 
-    def kernel(num_valid_ref, x_ref, w_ref, bias_ref, ids_ref, wts_ref, probs_ref, logits_ref,
-               counts_ref):  # fmt: skip
-        logits = jax.lax.dot_general(
-            x_ref[...].astype(jnp.float32), w_ref[...].astype(jnp.float32),
-            (((1,), (0,)), ((), ())), precision=_HIGHEST, preferred_element_type=jnp.float32,
-        )  # fmt: skip
-        probs = _scores(logits, score)
-        sel = probs + bias_ref[...]
-        col_E = jax.lax.broadcasted_iota(jnp.int32, (tt, e), 1)
-        col_K = jax.lax.broadcasted_iota(jnp.int32, (tt, k), 1)
-        ids = jnp.zeros((tt, k), jnp.int32)
-        wts = jnp.zeros((tt, k), jnp.float32)
-        onehot_sum = jnp.zeros((tt, e), jnp.float32)
-        for j in range(k):
-            best = jnp.max(sel, axis=-1, keepdims=True)
-            idx = jnp.min(jnp.where(sel == best, col_E, e), axis=-1, keepdims=True)
-            hit = col_E == idx
-            ids = jnp.where(col_K == j, idx, ids)
-            wts = jnp.where(col_K == j, jnp.sum(jnp.where(hit, probs, 0.0), -1, keepdims=True), wts)
-            onehot_sum += hit.astype(jnp.float32)
-            sel = jnp.where(hit, -jnp.inf, sel)
-        if normalize:
-            wts = wts / jnp.sum(wts, axis=-1, keepdims=True)
-        rows = pl.program_id(0) * tt + jax.lax.broadcasted_iota(jnp.int32, (tt, 1), 0)
-        onehot_sum = jnp.where(rows < num_valid_ref[0], onehot_sum, 0.0)
-        ids_ref[...] = ids
-        wts_ref[...] = wts * scale
-        probs_ref[...] = probs
-        logits_ref[...] = logits
-        counts_ref[...] = jnp.sum(onehot_sum, axis=0, keepdims=True).astype(jnp.int32)
 
-    tile = lambda cols: pl.BlockSpec((tt, cols), lambda i, *_: (i, 0))  # noqa: E731
-    whole = lambda shape: pl.BlockSpec(shape, lambda i, *_: (0,) * len(shape))  # noqa: E731
-    out_shape = [
-        jax.ShapeDtypeStruct((t, k), jnp.int32),
-        jax.ShapeDtypeStruct((t, k), jnp.float32),
-        jax.ShapeDtypeStruct((t, e), jnp.float32),
-        jax.ShapeDtypeStruct((t, e), jnp.float32),
-        jax.ShapeDtypeStruct((num_tiles, 1, e), jnp.int32),
+def _default_blocks(t: int, d: int, ep: int, backend: str, interpret: bool) -> tuple[int, int]:
+    """`(tokens per program, columns per matmul step)` for `ep` (padded) experts."""
+    if interpret:  # few, large programs: the interpreter's cost is per grid step
+        tt = min(256, _pow2_at_least(t, 8))
+        return tt, (d if backend == "tpu" else min(_pow2_at_least(d, 16), 512))
+    if backend == "tpu":
+        return 128, next((c for c in (512, 256, 128) if d % c == 0), d)
+    # Triton keeps a `[tt, ep]` float32 tile per program in registers: fewer tokens when E grows.
+    tt = max(16, min(128, 8192 // ep))
+    return tt, max(16, min(64, 8192 // ep))
+
+
+def _select(logits_TxE: jax.Array, bias_1xE: jax.Array, row0: jax.Array, plan: _Plan):
+    """Scores and top-k of one tile of float32 logits (padded experts masked out).
+
+    Returns `(ids [tt, kp] int32, weights [tt, kp], probs [tt, ep], logits [tt, ep],
+    counts [1, ep] int32)`; slots past `k` and rows past `t` carry no counts.
+    """
+    tt, ep, kp = logits_TxE.shape[0], plan.ep, plan.kp
+    col_E = jax.lax.broadcasted_iota(jnp.int32, (tt, ep), 1)
+    col_K = jax.lax.broadcasted_iota(jnp.int32, (tt, kp), 1)
+    logits = jnp.where(col_E < plan.e, logits_TxE, -jnp.inf)
+    probs = _scores(logits, plan.score)
+    sel = jnp.where(col_E < plan.e, probs + bias_1xE, -jnp.inf)
+    ids = jnp.zeros((tt, kp), jnp.int32)
+    wts = jnp.zeros((tt, kp), jnp.float32)
+    onehot_sum = jnp.zeros((tt, ep), jnp.float32)
+    for j in range(plan.k):
+        best = jnp.max(sel, axis=-1, keepdims=True)
+        idx = jnp.min(jnp.where(sel == best, col_E, ep), axis=-1, keepdims=True)
+        hit = col_E == idx
+        ids = jnp.where(col_K == j, idx, ids)
+        wts = jnp.where(col_K == j, jnp.sum(jnp.where(hit, probs, 0.0), -1, keepdims=True), wts)
+        onehot_sum += hit.astype(jnp.float32)
+        sel = jnp.where(hit, -jnp.inf, sel)
+    if plan.normalize:
+        wts = wts / jnp.sum(wts, axis=-1, keepdims=True)
+    rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (tt, 1), 0)
+    onehot_sum = jnp.where(rows < plan.t, onehot_sum, 0.0)
+    counts = jnp.sum(onehot_sum, axis=0, keepdims=True).astype(jnp.int32)
+    return ids, wts * plan.scale, probs, logits, counts
+
+
+def _dot32(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jax.lax.dot_general(
+        a.astype(jnp.float32), b.astype(jnp.float32), (((1,), (0,)), ((), ())),
+        precision=_HIGHEST, preferred_element_type=jnp.float32,
+    )  # fmt: skip
+
+
+def _forward_tpu(x, w, bias, plan: _Plan):
+    """Grid (token tile, D chunk): the logits block stays resident while the chunks add up."""
+    tt, td, nd = plan.tt, plan.td, plan.dp // plan.td
+
+    def kernel(x_ref, w_ref, bias_ref, ids_ref, wts_ref, probs_ref, logits_ref, counts_ref):
+        c, row0 = pl.program_id(1), pl.program_id(0) * tt  # (program ids outside `pl.when`)
+
+        @pl.when(c == 0)
+        def _init():
+            logits_ref[...] = jnp.zeros_like(logits_ref)
+
+        logits_ref[...] += _dot32(x_ref[...], w_ref[...])
+
+        @pl.when(c == nd - 1)
+        def _route():
+            outs = _select(logits_ref[...], bias_ref[...], row0, plan)
+            for ref, value in zip(
+                (ids_ref, wts_ref, probs_ref, logits_ref, counts_ref), outs, strict=True
+            ):
+                ref[...] = value
+
+    tile = lambda cols: pl.BlockSpec((tt, cols), lambda i, c: (i, 0))  # noqa: E731
+    in_specs = [
+        pl.BlockSpec((tt, td), lambda i, c: (i, c)),
+        pl.BlockSpec((td, plan.ep), lambda i, c: (c, 0)),
+        pl.BlockSpec((1, plan.ep), lambda i, c: (0, 0)),
     ]
-    out_specs = [tile(k), tile(k), tile(e), tile(e),
-                 pl.BlockSpec((None, 1, e), lambda i, *_: (i, 0, 0))]  # fmt: skip
-    return kernel, [tile(d), whole((d, e)), whole((1, e))], out_specs, out_shape
+    out_specs = [tile(plan.kp), tile(plan.kp), tile(plan.ep), tile(plan.ep),
+                 pl.BlockSpec((None, 1, plan.ep), lambda i, c: (i, 0, 0))]  # fmt: skip
+    params = None
+    if not plan.interpret:
+        params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
+    return pl.pallas_call(
+        kernel, grid=(plan.tp // tt, nd), in_specs=in_specs, out_specs=out_specs,
+        out_shape=_forward_shapes(plan), compiler_params=params, interpret=plan.interpret,
+    )(x, w, bias)  # fmt: skip
 
 
-def _gating_fwd_impl(x_TxD, w_DxE, bias_E, k, score, normalize, scale, tt, backend, interpret):
-    t = x_TxD.shape[0]
-    x = common.pad_rows(x_TxD, tt)
-    bias_1xE = bias_E.astype(jnp.float32).reshape(1, -1)
-    kernel, in_specs, out_specs, out_shape = _gating_kernel(
-        x.shape[0], x.shape[1], w_DxE.shape[1], k, score, normalize, scale, tt
-    )
-    num_valid = jnp.full((1,), t, jnp.int32)
-    grid = (x.shape[0] // tt,)
-    if backend == "tpu":  # the valid-token count is a prefetched scalar
-        grid_spec = pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=grid, in_specs=in_specs, out_specs=out_specs
-        )
-        params = None if interpret else pltpu.CompilerParams(dimension_semantics=("parallel",))
-        call = pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape,
-                              compiler_params=params, interpret=interpret)  # fmt: skip
-    else:  # Triton (named: JAX may default GPU kernels to Mosaic GPU): an ordinary input
-        in_specs = [pl.BlockSpec((1,), lambda i: (0,)), *in_specs]
-        params = None if interpret else pltriton.CompilerParams(num_warps=4)
-        call = pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                              out_shape=out_shape, compiler_params=params,
-                              interpret=interpret)  # fmt: skip
-    outs = call(num_valid, x, w_DxE, bias_1xE)
+def _forward_gpu(x, w, bias, plan: _Plan):
+    """Grid (token tile,): each program loops over the D chunks of its rows and of `w`."""
+    tt, td, nd = plan.tt, plan.td, plan.dp // plan.td
+
+    def kernel(x_ref, w_ref, bias_ref, ids_ref, wts_ref, probs_ref, logits_ref, counts_ref):
+        row0 = pl.program_id(0) * tt
+
+        def step(c, acc):
+            cols = pl.ds(c * td, td)
+            return acc + _dot32(x_ref[pl.ds(row0, tt), cols], w_ref[cols, :])
+
+        logits = jax.lax.fori_loop(0, nd, step, jnp.zeros((tt, plan.ep), jnp.float32))
+        outs = _select(logits, bias_ref[...], row0, plan)
+        for ref, value in zip(
+            (ids_ref, wts_ref, probs_ref, logits_ref, counts_ref), outs, strict=True
+        ):
+            ref[...] = value
+
+    tile = lambda cols: pl.BlockSpec((tt, cols), lambda i: (i, 0))  # noqa: E731
+    out_specs = [tile(plan.kp), tile(plan.kp), tile(plan.ep), tile(plan.ep),
+                 pl.BlockSpec((None, 1, plan.ep), lambda i: (i, 0, 0))]  # fmt: skip
+    # Triton by name: JAX may default GPU kernels to Mosaic GPU.
+    params = None if plan.interpret else pltriton.CompilerParams(num_warps=4)
+    return pl.pallas_call(
+        kernel, grid=(plan.tp // tt,), in_specs=[_WHOLE, _WHOLE, _WHOLE], out_specs=out_specs,
+        out_shape=_forward_shapes(plan), compiler_params=params, interpret=plan.interpret,
+    )(x, w, bias)  # fmt: skip
+
+
+def _forward_shapes(plan: _Plan):
+    tp, ep, kp = plan.tp, plan.ep, plan.kp
+    return [
+        jax.ShapeDtypeStruct((tp, kp), jnp.int32),
+        jax.ShapeDtypeStruct((tp, kp), jnp.float32),
+        jax.ShapeDtypeStruct((tp, ep), jnp.float32),
+        jax.ShapeDtypeStruct((tp, ep), jnp.float32),
+        jax.ShapeDtypeStruct((tp // plan.tt, 1, ep), jnp.int32),
+    ]
+
+
+def _pad(a: jax.Array, rows: int, cols: int) -> jax.Array:
+    """`a` with zeros appended up to `[rows, cols]` (no copy when it already has that shape)."""
+    if a.shape == (rows, cols):
+        return a
+    return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])))
+
+
+def _forward_padded(x_TxD, w_DxE, bias_E, plan: _Plan):
+    """The kernel's outputs at the padded sizes `[tp, kp]` / `[tp, ep]`, counts `[ep]`."""
+    x = _pad(x_TxD, plan.tp, plan.dp)
+    w = _pad(w_DxE, plan.dp, plan.ep)
+    bias = _pad(bias_E.astype(jnp.float32).reshape(1, -1), 1, plan.ep)
+    forward = _forward_tpu if plan.backend == "tpu" else _forward_gpu
+    ids, wts, probs, logits, counts = forward(x, w, bias, plan)
+    return ids, wts, probs, logits, counts.sum((0, 1))
+
+
+def _unpad(outs, plan: _Plan):
     ids, wts, probs, logits, counts = outs
-    return ids[:t], wts[:t], counts.sum((0, 1)), probs[:t], logits[:t]
+    t, e, k = plan.t, plan.e, plan.k
+    return ids[:t, :k], wts[:t, :k], counts[:e], probs[:t, :e], logits[:t, :e]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8, 9))
-def _gating(x, w, bias, k, score, normalize, scale, tt, backend, interpret):
-    return _gating_fwd_impl(x, w, bias, k, score, normalize, scale, tt, backend, interpret)
+def _dlogits_kernel(plan: _Plan):
+    """Per tile of tokens: `dl`, the cotangent of the logits, from the saved logits and ids."""
+
+    def kernel(logits_ref, ids_ref, d_wts_ref, d_probs_ref, d_logits_ref, dl_ref):
+        tt, ep, kp = plan.tt, plan.ep, plan.kp
+        probs = _scores(logits_ref[...], plan.score)
+        ids, d_wts = ids_ref[...], d_wts_ref[...]
+        col_E = jax.lax.broadcasted_iota(jnp.int32, (tt, ep), 1)
+        col_K = jax.lax.broadcasted_iota(jnp.int32, (tt, kp), 1)
+        slot = lambda a, j: jnp.sum(jnp.where(col_K == j, a, 0), -1, keepdims=True)  # noqa: E731
+        hits = [col_E == slot(ids, j) for j in range(plan.k)]
+        g = [slot(d_wts, j) * plan.scale for j in range(plan.k)]
+        if plan.normalize:  # w_j = p_j / S: dp_i = g_i / S - sum_j g_j p_j / S^2 on chosen i
+            p = [jnp.sum(jnp.where(hit, probs, 0.0), -1, keepdims=True) for hit in hits]
+            total = sum(p)
+            mean_g = sum(gj * pj for gj, pj in zip(g, p, strict=True)) / total
+            g = [(gj - mean_g) / total for gj in g]
+        d_probs = d_probs_ref[...]
+        for hit, gj in zip(hits, g, strict=True):
+            d_probs += jnp.where(hit, gj, 0.0)
+        if plan.score == "sigmoid":
+            dl = d_probs * probs * (1.0 - probs)
+        else:
+            dl = probs * (d_probs - jnp.sum(d_probs * probs, -1, keepdims=True))
+        dl_ref[...] = d_logits_ref[...] + dl
+
+    return kernel
 
 
-def _gating_fwd(x, w, bias, k, score, normalize, scale, tt, backend, interpret):
-    outs = _gating_fwd_impl(x, w, bias, k, score, normalize, scale, tt, backend, interpret)
-    return outs, (x, w, bias, outs[0])
+def _dlogits(logits, ids, d_wts, d_probs, d_logits, plan: _Plan):
+    """`[tp, ep]` cotangent of the padded logits (zeros on padded experts and tokens)."""
+    tt, ep, kp = plan.tt, plan.ep, plan.kp
+    tile = lambda cols: pl.BlockSpec((tt, cols), lambda i: (i, 0))  # noqa: E731
+    params = None
+    if not plan.interpret:
+        params = (
+            pltpu.CompilerParams(dimension_semantics=("parallel",))
+            if plan.backend == "tpu"
+            else pltriton.CompilerParams(num_warps=4)
+        )
+    return pl.pallas_call(
+        _dlogits_kernel(plan), grid=(plan.tp // tt,),
+        in_specs=[tile(ep), tile(kp), tile(kp), tile(ep), tile(ep)], out_specs=tile(ep),
+        out_shape=jax.ShapeDtypeStruct((plan.tp, ep), jnp.float32), compiler_params=params,
+        interpret=plan.interpret,
+    )(logits, ids, d_wts, d_probs, d_logits)  # fmt: skip
 
 
-def _gating_bwd(k, score, normalize, scale, tt, backend, interpret, res, cts):
-    x, w, bias, ids = res
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gating(x, w, bias, plan: _Plan):
+    return _unpad(_forward_padded(x, w, bias, plan), plan)
+
+
+def _gating_fwd(x, w, bias, plan: _Plan):
+    outs = _forward_padded(x, w, bias, plan)
+    ids, _, _, logits, _ = outs
+    return _unpad(outs, plan), (x, w, bias, ids, logits)
+
+
+def _gating_bwd(plan: _Plan, res, cts):
+    x, w, bias, ids, logits = res
     _, d_wts, _, d_probs, d_logits = cts
+    tp, ep, kp = plan.tp, plan.ep, plan.kp
+    dl = _dlogits(logits, ids, _pad(d_wts, tp, kp), _pad(d_probs, tp, ep),
+                  _pad(d_logits, tp, ep), plan)[: plan.t, : plan.e]  # fmt: skip
     x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
-    logits = jnp.dot(x32, w32, precision=_HIGHEST)
-
-    def outputs(logits):
-        probs = _scores(logits, score)
-        return _combine(probs, ids, normalize, scale), probs, logits
-
-    _, vjp = jax.vjp(outputs, logits)
-    (dl,) = vjp((d_wts, d_probs, d_logits))
     dx = jnp.dot(dl, w32.T, precision=_HIGHEST).astype(x.dtype)
     dw = jnp.dot(x32.T, dl, precision=_HIGHEST).astype(w.dtype)
     return dx, dw, jnp.zeros_like(bias)
@@ -168,6 +341,7 @@ def top_k_gating(
     normalize: bool = False,
     scale: float = 1.0,
     block_tokens: int | None = None,
+    block_d: int | None = None,
     backend: str | None = None,
     interpret: bool = False,
 ):
@@ -181,8 +355,10 @@ def top_k_gating(
       bias: `[E]` added to the scores for selection only (no gradient).
       normalize: divide the k weights by their sum (only when `k > 1`).
       scale: multiplies the weights after normalising.
-      block_tokens: tokens per program (default 128 compiled, the whole batch up to 256 when
-        interpreted).
+      block_tokens: tokens per program (default: 128 on TPU; on GPU 128 shrinking as E grows;
+        the whole batch up to 256 when interpreted).
+      block_d: columns of `x` per step of the router matmul (default: the largest of 512 / 256 /
+        128 dividing D on TPU, else D; a power of two up to 64 on GPU, fewer as E grows).
       backend, interpret: as in `gmm`.
 
     Returns:
@@ -202,10 +378,17 @@ def top_k_gating(
     bias = jnp.zeros((e,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
     if bias.shape != (e,):
         raise ValueError(f"bias has shape {bias.shape}, expected ({e},)")
-    tt = block_tokens or (min(256, max(8, 1 << max(t - 1, 0).bit_length())) if interpret else 128)
+    if backend == "gpu":  # Triton: power-of-two arrays, dot sides >= 16
+        ep, kp = _pow2_at_least(e, 16), _pow2_at_least(k)
+    else:
+        ep, kp = e, k
+    tt, td = _default_blocks(t, d, ep, backend, interpret)
+    tt, td = block_tokens or tt, block_d or td
     check_block_tokens(tt, backend, interpret)
+    check_block_d(td, d, backend, interpret)
     if t == 0:
         z = jnp.zeros((0, k))
         return z.astype(jnp.int32), z, jnp.zeros(e, jnp.int32), jnp.zeros((0, e)), jnp.zeros((0, e))
-    return _gating(x_TxD, w_DxE, bias, k, score, bool(normalize and k > 1), float(scale), tt,
-                   backend, interpret)  # fmt: skip
+    plan = _Plan(t, d, e, k, score, bool(normalize and k > 1), float(scale), tt, td, ep, kp,
+                 backend, interpret)  # fmt: skip
+    return _gating(x_TxD, w_DxE, bias, plan)

@@ -32,19 +32,20 @@ def _router_inputs(case, seed=0):
 
 
 @functools.cache
-def _gating(backend, k, score, normalize=False, scale=1.0):
+def _gating(backend, k, score, normalize=False, scale=1.0, block_d=None):
     f = functools.partial(gating.top_k_gating, k=k, score=score, normalize=normalize, scale=scale,
-                          block_tokens=TT, backend=backend, interpret=True)  # fmt: skip
+                          block_tokens=TT, block_d=block_d, backend=backend,
+                          interpret=True)  # fmt: skip
     return jax.jit(lambda x, w, bias: f(x, w, bias=bias))
 
 
-def _check_case(backend, case, variant):
+def _check_case(backend, case, variant, block_d=None):
     opts = dict(VARIANTS[variant])
     use_bias = opts.pop("bias", False)
     x, w = _router_inputs(case)
     e, k = case.num_experts, case.k
     bias = np.linspace(0.0, 0.1, e, dtype=np.float32) if use_bias else np.zeros(e, np.float32)
-    ids, weights, counts, probs, logits = _gating(backend, k, **opts)(x, w, bias)
+    ids, weights, counts, probs, logits = _gating(backend, k, **opts, block_d=block_d)(x, w, bias)
     # The oracle: the same logits through jax.nn scores and jax.lax.top_k.
     ref_logits = x @ w
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5, err_msg=case.name)
@@ -82,22 +83,35 @@ def test_matches_top_k_over_routing_catalogue(backend):
         _check_case(backend, case, variant)
 
 
+def test_router_width_in_chunks():
+    """The logits matmul summed over D in chunks (5 on TPU, 3 padded ones of 32 on GPU) gives the
+    same routing."""
+    case = catalogue.ROUTING_CASES[1]
+    _check_case("tpu", case, "softmax", block_d=16)
+    _check_case("gpu", case, "sigmoid_bias_normalized", block_d=32)
+
+
+# (score, normalize, k) over 5 experts: k = 3 also pads the slots to 4 on the Triton path.
+GRAD_VARIANTS = [("softmax", False, 3), ("sigmoid", True, 2), ("softmax", True, 1)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
-def test_gradients_match_reference(backend):
-    case = catalogue.ROUTING_CASES[1]  # ragged tail: 37 tokens, 5 experts, k = 2
+@pytest.mark.parametrize("score,normalize,k", GRAD_VARIANTS)
+def test_gradients_match_reference(backend, score, normalize, k):
+    case = catalogue.ROUTING_CASES[1]  # ragged tail: 37 tokens, 5 experts
     x, w = _router_inputs(case, seed=1)
     x = x + np.random.default_rng(2).normal(size=x.shape).astype(np.float32)
     bias = np.linspace(0.0, 0.05, case.num_experts, dtype=np.float32)
     rng = np.random.default_rng(3)
     ct_w, ct_p, ct_l = (rng.normal(size=s).astype(np.float32)
-                        for s in ((37, 2), (37, 5), (37, 5)))  # fmt: skip
+                        for s in ((37, k), (37, 5), (37, 5)))  # fmt: skip
 
     def loss(fn, x, w):
         _, weights, _, probs, logits = fn(x, w, bias)
         return (weights * ct_w).sum() + (probs * ct_p).sum() + (logits * ct_l).sum()
 
-    kernel = _gating(backend, 2, "sigmoid", normalize=True, scale=1.5)
-    ref = functools.partial(reference.top_k_gating, k=2, score="sigmoid", normalize=True,
+    kernel = _gating(backend, k, score, normalize=normalize, scale=1.5, block_d=16)
+    ref = functools.partial(reference.top_k_gating, k=k, score=score, normalize=normalize,
                             scale=1.5)  # fmt: skip
     grads = jax.grad(functools.partial(loss, kernel), (0, 1))(x, w)
     ref_grads = jax.grad(lambda x, w: loss(lambda x, w, b: ref(x, w, bias=b), x, w), (0, 1))(x, w)
@@ -123,3 +137,9 @@ def test_bfloat16_input_and_errors():
         gating.top_k_gating(x, w, 2, block_tokens=12, backend="tpu")
     with pytest.raises(ValueError, match="block_tokens=24 is not a power of two"):
         gating.top_k_gating(x, w, 2, block_tokens=24, backend="gpu")
+    with pytest.raises(ValueError, match="block_d=24 does not divide the model width 80"):
+        gating.top_k_gating(x, w, 2, block_d=24, backend="tpu", interpret=True)
+    with pytest.raises(ValueError, match="block_d=16 is neither a multiple of 128"):
+        gating.top_k_gating(x, w, 2, block_d=16, backend="tpu")
+    with pytest.raises(ValueError, match="block_d=48 is not a power of two"):
+        gating.top_k_gating(x, w, 2, block_d=48, backend="gpu")
