@@ -1,6 +1,7 @@
-"""Pallas kernel throughput: grouped matmul (forward, activation grad, weight grad) and the fused
-SwiGLU kernel, against a dense `jnp.dot` of the same FLOPs and `jax.lax.ragged_dot`; then the MoE
-layer forward+backward with implementation "pallas" vs "xla" vs "ragged_dot".
+"""Pallas kernel throughput: grouped matmul (forward, activation grad, weight grad), the fused
+SwiGLU kernel and the fused gating kernel, against a dense `jnp.dot` of the same FLOPs and
+`jax.lax.ragged_dot` (gating: against its XLA path); then the MoE layer forward+backward with
+implementation "pallas" vs "xla" vs "ragged_dot".
 
 Shapes (tokens T, width D, expert width F, experts E, slots k; bfloat16; rows M = T * k routed
 evenly):
@@ -133,11 +134,39 @@ def _kernel_variants(s: Shape, interpret: bool, with_ragged: bool):
                        (x, w, w_up, dy)),
             "dense": (jit(lambda x, a, b: (dense(x, a), dense(x, b))), (x, w_dense, w_up[0])),
         }),
+        "gating fwd+bwd": (3 * 2 * s.tokens * d * e, _gating_variants(s)),
     }  # fmt: skip
     if not with_ragged:
         for _, variants in ops.values():
             variants.pop("ragged_dot", None)
     return ops
+
+
+def _gating_variants(s: Shape):
+    """Router matmul + top-k forward and backward: the fused kernel, the XLA path, and the dense
+    router matmul alone (its three matmuls are the FLOPs counted)."""
+    keys = jax.random.split(jax.random.key(1), 4)
+    x = jax.random.normal(keys[0], (s.tokens, s.d), jnp.bfloat16)
+    w = jax.random.normal(keys[1], (s.d, s.e)) / np.sqrt(s.d)
+    ct_w = jax.random.normal(keys[2], (s.tokens, s.k))
+    ct_l = jax.random.normal(keys[3], (s.tokens, s.e))
+
+    def routed(impl):
+        def loss(x, w):
+            r, _ = jmoe.ops.top_k_gating(x, w, s.k, implementation=impl)
+            return jnp.sum(r.weights * ct_w) + jnp.sum(r.logits * ct_l)
+
+        return jax.jit(jax.grad(loss, (0, 1)))
+
+    def dense_loss(x, w):
+        logits = jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+        return jnp.sum(logits * ct_l)
+
+    return {
+        "pallas": (routed("pallas"), (x, w)),
+        "xla": (routed("xla"), (x, w)),
+        "dense": (jax.jit(jax.grad(dense_loss, (0, 1))), (x, w)),
+    }
 
 
 def kernel_rows(s: Shape, runs: int, interpret: bool, with_ragged: bool) -> list[dict]:
