@@ -143,3 +143,16 @@ def test_bfloat16_input_and_errors():
         gating.top_k_gating(x, w, 2, block_d=16, backend="tpu")
     with pytest.raises(ValueError, match="block_d=48 is not a power of two"):
         gating.top_k_gating(x, w, 2, block_d=48, backend="gpu")
+
+
+def test_mosaic_accumulation_starts_from_zero():
+    """The TPU interpreter with NaN-filled fresh buffers models Mosaic's blocks: the logits summed
+    over D chunks must start from zeros, and every output must be written."""
+    pltpu = pytest.importorskip("jax.experimental.pallas.tpu")
+    nan_buffers = pltpu.InterpretParams(uninitialized_memory="nan")
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(20, 256)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(7).normal(size=(256, 6)) / 16, jnp.float32)
+    run = functools.partial(gating.top_k_gating, k=3, block_tokens=8, block_d=128, backend="tpu")
+    for got, want in zip(run(x, w, interpret=nan_buffers), run(x, w, interpret=True), strict=True):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(run(x, w, interpret=nan_buffers)[4], x @ w, rtol=1e-5, atol=1e-5)
