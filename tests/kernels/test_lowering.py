@@ -25,6 +25,7 @@ PRESETS = ("mixtral_8x7b", "olmoe_1b_7b", "qwen3_moe_30b_a3b", "deepseek_v3_styl
 EXTRA_SHAPES = {"deepseek_moe_16b": (2048, 1408, 64, 6), "qwen1.5_moe": (2048, 1408, 60, 4)}
 TOKENS = 2048
 PLATFORMS = {"tpu": ("tpu", "tpu_custom_call"), "cuda": ("gpu", "__gpu$xla.gpu.triton")}
+PLATFORM_IDS = ("mosaic", "triton")  # not "tpu" / "gpu": conftest skips tests with those keywords
 
 
 def _shapes():
@@ -64,7 +65,7 @@ def _vjp(fn, *primals):
     return out, pull(out)
 
 
-@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("platform", PLATFORMS, ids=PLATFORM_IDS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
 def test_expert_kernels_lower(platform, shape, dtype):
@@ -86,7 +87,7 @@ def test_expert_kernels_lower(platform, shape, dtype):
     _lower(mlp, platform, x, w_in, w_in, w_down, sizes)
 
 
-@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("platform", PLATFORMS, ids=PLATFORM_IDS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("score", gating.SCORES)
 def test_gating_lowers(platform, shape, score):
@@ -101,3 +102,21 @@ def test_gating_lowers(platform, shape, score):
         return _vjp(lambda x, w: route(x, w)[1::2], x, w)  # weights and probs
 
     _lower(fwd_bwd, platform, x, w)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS, ids=PLATFORM_IDS)
+def test_local_groups_lower(platform):
+    """Expert parallelism's form: the weights of the local groups only, a traced group offset."""
+    d, f, e, k = SHAPES["olmoe_1b_7b"]
+    backend = PLATFORMS[platform][0]
+    x = jax.ShapeDtypeStruct((TOKENS * k, d), jnp.bfloat16)
+    w_local = jax.ShapeDtypeStruct((e // 4, d, f), jnp.bfloat16)
+    sizes = jax.ShapeDtypeStruct((e,), jnp.int32)
+    offset = jax.ShapeDtypeStruct((), jnp.int32)
+
+    def fwd_bwd(x, w_gate, w_up, sizes, offset):
+        h = functools.partial(gmm_ops.swiglu, group_sizes=sizes, group_offset=offset,
+                              backend=backend)  # fmt: skip
+        return _vjp(h, x, w_gate, w_up)
+
+    _lower(fwd_bwd, platform, x, w_local, w_local, sizes, offset)
