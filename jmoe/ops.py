@@ -175,7 +175,7 @@ def top_k_gating(
       k, score, bias, normalize, scale, n_groups, top_groups, renorm_when_k1: as in
         `jmoe.routing.top_k` (`bias` `[E]` shifts the scores for selection only).
       implementation: "pallas" (one fused kernel), "xla" / "ragged_dot" (`routing.top_k` on
-        `x @ w`), or None ("pallas" on the `PALLAS_DEFAULT_BACKENDS` where supported, else "xla").
+        `x @ w`), or None ("pallas" on the `PALLAS_DEFAULT_BACKENDS`, else "xla").
         Group-limited selection and the k = 1 renormalisation are not in the kernel: they always
         take the "xla" path.
 
