@@ -4,10 +4,14 @@
 plus dtype-keyed tolerances and small random inputs.
 """
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jmoe import catalogue
+from pallas_kernels import gating, reference
 
 M, G, K, N = 64, 4, 16, 24  # rows, groups, contracted and output widths
 TM = 16  # rows per tile in the tests: 4 row tiles, so shared and skipped tiles both occur
@@ -41,3 +45,32 @@ def group_loop(x, w, gs):
     for g, (s, e) in enumerate(zip(ends - gs, ends, strict=True)):
         y[s:e] = x[s:e] @ w[g]
     return y
+
+
+# (D, E, k): a power-of-two router, and Qwen1.5-MoE's 60 experts with k = 6 over a wide D
+# (the Triton kernel pads E and k and sums the router matmul over several D chunks).
+GATING_SHAPES = [(256, 64, 8), (2048, 60, 6)]
+
+
+def check_gating(backend, d, e, k, *, interpret):
+    """The gating kernel's routing, logits and gradients on 1000 bfloat16 tokens against
+    `reference.top_k_gating` (sigmoid scores, renormalised weights)."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(1000, d)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(d, e)) / np.sqrt(d), jnp.float32)
+    ct_w, ct_p = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((1000, k), (1000, e)))
+    opts = dict(k=k, score="sigmoid", normalize=True)
+
+    def run(fn, x, w):
+        _, pull = jax.vjp(lambda x, w: fn(x, w, **opts)[1::2], x, w)  # weights, probs
+        return fn(x, w, **opts), pull((ct_w, ct_p))
+
+    kernel = functools.partial(gating.top_k_gating, backend=backend, interpret=interpret)
+    (ids, _, counts, probs, logits), grads = jax.jit(functools.partial(run, kernel))(x, w)
+    with jax.default_matmul_precision("highest"):  # the kernel's router matmul is exact float32
+        (_, _, _, _, ref_logits), ref_grads = run(reference.top_k_gating, x, w)
+    np.testing.assert_array_equal(ids, jax.lax.top_k(probs, k)[1])
+    np.testing.assert_array_equal(counts, np.bincount(np.ravel(ids), minlength=e))
+    close(logits, ref_logits, jnp.float32)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        close(g, rg, jnp.bfloat16)

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_cases import DTYPES, close
+from kernel_cases import DTYPES, GATING_SHAPES, check_gating
 
 from jmoe import catalogue
-from pallas_kernels import gating, gmm_ops, reference
+from pallas_kernels import gmm_ops, reference
 
 M, G, K, N = 512, 8, 256, 384
 CASES = catalogue.group_size_cases(M, G)
@@ -59,13 +59,6 @@ def test_compiled_forward_and_gradients(backend, dtype, name):
 
 
 @accelerators
-def test_compiled_gating(backend):
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=(1024, 256)), jnp.bfloat16)
-    w = jnp.asarray(rng.normal(size=(256, 64)) / 16, jnp.float32)
-    ids, weights, counts, probs, logits = jax.jit(
-        functools.partial(gating.top_k_gating, k=8, backend=backend)
-    )(x, w)
-    np.testing.assert_array_equal(ids, jax.lax.top_k(probs, 8)[1])
-    close(logits, jnp.dot(x.astype(jnp.float32), w, precision="highest"), jnp.bfloat16)
-    assert int(counts.sum()) == 1024 * 8
+@pytest.mark.parametrize("d,e,k", GATING_SHAPES)
+def test_compiled_gating(backend, d, e, k):
+    check_gating(backend, d, e, k, interpret=False)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_cases import BACKEND_IDS, BACKENDS
+from kernel_cases import BACKEND_IDS, BACKENDS, GATING_SHAPES, check_gating
 
 from jmoe import catalogue
 from pallas_kernels import gating, reference
@@ -156,3 +156,10 @@ def test_mosaic_accumulation_starts_from_zero():
     for got, want in zip(run(x, w, interpret=nan_buffers), run(x, w, interpret=True), strict=True):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(run(x, w, interpret=nan_buffers)[4], x @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
+def test_compiled_check_interpreted(backend):
+    """`test_compiled.py`'s gating check at its widest shape (E = 60, k = 6, D = 2048),
+    interpreted: the same oracle the accelerators must pass."""
+    check_gating(backend, *GATING_SHAPES[-1], interpret=True)
