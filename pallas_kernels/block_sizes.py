@@ -8,10 +8,13 @@ passing a `BlockSizes`, which is then validated against the shapes and the backe
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import jax.numpy as jnp
 
 BACKENDS = ("tpu", "gpu")
+# JAX deprecates its Pallas Triton backend (0.12); where it is gone the GPU kernels are unsupported.
+TRITON_AVAILABLE = importlib.util.find_spec("jax.experimental.pallas.triton") is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +118,8 @@ SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 def supported(k: int, n: int, dtype, backend: str) -> bool:
     """Whether the compiled kernels take `[*, k] x [k, n]` in `dtype` with default blocks."""
     if jnp.dtype(dtype).name not in SUPPORTED_DTYPES or backend not in BACKENDS:
+        return False
+    if backend == "gpu" and not TRITON_AVAILABLE:
         return False
     try:
         check_block_sizes(default_block_sizes(1, k, n, dtype, backend), k, n, dtype, backend)

@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_sizes import BACKENDS
+from pallas_kernels.block_sizes import BACKENDS, TRITON_AVAILABLE
 
 
 def default_backend(backend: str | None) -> str:
@@ -23,6 +23,25 @@ def default_backend(backend: str | None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {(None, *BACKENDS)}")
     return backend
+
+
+def triton_params(interpret: bool, **options):
+    """Triton compiler options for a GPU kernel; None when interpreted.
+
+    Triton is named explicitly because JAX may default GPU kernels to Mosaic GPU. It is imported
+    on use: JAX deprecates its Pallas Triton backend, and a JAX without it must still import these
+    kernels (and run them interpreted).
+    """
+    if interpret:
+        return None
+    if not TRITON_AVAILABLE:
+        raise NotImplementedError(
+            f"JAX {jax.__version__} has no Pallas Triton backend, which the GPU kernels use; "
+            'use implementation="xla" or "ragged_dot" (implementation=None does so)'
+        )
+    from jax.experimental.pallas import triton
+
+    return triton.CompilerParams(**options)
 
 
 def local_offsets(

@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import common
 
@@ -156,6 +155,14 @@ def _dot32(a: jax.Array, b: jax.Array) -> jax.Array:
     )  # fmt: skip
 
 
+def _compiler_params(plan: _Plan, tpu_semantics: tuple[str, ...] = ()):
+    """The backend's compiler options (None when interpreted)."""
+    if plan.backend == "tpu":
+        interpret = plan.interpret
+        return None if interpret else pltpu.CompilerParams(dimension_semantics=tpu_semantics)
+    return common.triton_params(plan.interpret, num_warps=4)
+
+
 def _forward_tpu(x, w, bias, plan: _Plan):
     """Grid (token tile, D chunk): the logits block stays resident while the chunks add up."""
     tt, td, nd = plan.tt, plan.td, plan.dp // plan.td
@@ -185,9 +192,7 @@ def _forward_tpu(x, w, bias, plan: _Plan):
     ]
     out_specs = [tile(plan.kp), tile(plan.kp), tile(plan.ep), tile(plan.ep),
                  pl.BlockSpec((None, 1, plan.ep), lambda i, c: (i, 0, 0))]  # fmt: skip
-    params = None
-    if not plan.interpret:
-        params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
+    params = _compiler_params(plan, ("parallel", "arbitrary"))
     return pl.pallas_call(
         kernel, grid=(plan.tp // tt, nd), in_specs=in_specs, out_specs=out_specs,
         out_shape=_forward_shapes(plan), compiler_params=params, interpret=plan.interpret,
@@ -215,8 +220,7 @@ def _forward_gpu(x, w, bias, plan: _Plan):
     tile = lambda cols: pl.BlockSpec((tt, cols), lambda i: (i, 0))  # noqa: E731
     out_specs = [tile(plan.kp), tile(plan.kp), tile(plan.ep), tile(plan.ep),
                  pl.BlockSpec((None, 1, plan.ep), lambda i: (i, 0, 0))]  # fmt: skip
-    # Triton by name: JAX may default GPU kernels to Mosaic GPU.
-    params = None if plan.interpret else pltriton.CompilerParams(num_warps=4)
+    params = _compiler_params(plan)
     return pl.pallas_call(
         kernel, grid=(plan.tp // tt,), in_specs=[_WHOLE, _WHOLE, _WHOLE], out_specs=out_specs,
         out_shape=_forward_shapes(plan), compiler_params=params, interpret=plan.interpret,
@@ -290,13 +294,7 @@ def _dlogits(logits, ids, d_wts, d_probs, d_logits, plan: _Plan):
     """`[tp, ep]` cotangent of the padded logits (zeros on padded experts and tokens)."""
     tt, ep, kp = plan.tt, plan.ep, plan.kp
     tile = lambda cols: pl.BlockSpec((tt, cols), lambda i: (i, 0))  # noqa: E731
-    params = None
-    if not plan.interpret:
-        params = (
-            pltpu.CompilerParams(dimension_semantics=("parallel",))
-            if plan.backend == "tpu"
-            else pltriton.CompilerParams(num_warps=4)
-        )
+    params = _compiler_params(plan, ("parallel",))
     return pl.pallas_call(
         _dlogits_kernel(plan), grid=(plan.tp // tt,),
         in_specs=[tile(ep), tile(kp), tile(kp), tile(ep), tile(ep)], out_specs=tile(ep),

@@ -15,16 +15,15 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.block_sizes import BlockSizes
-from pallas_kernels.common import dot, row_mask
+from pallas_kernels.common import dot, row_mask, triton_params
 
 _WHOLE = pl.no_block_spec  # an unblocked input: the kernel indexes it itself
 
 
 def _compiler_params(interpret: bool):
-    return None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=3)
+    return triton_params(interpret, num_warps=4, num_stages=3)
 
 
 def gmm(

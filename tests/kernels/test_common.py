@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from kernel_cases import GS_CASES, M
 
-from pallas_kernels import common
+from pallas_kernels import block_sizes, common
 
 
 def _overlaps(gs, offset, num_local, m, tm):
@@ -77,3 +77,15 @@ def test_cost_follows_used_rows_only():
         base == more_rows == int(_visits(more_groups, 0, 64, 32, 8)[0].num_active[0]) == 6
     )  # 1 + 3 + 2
     assert int(_visits(np.zeros(64, np.int32), 0, 64, 4096, 8)[0].num_active[0]) == 0
+
+
+def test_gpu_kernels_without_pallas_triton(monkeypatch):
+    """A JAX without the (deprecated) Pallas Triton backend: the GPU kernels are unsupported,
+    say so by name when forced, and still run interpreted."""
+    monkeypatch.setattr(block_sizes, "TRITON_AVAILABLE", False)
+    monkeypatch.setattr(common, "TRITON_AVAILABLE", False)
+    assert not block_sizes.supported(256, 256, jnp.bfloat16, "gpu")
+    assert block_sizes.supported(256, 256, jnp.bfloat16, "tpu")
+    with pytest.raises(NotImplementedError, match='no Pallas Triton backend.*"xla"'):
+        common.triton_params(False, num_warps=4)
+    assert common.triton_params(True, num_warps=4) is None
