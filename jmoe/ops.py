@@ -191,7 +191,9 @@ def top_k_gating(
     e = w_DxE.shape[-1]
     impl = implementation
     if impl is None:  # the kernel takes every shape (the GPU one pads to its power-of-two blocks)
-        impl = "pallas" if jax.default_backend() in PALLAS_DEFAULT_BACKENDS else "xla"
+        backend = jax.default_backend()
+        default = backend in PALLAS_DEFAULT_BACKENDS and pallas_kernels.available(backend)
+        impl = "pallas" if default else "xla"
     resolve_implementation(impl)
     in_kernel = n_groups is None and not (renorm_when_k1 and k == 1)
     if impl == "pallas" and in_kernel:

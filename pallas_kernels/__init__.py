@@ -10,6 +10,7 @@ Each runs on TPU (Mosaic) and GPU (Triton), and in the Pallas interpreter (`inte
 
 from pallas_kernels.block_sizes import (
     BlockSizes,
+    available,
     check_block_sizes,
     default_block_sizes,
     supported,
@@ -20,6 +21,7 @@ from pallas_kernels.gmm_ops import gmm, swiglu
 
 __all__ = [
     "BlockSizes",
+    "available",
     "check_block_sizes",
     "default_block_sizes",
     "gmm",

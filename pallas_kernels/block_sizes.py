@@ -115,11 +115,14 @@ def check_block_sizes(
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def available(backend: str) -> bool:
+    """Whether this JAX can compile the kernels for `backend` ("gpu" needs Pallas Triton)."""
+    return backend == "tpu" or (backend == "gpu" and TRITON_AVAILABLE)
+
+
 def supported(k: int, n: int, dtype, backend: str) -> bool:
     """Whether the compiled kernels take `[*, k] x [k, n]` in `dtype` with default blocks."""
-    if jnp.dtype(dtype).name not in SUPPORTED_DTYPES or backend not in BACKENDS:
-        return False
-    if backend == "gpu" and not TRITON_AVAILABLE:
+    if jnp.dtype(dtype).name not in SUPPORTED_DTYPES or not available(backend):
         return False
     try:
         check_block_sizes(default_block_sizes(1, k, n, dtype, backend), k, n, dtype, backend)

@@ -84,6 +84,7 @@ def test_gpu_kernels_without_pallas_triton(monkeypatch):
     say so by name when forced, and still run interpreted."""
     monkeypatch.setattr(block_sizes, "TRITON_AVAILABLE", False)
     monkeypatch.setattr(common, "TRITON_AVAILABLE", False)
+    assert not block_sizes.available("gpu") and block_sizes.available("tpu")
     assert not block_sizes.supported(256, 256, jnp.bfloat16, "gpu")
     assert block_sizes.supported(256, 256, jnp.bfloat16, "tpu")
     with pytest.raises(NotImplementedError, match='no Pallas Triton backend.*"xla"'):
