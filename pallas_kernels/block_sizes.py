@@ -65,8 +65,21 @@ def default_block_sizes(
         tk = _largest_divisor(k, (512, 256, 128))
         tn = _largest_divisor(n, (512, 256, 128))
         return BlockSizes(tm, tk, tn)
+    # Triton pipelines GPU_STAGES copies of the fused SwiGLU kernel's blocks (x and two weights):
+    # 48 KiB each with tk = 64 for 2-byte and tk = 32 for 4-byte dtypes, within A100's 164 KiB.
     tm = _pow2_at_most(m, 128, 16)
-    return BlockSizes(tm, _largest_divisor(k, (64, 32, 16)), _largest_divisor(n, (128, 64, 32, 16)))
+    tk_max = 64 if jnp.dtype(dtype).itemsize <= 2 else 32
+    tk = _largest_divisor(k, tuple(c for c in (64, 32, 16) if c <= tk_max))
+    return BlockSizes(tm, tk, _largest_divisor(n, (128, 64, 32, 16)))
+
+
+GPU_STAGES = 3  # Triton software-pipeline depth of the grouped-matmul loops
+
+
+def gpu_num_warps(bs: BlockSizes) -> int:
+    """Warps per Triton program: 8 for 128 x 128 tiles, so two float32 accumulators (the fused
+    SwiGLU kernel) take 128 registers per thread instead of spilling past 255."""
+    return 8 if bs.tm * bs.tn >= 128 * 128 else 4
 
 
 def check_block_sizes(

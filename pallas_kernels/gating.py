@@ -112,9 +112,10 @@ def _default_blocks(t: int, d: int, ep: int, backend: str, interpret: bool) -> t
         return tt, (d if backend == "tpu" else min(_pow2_at_least(d, 16), 512))
     if backend == "tpu":
         return 128, next((c for c in (512, 256, 128) if d % c == 0), d)
-    # Triton keeps a `[tt, ep]` float32 tile per program in registers: fewer tokens when E grows.
-    tt = max(16, min(128, 8192 // ep))
-    return tt, max(16, min(64, 8192 // ep))
+    # Triton keeps about five `[tt, ep]` float32 arrays per program in registers (logits, scores,
+    # selection, one-hots, iota): 4096 elements each are 32 registers per thread of 4 warps.
+    tt = max(16, min(128, 4096 // ep))
+    return tt, max(16, min(64, 4096 // ep))
 
 
 def _select(logits_TxE: jax.Array, bias_1xE: jax.Array, row0: jax.Array, plan: _Plan):
@@ -353,10 +354,10 @@ def top_k_gating(
       bias: `[E]` added to the scores for selection only (no gradient).
       normalize: divide the k weights by their sum (only when `k > 1`).
       scale: multiplies the weights after normalising.
-      block_tokens: tokens per program (default: 128 on TPU; on GPU 128 shrinking as E grows;
-        the whole batch up to 256 when interpreted).
+      block_tokens: tokens per program (default: 128 on TPU; on GPU 4096 // E_padded up to 128; the
+        whole batch up to 256 when interpreted).
       block_d: columns of `x` per step of the router matmul (default: the largest of 512 / 256 /
-        128 dividing D on TPU, else D; a power of two up to 64 on GPU, fewer as E grows).
+        128 dividing D on TPU, else D; 4096 // E_padded up to 64 on GPU).
       backend, interpret: as in `gmm`.
 
     Returns:

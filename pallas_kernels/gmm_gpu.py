@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.block_sizes import BlockSizes
+from pallas_kernels.block_sizes import GPU_STAGES, BlockSizes, gpu_num_warps
 from pallas_kernels.common import dot, row_mask, triton_params
 
 _WHOLE = pl.no_block_spec  # an unblocked input: the kernel indexes it itself
 
 
-def _compiler_params(interpret: bool):
-    return triton_params(interpret, num_warps=4, num_stages=3)
+def _compiler_params(bs: BlockSizes, interpret: bool):
+    return triton_params(interpret, num_warps=gpu_num_warps(bs), num_stages=GPU_STAGES)
 
 
 def gmm(
@@ -97,7 +97,7 @@ def gmm(
             ],
             out_specs=[row_spec] * len(out_dtypes),
             out_shape=[jax.ShapeDtypeStruct((m, n), d) for d in out_dtypes],
-            compiler_params=_compiler_params(interpret),
+            compiler_params=_compiler_params(bs, interpret),
             interpret=interpret,
         )(offsets_L1, first_T, last_T, lhs_MxK, *rhs, *extras)
     )
@@ -142,6 +142,6 @@ def tgmm(
         in_specs=[_WHOLE, _WHOLE, _WHOLE],
         out_specs=pl.BlockSpec((None, tk, tn), lambda g, kk, j: (g, kk, j)),
         out_shape=jax.ShapeDtypeStruct((num_local, k, n), out_dtype),
-        compiler_params=_compiler_params(interpret),
+        compiler_params=_compiler_params(bs, interpret),
         interpret=interpret,
     )(offsets_L1, lhs_MxK, rhs_MxN)

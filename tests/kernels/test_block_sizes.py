@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.block_sizes import (
+    GPU_STAGES,
     BlockSizes,
     check_block_sizes,
     default_block_sizes,
+    gpu_num_warps,
     supported,
 )
 
@@ -46,7 +48,14 @@ def test_heuristic_on_model_shapes():
     assert default_block_sizes(32768, 4096, 14336, jnp.float32, "tpu") == BlockSizes(256, 512, 512)
     blocks = 2 * (bf16.tm * bf16.tk + 2 * bf16.tk * bf16.tn + bf16.tm * bf16.tn)  # in / out
     assert blocks * 2 + 2 * bf16.tm * bf16.tn * 4 < 16 * 2**20 // 2  # half the 16 MiB default
-    assert default_block_sizes(32768, 2048, 1408, jnp.bfloat16, "gpu") == BlockSizes(128, 64, 128)
+    gpu = default_block_sizes(32768, 2048, 1408, jnp.bfloat16, "gpu")
+    assert gpu == BlockSizes(128, 64, 128)
+    assert default_block_sizes(32768, 2048, 1408, jnp.float32, "gpu") == BlockSizes(128, 32, 128)
+    for dtype in (jnp.bfloat16, jnp.float32):  # pipelined x + two weight blocks in shared memory
+        bs = default_block_sizes(32768, 2048, 1408, dtype, "gpu")
+        stage = (bs.tm * bs.tk + 2 * bs.tk * bs.tn) * jnp.dtype(dtype).itemsize
+        assert GPU_STAGES * stage <= 164 * 1024
+    assert gpu_num_warps(gpu) == 8 and gpu_num_warps(BlockSizes(32, 64, 128)) == 4
     assert default_block_sizes(20, 2048, 1408, jnp.bfloat16, "gpu").tm == 32  # few rows: small tm
     assert default_block_sizes(64, 16, 24, jnp.float32, "tpu", interpret=True) == BlockSizes(
         64, 16, 24
