@@ -125,17 +125,17 @@ def _select(logits_TxE: jax.Array, bias_1xE: jax.Array, row0: jax.Array, plan: _
     counts [1, ep] int32)`; slots past `k` and rows past `t` carry no counts.
     """
     tt, ep, kp = logits_TxE.shape[0], plan.ep, plan.kp
-    col_E = jax.lax.broadcasted_iota(jnp.int32, (tt, ep), 1)
+    col_E = _expert_index(tt, ep)
     col_K = jax.lax.broadcasted_iota(jnp.int32, (tt, kp), 1)
     logits = jnp.where(col_E < plan.e, logits_TxE, -jnp.inf)
     probs = _scores(logits, plan.score)
     sel = jnp.where(col_E < plan.e, probs + bias_1xE, -jnp.inf)
-    ids = jnp.zeros((tt, kp), jnp.int32)
+    ids = jnp.zeros((tt, kp), jnp.float32)
     wts = jnp.zeros((tt, kp), jnp.float32)
     onehot_sum = jnp.zeros((tt, ep), jnp.float32)
     for j in range(plan.k):
         best = jnp.max(sel, axis=-1, keepdims=True)
-        idx = jnp.min(jnp.where(sel == best, col_E, ep), axis=-1, keepdims=True)
+        idx = jnp.min(jnp.where(sel == best, col_E, float(ep)), axis=-1, keepdims=True)
         hit = col_E == idx
         ids = jnp.where(col_K == j, idx, ids)
         wts = jnp.where(col_K == j, jnp.sum(jnp.where(hit, probs, 0.0), -1, keepdims=True), wts)
@@ -146,7 +146,13 @@ def _select(logits_TxE: jax.Array, bias_1xE: jax.Array, row0: jax.Array, plan: _
     rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (tt, 1), 0)
     onehot_sum = jnp.where(rows < plan.t, onehot_sum, 0.0)
     counts = jnp.sum(onehot_sum, axis=0, keepdims=True).astype(jnp.int32)
-    return ids, wts * plan.scale, probs, logits, counts
+    return ids.astype(jnp.int32), wts * plan.scale, probs, logits, counts
+
+
+def _expert_index(tt: int, ep: int) -> jax.Array:
+    """`[tt, ep]` float32 column index. Indices are reduced as float32 (exact below 2^24), which
+    Mosaic reduces on every TPU generation, unlike int32."""
+    return jax.lax.broadcasted_iota(jnp.int32, (tt, ep), 1).astype(jnp.float32)
 
 
 def _dot32(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -268,10 +274,10 @@ def _dlogits_kernel(plan: _Plan):
     def kernel(logits_ref, ids_ref, d_wts_ref, d_probs_ref, d_logits_ref, dl_ref):
         tt, ep, kp = plan.tt, plan.ep, plan.kp
         probs = _scores(logits_ref[...], plan.score)
-        ids, d_wts = ids_ref[...], d_wts_ref[...]
-        col_E = jax.lax.broadcasted_iota(jnp.int32, (tt, ep), 1)
+        ids, d_wts = ids_ref[...].astype(jnp.float32), d_wts_ref[...]
+        col_E = _expert_index(tt, ep)
         col_K = jax.lax.broadcasted_iota(jnp.int32, (tt, kp), 1)
-        slot = lambda a, j: jnp.sum(jnp.where(col_K == j, a, 0), -1, keepdims=True)  # noqa: E731
+        slot = lambda a, j: jnp.sum(jnp.where(col_K == j, a, 0.0), -1, keepdims=True)  # noqa: E731
         hits = [col_E == slot(ids, j) for j in range(plan.k)]
         g = [slot(d_wts, j) * plan.scale for j in range(plan.k)]
         if plan.normalize:  # w_j = p_j / S: dp_i = g_i / S - sum_j g_j p_j / S^2 on chosen i
