@@ -97,7 +97,8 @@ def gmm(
                     def _init(o_ref=o_ref):
                         o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
-                    o_ref[...] = jnp.where(mask, o.astype(o_ref.dtype), o_ref[...])
+                    kept = o_ref[...].astype(jnp.float32)  # selects in float32 (see tgmm)
+                    o_ref[...] = jnp.where(mask, o, kept).astype(o_ref.dtype)
 
     if transpose_rhs:
         rhs_spec = pl.BlockSpec((None, tn, tk), lambda j, i, kk, g, mt, *_: (g[i], j, kk))
@@ -166,10 +167,12 @@ def tgmm(
 
             mask_k = row_mask(m_tile[i] * tm, tm, row_start[i], row_end[i], tk)
             mask_n = row_mask(m_tile[i] * tm, tm, row_start[i], row_end[i], tn)
-            # Both sides masked: rows of other groups may hold anything, NaN included.
-            x = jnp.where(mask_k, lhs_ref[...], jnp.zeros((), lhs_ref.dtype))
-            dy = jnp.where(mask_n, rhs_ref[...], jnp.zeros((), rhs_ref.dtype))
-            acc_ref[...] += dot(x, dy, transpose_a=True)
+            # Both sides masked: rows of other groups may hold anything, NaN included. The
+            # selects and the transpose run in float32 (TPU v4 / v5e have no bfloat16 VPU), the
+            # matmul in the input dtype.
+            x = jnp.where(mask_k, lhs_ref[...].astype(jnp.float32), 0.0)
+            dy = jnp.where(mask_n, rhs_ref[...].astype(jnp.float32), 0.0)
+            acc_ref[...] += dot(x.T.astype(lhs_ref.dtype), dy.astype(rhs_ref.dtype))
 
             @pl.when(last)
             def _store():
