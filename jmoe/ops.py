@@ -176,8 +176,6 @@ def top_k_gating(
         `jmoe.routing.top_k` (`bias` `[E]` shifts the scores for selection only).
       implementation: "pallas" (one fused kernel), "xla" / "ragged_dot" (`routing.top_k` on
         `x @ w`), or None ("pallas" on the `PALLAS_DEFAULT_BACKENDS`, else "xla").
-        Group-limited selection and the k = 1 renormalisation are not in the kernel: they always
-        take the "xla" path.
 
     Returns:
       `(routing, counts)`: a `Routing` equal to `routing.top_k(logits, k, ...)` (ids exactly,
@@ -195,10 +193,10 @@ def top_k_gating(
         default = backend in PALLAS_DEFAULT_BACKENDS and pallas_kernels.available(backend)
         impl = "pallas" if default else "xla"
     resolve_implementation(impl)
-    in_kernel = n_groups is None and not (renorm_when_k1 and k == 1)
-    if impl == "pallas" and in_kernel:
+    if impl == "pallas":
         ids, weights, counts, probs, logits = pallas_kernels.top_k_gating(
             x_TxD, w_DxE, k, score=score, bias=bias, normalize=normalize, scale=scale,
+            n_groups=n_groups, top_groups=top_groups, renorm_when_k1=renorm_when_k1,
             interpret=_interpret(),
         )  # fmt: skip
         r = routing.Routing(ids, weights, jnp.ones(ids.shape, bool), probs, logits)

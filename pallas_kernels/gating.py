@@ -52,8 +52,9 @@ def _pow2_at_least(n: int, floor: int = 1) -> int:
 class _Plan:
     """Static description of one gating call (hashable: a `custom_vjp` non-diff argument).
 
-    `t, d, e, k`: tokens, model width, experts and slots; `tt` tokens per program, `td` columns
-    of `x` per step of the logits matmul; `tp, dp, ep, kp` the padded sizes.
+    `t, d, e, k`: tokens, model width, experts and slots; `n_groups, top_groups` the
+    group-limited selection (None: off); `tt` tokens per program, `td` columns of `x` per step of
+    the logits matmul; `tp, dp, ep, kp` the padded sizes.
     """
 
     t: int
@@ -63,6 +64,8 @@ class _Plan:
     score: str
     normalize: bool
     scale: float
+    n_groups: int | None
+    top_groups: int | None
     tt: int
     td: int
     ep: int
@@ -105,6 +108,23 @@ def check_block_d(td: int, d: int, backend: str, interpret: bool) -> None:
         raise ValueError(f"block_d={td} is not a power of two >= 16 (GPU Triton blocks)")
 
 
+def check_groups(e: int, k: int, n_groups: int | None, top_groups: int | None) -> None:
+    """Raises a ValueError naming the values if the group-limited selection is not valid."""
+    if n_groups is None and top_groups is None:
+        return
+    if n_groups is None or top_groups is None:
+        raise ValueError(f"group-limited selection needs both, got {n_groups=}, {top_groups=}")
+    if n_groups < 1 or e % n_groups:
+        raise ValueError(f"n_groups={n_groups} must divide num_experts={e}")
+    if not 1 <= top_groups <= n_groups:
+        raise ValueError(f"top_groups={top_groups} must be in [1, n_groups={n_groups}]")
+    if k > top_groups * (e // n_groups):
+        raise ValueError(
+            f"k={k} exceeds the {top_groups * (e // n_groups)} experts of top_groups={top_groups}"
+            f" groups of {e // n_groups}; raise top_groups or lower k"
+        )
+
+
 def _default_blocks(t: int, d: int, ep: int, backend: str, interpret: bool) -> tuple[int, int]:
     """`(tokens per program, columns per matmul step)` for `ep` (padded) experts."""
     if interpret:  # few, large programs: the interpreter's cost is per grid step
@@ -130,12 +150,13 @@ def _select(logits_TxE: jax.Array, bias_1xE: jax.Array, row0: jax.Array, plan: _
     logits = jnp.where(col_E < plan.e, logits_TxE, -jnp.inf)
     probs = _scores(logits, plan.score)
     sel = jnp.where(col_E < plan.e, probs + bias_1xE, -jnp.inf)
+    if plan.n_groups is not None:
+        sel = _group_limited(sel, col_E, plan)
     ids = jnp.zeros((tt, kp), jnp.float32)
     wts = jnp.zeros((tt, kp), jnp.float32)
     onehot_sum = jnp.zeros((tt, ep), jnp.float32)
     for j in range(plan.k):
-        best = jnp.max(sel, axis=-1, keepdims=True)
-        idx = jnp.min(jnp.where(sel == best, col_E, float(ep)), axis=-1, keepdims=True)
+        _, idx = _first_max(sel, col_E)
         hit = col_E == idx
         ids = jnp.where(col_K == j, idx, ids)
         wts = jnp.where(col_K == j, jnp.sum(jnp.where(hit, probs, 0.0), -1, keepdims=True), wts)
@@ -147,6 +168,42 @@ def _select(logits_TxE: jax.Array, bias_1xE: jax.Array, row0: jax.Array, plan: _
     onehot_sum = jnp.where(rows < plan.t, onehot_sum, 0.0)
     counts = jnp.sum(onehot_sum, axis=0, keepdims=True).astype(jnp.int32)
     return ids.astype(jnp.int32), wts * plan.scale, probs, logits, counts
+
+
+def _first_max(values_TxE: jax.Array, col_E: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(max, lowest column holding it)` per row, `[tt, 1]` each: `jax.lax.top_k`'s tie rule."""
+    best = jnp.max(values_TxE, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(values_TxE == best, col_E, jnp.inf), axis=-1, keepdims=True)
+    return best, first
+
+
+def _group_limited(sel_TxE: jax.Array, col_E: jax.Array, plan: _Plan) -> jax.Array:
+    """`sel` with the experts outside each token's `top_groups` best groups masked to -inf.
+
+    Group `g` holds experts `[g * E / n_groups, (g + 1) * E / n_groups)`; its score is the sum of
+    its `max(1, k // top_groups)` best selection scores (DeepSeek-V3); ties between groups go to
+    the lowest group index.
+    """
+    size = plan.e // plan.n_groups
+    members = [(col_E >= g * size) & (col_E < (g + 1) * size) for g in range(plan.n_groups)]
+    scores_G = []
+    for in_group in members:
+        rest, total = jnp.where(in_group, sel_TxE, -jnp.inf), 0.0
+        for _ in range(max(1, plan.k // plan.top_groups)):
+            best, first = _first_max(rest, col_E)
+            total = total + best
+            rest = jnp.where(col_E == first, -jnp.inf, rest)
+        scores_G.append(total)
+    keep = jnp.zeros(sel_TxE.shape, bool)
+    for _ in range(plan.top_groups):
+        best = functools.reduce(jnp.maximum, scores_G)
+        taken_any = jnp.zeros(best.shape, bool)
+        for g, in_group in enumerate(members):
+            taken = (scores_G[g] == best) & ~taken_any
+            taken_any = taken_any | taken
+            keep = keep | (taken & in_group)
+            scores_G[g] = jnp.where(taken, -jnp.inf, scores_G[g])
+    return jnp.where(keep, sel_TxE, -jnp.inf)
 
 
 def _expert_index(tt: int, ep: int) -> jax.Array:
@@ -345,6 +402,9 @@ def top_k_gating(
     bias: jax.Array | None = None,
     normalize: bool = False,
     scale: float = 1.0,
+    n_groups: int | None = None,
+    top_groups: int | None = None,
+    renorm_when_k1: bool = False,
     block_tokens: int | None = None,
     block_d: int | None = None,
     backend: str | None = None,
@@ -358,8 +418,12 @@ def top_k_gating(
       k: experts per token, `1 <= k <= E`.
       score: "softmax" or "sigmoid".
       bias: `[E]` added to the scores for selection only (no gradient).
-      normalize: divide the k weights by their sum (only when `k > 1`).
+      normalize: divide the k weights by their sum (only when `k > 1` unless `renorm_when_k1`).
       scale: multiplies the weights after normalising.
+      n_groups, top_groups: group-limited selection (DeepSeek-V3): experts split into `n_groups`
+        equal groups, a group scored by the sum of its `max(1, k // top_groups)` best selection
+        scores, and only each token's `top_groups` best groups eligible. Both or neither.
+      renorm_when_k1: renormalise a single weight too (it becomes 1).
       block_tokens: tokens per program (default: 128 on TPU; on GPU 4096 // E_padded up to 128; the
         whole batch up to 256 when interpreted).
       block_d: columns of `x` per step of the router matmul (default: the largest of 512 / 256 /
@@ -383,6 +447,7 @@ def top_k_gating(
     bias = jnp.zeros((e,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
     if bias.shape != (e,):
         raise ValueError(f"bias has shape {bias.shape}, expected ({e},)")
+    check_groups(e, k, n_groups, top_groups)
     if backend == "gpu":  # Triton: power-of-two arrays, dot sides >= 16
         ep, kp = _pow2_at_least(e, 16), _pow2_at_least(k)
     else:
@@ -394,6 +459,7 @@ def top_k_gating(
     if t == 0:
         z = jnp.zeros((0, k))
         return z.astype(jnp.int32), z, jnp.zeros(e, jnp.int32), jnp.zeros((0, e)), jnp.zeros((0, e))
-    plan = _Plan(t, d, e, k, score, bool(normalize and k > 1), float(scale), tt, td, ep, kp,
-                 backend, interpret)  # fmt: skip
+    normalize = bool(normalize and (k > 1 or renorm_when_k1))
+    plan = _Plan(t, d, e, k, score, normalize, float(scale), n_groups, top_groups, tt, td, ep,
+                 kp, backend, interpret)  # fmt: skip
     return _gating(x_TxD, w_DxE, bias, plan)

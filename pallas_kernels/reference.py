@@ -49,8 +49,23 @@ def swiglu(x_MxD, w_gate, w_up, group_sizes, *, group_offset=0):
     return (jax.nn.silu(up(w_gate)) * up(w_up)).astype(x_MxD.dtype)
 
 
-def top_k_gating(x_TxD, w_DxE, k, *, score="softmax", bias=None, normalize=False, scale=1.0):
-    """Router logits, scores, top-k (lowest index wins ties) and per-expert counts.
+def top_k_ids(selection_TxE, k, n_groups=None, top_groups=None):
+    """`[T, k]` int32 ids of the k best selection scores (lowest index wins ties); with
+    `n_groups`, only among the `top_groups` groups with the largest sums of their
+    `max(1, k // top_groups)` best scores."""
+    if n_groups is not None:
+        t, e = selection_TxE.shape
+        grouped = selection_TxE.reshape(t, n_groups, e // n_groups)
+        group_scores = jax.lax.top_k(grouped, max(1, k // top_groups))[0].sum(-1)
+        kept = jax.lax.top_k(group_scores, top_groups)[1]
+        keep = jnp.zeros((t, n_groups), bool).at[jnp.arange(t)[:, None], kept].set(True)
+        selection_TxE = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(t, e)
+    return jax.lax.top_k(selection_TxE, k)[1].astype(jnp.int32)
+
+
+def top_k_gating(x_TxD, w_DxE, k, *, score="softmax", bias=None, normalize=False, scale=1.0,
+                 n_groups=None, top_groups=None, renorm_when_k1=False):  # fmt: skip
+    """Router logits, scores, `top_k_ids` of the (biased) scores and per-expert counts.
 
     Returns:
       `(ids [T, k] int32, weights [T, k] f32, counts [E] int32, probs [T, E] f32, logits [T, E])`.
@@ -58,9 +73,9 @@ def top_k_gating(x_TxD, w_DxE, k, *, score="softmax", bias=None, normalize=False
     logits = jnp.dot(x_TxD, w_DxE, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(logits, -1) if score == "softmax" else jax.nn.sigmoid(logits)
     selection = probs if bias is None else probs + bias.astype(jnp.float32)
-    _, ids = jax.lax.top_k(selection, k)
+    ids = top_k_ids(selection, k, n_groups, top_groups)
     weights = jnp.take_along_axis(probs, ids, -1)
-    if normalize and k > 1:
+    if normalize and (k > 1 or renorm_when_k1):
         weights = weights / weights.sum(-1, keepdims=True)
     counts = jnp.zeros(w_DxE.shape[1], jnp.int32).at[ids.reshape(-1)].add(1)
-    return ids.astype(jnp.int32), weights * scale, counts, probs, logits
+    return ids, weights * scale, counts, probs, logits

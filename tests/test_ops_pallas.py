@@ -115,12 +115,34 @@ def test_top_k_gating_matches_routing_top_k(case):
         np.testing.assert_array_equal(counts, xla_counts)
 
 
-def test_moe_layer_pallas_matches_xla():
+def test_top_k_gating_groups_and_k1_renorm_match_routing_top_k():
+    """DeepSeek-V3 group-limited selection and the k = 1 renormalisation run in the kernel too."""
+    rng = np.random.default_rng(1)
+    x, w = rng.normal(size=(40, 8)).astype(np.float32), rng.normal(size=(8, 32)).astype(np.float32)
+    bias = np.linspace(0.0, 0.2, 32, dtype=np.float32)
+    for k, kw in (
+        (8, dict(score="sigmoid", bias=bias, normalize=True, scale=2.5, n_groups=8, top_groups=4)),
+        (1, dict(normalize=True, renorm_when_k1=True)),
+    ):
+        r, counts = ops.top_k_gating(x, w, k, implementation="pallas", **kw)
+        expected = routing.top_k(r.logits, k, **kw)
+        np.testing.assert_array_equal(r.expert_ids, expected.expert_ids)
+        np.testing.assert_allclose(r.weights, expected.weights, rtol=1e-6)
+        np.testing.assert_array_equal(counts, np.bincount(np.ravel(r.expert_ids), minlength=32))
+
+
+DEEPSEEK_V3_ROUTING = dict(score="sigmoid", normalize=True, scale=2.5, n_groups=4, top_groups=2)
+
+
+@pytest.mark.parametrize("routing_kw", [{}, DEEPSEEK_V3_ROUTING], ids=["top2", "deepseek_v3"])
+def test_moe_layer_pallas_matches_xla(routing_kw):
     """The layer option reaches the kernels: same outputs and statistics as the XLA path
     (gradients are checked at the ops level above)."""
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 12, 16)), jnp.float32)
     cfgs = {
-        impl: jmoe.MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=2, implementation=impl)
+        impl: jmoe.MoEConfig(
+            d_model=16, d_ff=32, num_experts=8, top_k=2, implementation=impl, **routing_kw
+        )
         for impl in ("pallas", "xla")
     }
     variables = jax.jit(jmoe.MoE(cfgs["xla"]).init)(jax.random.key(0), x)  # same tree for both

@@ -59,6 +59,6 @@ def test_compiled_forward_and_gradients(backend, dtype, name):
 
 
 @accelerators
-@pytest.mark.parametrize("d,e,k", GATING_SHAPES)
-def test_compiled_gating(backend, d, e, k):
-    check_gating(backend, d, e, k, interpret=False)
+@pytest.mark.parametrize("shape", GATING_SHAPES, ids=str)
+def test_compiled_gating(backend, shape):
+    check_gating(backend, *shape, interpret=False)

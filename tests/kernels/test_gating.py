@@ -159,7 +159,96 @@ def test_mosaic_accumulation_starts_from_zero():
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
-def test_compiled_check_interpreted(backend):
-    """`test_compiled.py`'s gating check at its widest shape (E = 60, k = 6, D = 2048),
+@pytest.mark.parametrize("shape", GATING_SHAPES[1:], ids=str)
+def test_compiled_check_interpreted(backend, shape):
+    """`test_compiled.py`'s gating check at its non-power-of-two and group-limited shapes,
     interpreted: the same oracle the accelerators must pass."""
-    check_gating(backend, *GATING_SHAPES[-1], interpret=True)
+    check_gating(backend, *shape, interpret=True)
+
+
+def _group_limited_loop(sel_TxE, k, n_groups, top_groups):
+    """NumPy, one token at a time: the ids of DeepSeek-V3 group-limited top-k (groups scored by
+    the sum of their `max(1, k // top_groups)` best scores; ties to the lowest index)."""
+    t, e = sel_TxE.shape
+    size, ids = e // n_groups, []
+    for row in np.asarray(sel_TxE, np.float64):
+        groups = row.reshape(n_groups, size)
+        score_G = np.sort(groups, axis=1)[:, ::-1][:, : max(1, k // top_groups)].sum(1)
+        kept = sorted(range(n_groups), key=lambda g: (-score_G[g], g))[:top_groups]
+        eligible = [i for i in range(e) if i // size in kept]
+        ids.append(sorted(eligible, key=lambda i: (-row[i], i))[:k])
+    return np.array(ids)
+
+
+# (E, k, n_groups, top_groups): one expert per group scored, two (k // top_groups = 2), and 12
+# experts (padded to 16 on the Triton path, so a padded column sits past the last group).
+GROUP_CASES = [(16, 3, 4, 2), (16, 4, 4, 2), (12, 6, 3, 3), (8, 2, 4, 1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("e,k,n_groups,top_groups", GROUP_CASES)
+def test_group_limited_matches_per_token_loop(backend, e, k, n_groups, top_groups):
+    rng = np.random.default_rng(e + k)
+    x = rng.normal(size=(37, 24)).astype(np.float32)
+    w = rng.normal(size=(24, e)).astype(np.float32)
+    w[:, : e // n_groups] = w[:, :1]  # the first group: equal scores inside it (ties)
+    bias = np.linspace(0.0, 0.1, e, dtype=np.float32)
+    ids, weights, counts, probs, _ = gating.top_k_gating(
+        x, w, k, score="sigmoid", bias=bias, normalize=True, n_groups=n_groups,
+        top_groups=top_groups, block_tokens=TT, backend=backend, interpret=True,
+    )  # fmt: skip
+    np.testing.assert_array_equal(ids, _group_limited_loop(probs + bias, k, n_groups, top_groups))
+    chosen = np.take_along_axis(np.asarray(probs), np.asarray(ids), -1)
+    np.testing.assert_allclose(weights, chosen / chosen.sum(-1, keepdims=True), rtol=1e-6)
+    np.testing.assert_array_equal(counts, np.bincount(np.ravel(ids), minlength=e))
+
+
+def test_group_ties_go_to_the_lowest_group():
+    """Groups 1 and 2 tie (their top-2 sums are both exactly 1): only group 1 is eligible, so
+    the second pick is its 0.25 and not group 2's 0.5. All-equal scores pick the first experts."""
+    offsets = np.full(16, -0.5, np.float32)
+    offsets[4:6], offsets[8:10] = (0.25, -0.25), (0.0, 0.0)
+    x, w = np.ones((5, 8), np.float32), np.zeros((8, 16), np.float32)  # sigmoid scores: all 0.5
+    kw = dict(score="sigmoid", n_groups=4, top_groups=1, interpret=True)
+    ids = gating.top_k_gating(x, w, 2, bias=offsets, **kw)[0]
+    np.testing.assert_array_equal(ids, np.tile([4, 5], (5, 1)))
+    ids = gating.top_k_gating(x, w, 3, n_groups=4, top_groups=2, interpret=True)[0]
+    np.testing.assert_array_equal(ids, np.tile([0, 1, 2], (5, 1)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
+def test_group_limited_and_k1_renormalised_gradients(backend):
+    rng = np.random.default_rng(8)
+    x, w = (
+        rng.normal(size=(37, 24)).astype(np.float32),
+        rng.normal(size=(24, 16)).astype(np.float32),
+    )
+    ct_w, ct_p = rng.normal(size=(37, 3)), rng.normal(size=(37, 16))
+    for opts in (dict(k=3, n_groups=4, top_groups=2, normalize=True, score="sigmoid"),
+                 dict(k=1, normalize=True, renorm_when_k1=True)):  # fmt: skip
+        ct = ct_w[:, : opts["k"]]
+
+        def loss(fn, x, w, opts=opts, ct=ct):
+            _, weights, _, probs, _ = fn(x, w, **opts)
+            return (weights * ct).sum() + (probs * ct_p).sum()
+
+        kernel = functools.partial(gating.top_k_gating, block_tokens=TT, backend=backend,
+                                   interpret=True)  # fmt: skip
+        grads = jax.grad(functools.partial(loss, kernel), (0, 1))(x, w)
+        ref_grads = jax.grad(functools.partial(loss, reference.top_k_gating), (0, 1))(x, w)
+        for g, rg in zip(grads, ref_grads, strict=True):
+            np.testing.assert_allclose(g, rg, rtol=1e-4, atol=1e-5, err_msg=str(opts))
+    weights = gating.top_k_gating(x, w, 1, normalize=True, renorm_when_k1=True, interpret=True)[1]
+    np.testing.assert_allclose(weights, 1.0, rtol=1e-6)
+
+
+def test_group_errors_name_the_values():
+    x, w = np.ones((4, 8), np.float32), np.ones((8, 16), np.float32)
+    for kw, match in [
+        (dict(n_groups=4), "needs both"),
+        (dict(n_groups=5, top_groups=1), "n_groups=5 must divide num_experts=16"),
+        (dict(n_groups=4, top_groups=5), r"top_groups=5 must be in \[1, n_groups=4\]"),
+        (dict(n_groups=8, top_groups=1), "k=3 exceeds the 2 experts of top_groups=1"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            gating.top_k_gating(x, w, 3, interpret=True, **kw)

@@ -94,6 +94,14 @@ def test_expert_kernels_lower(platform, shape, dtype):
     _lower(mlp, platform, x, w_in, w_in, w_down, sizes)
 
 
+def _groups(shape: str) -> dict:
+    """The preset's group-limited selection (DeepSeek-V3 style), if any."""
+    if shape not in PRESETS:
+        return {}
+    moe = config.load_config(CONFIGS / f"{shape}.yaml").model.moe
+    return dict(n_groups=moe.n_groups, top_groups=moe.top_groups)
+
+
 @pytest.mark.parametrize("platform", PLATFORMS, ids=PLATFORM_IDS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("score", gating.SCORES)
@@ -103,7 +111,7 @@ def test_gating_lowers(platform, shape, score):
     x = jax.ShapeDtypeStruct((TOKENS, d), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((d, e), jnp.float32)
     route = functools.partial(gating.top_k_gating, k=k, score=score, normalize=score == "sigmoid",
-                              backend=backend)  # fmt: skip
+                              backend=backend, **_groups(shape))  # fmt: skip
 
     def fwd_bwd(x, w):
         return _vjp(lambda x, w: route(x, w)[1::2], x, w)  # weights and probs
