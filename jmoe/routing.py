@@ -12,6 +12,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import check_groups
+
 SCORES = ("softmax", "sigmoid")
 
 
@@ -109,8 +111,8 @@ def top_k(
         raise ValueError(f"top_k: k={k} must be in [1, num_experts={num_experts}]")
     probs = scores(logits, score)
     selection = probs if bias is None else probs + jax.lax.stop_gradient(bias).astype(jnp.float32)
-    if n_groups is not None or top_groups is not None:
-        _check_groups(num_experts, k, n_groups, top_groups)
+    check_groups(num_experts, k, n_groups, top_groups)
+    if n_groups is not None:
         selection = _group_limited(selection, k, n_groups, top_groups)
     _, expert_ids = jax.lax.top_k(selection, k)
     weights = jnp.take_along_axis(probs, expert_ids, axis=-1)
@@ -124,23 +126,6 @@ def top_k(
         probs=probs,
         logits=logits,
     )
-
-
-def _check_groups(num_experts: int, k: int, n_groups: int | None, top_groups: int | None):
-    if n_groups is None or top_groups is None:
-        raise ValueError(
-            f"group-limited routing needs both n_groups and top_groups, got {n_groups=}, "
-            f"{top_groups=}"
-        )
-    if n_groups < 1 or num_experts % n_groups:
-        raise ValueError(f"n_groups={n_groups} must divide num_experts={num_experts}")
-    if not 1 <= top_groups <= n_groups:
-        raise ValueError(f"top_groups={top_groups} must be in [1, n_groups={n_groups}]")
-    if k > top_groups * (num_experts // n_groups):
-        raise ValueError(
-            f"k={k} exceeds the experts in top_groups={top_groups} groups of "
-            f"{num_experts // n_groups}; raise top_groups or lower k"
-        )
 
 
 def null_experts(

@@ -44,6 +44,27 @@ def triton_params(interpret: bool, **options):
     return triton.CompilerParams(**options)
 
 
+def check_groups(e: int, k: int, n_groups: int | None, top_groups: int | None) -> None:
+    """Raises a ValueError naming the values unless `n_groups` / `top_groups` (both None: no
+    group limit) is a valid group-limited selection of `k` of `e` experts."""
+    if n_groups is None and top_groups is None:
+        return
+    if n_groups is None or top_groups is None:
+        raise ValueError(
+            f"group-limited selection needs both n_groups and top_groups (or neither), got "
+            f"{n_groups=}, {top_groups=}"
+        )
+    if n_groups < 1 or e % n_groups:
+        raise ValueError(f"n_groups={n_groups} must divide num_experts={e}")
+    if not 1 <= top_groups <= n_groups:
+        raise ValueError(f"top_groups={top_groups} must be in [1, n_groups={n_groups}]")
+    if k > top_groups * (e // n_groups):
+        raise ValueError(
+            f"k={k} exceeds the {top_groups * (e // n_groups)} experts of top_groups={top_groups}"
+            f" groups of {e // n_groups}; raise top_groups or lower k"
+        )
+
+
 def local_offsets(
     group_sizes: jax.Array, group_offset: jax.Array | int, num_local: int
 ) -> jax.Array:

@@ -108,23 +108,6 @@ def check_block_d(td: int, d: int, backend: str, interpret: bool) -> None:
         raise ValueError(f"block_d={td} is not a power of two >= 16 (GPU Triton blocks)")
 
 
-def check_groups(e: int, k: int, n_groups: int | None, top_groups: int | None) -> None:
-    """Raises a ValueError naming the values if the group-limited selection is not valid."""
-    if n_groups is None and top_groups is None:
-        return
-    if n_groups is None or top_groups is None:
-        raise ValueError(f"group-limited selection needs both, got {n_groups=}, {top_groups=}")
-    if n_groups < 1 or e % n_groups:
-        raise ValueError(f"n_groups={n_groups} must divide num_experts={e}")
-    if not 1 <= top_groups <= n_groups:
-        raise ValueError(f"top_groups={top_groups} must be in [1, n_groups={n_groups}]")
-    if k > top_groups * (e // n_groups):
-        raise ValueError(
-            f"k={k} exceeds the {top_groups * (e // n_groups)} experts of top_groups={top_groups}"
-            f" groups of {e // n_groups}; raise top_groups or lower k"
-        )
-
-
 def _default_blocks(t: int, d: int, ep: int, backend: str, interpret: bool) -> tuple[int, int]:
     """`(tokens per program, columns per matmul step)` for `ep` (padded) experts."""
     if interpret:  # few, large programs: the interpreter's cost is per grid step
@@ -447,7 +430,7 @@ def top_k_gating(
     bias = jnp.zeros((e,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
     if bias.shape != (e,):
         raise ValueError(f"bias has shape {bias.shape}, expected ({e},)")
-    check_groups(e, k, n_groups, top_groups)
+    common.check_groups(e, k, n_groups, top_groups)
     if backend == "gpu":  # Triton: power-of-two arrays, dot sides >= 16
         ep, kp = _pow2_at_least(e, 16), _pow2_at_least(k)
     else:
