@@ -204,10 +204,25 @@ def _dot32(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def _compiler_params(plan: _Plan, tpu_semantics: tuple[str, ...] = ()):
     """The backend's compiler options (None when interpreted)."""
-    if plan.backend == "tpu":
-        interpret = plan.interpret
-        return None if interpret else pltpu.CompilerParams(dimension_semantics=tpu_semantics)
-    return common.triton_params(plan.interpret, num_warps=4)
+    if plan.backend != "tpu":
+        return common.triton_params(plan.interpret, num_warps=4)
+    return None if plan.interpret else pltpu.CompilerParams(dimension_semantics=tpu_semantics)
+
+
+def _row_tile(plan: _Plan, cols: int) -> pl.BlockSpec:
+    """`[tt, cols]` block of token tile `i` (the first grid axis)."""
+    return pl.BlockSpec((plan.tt, cols), lambda i, *_: (i, 0))
+
+
+def _out_specs(plan: _Plan) -> list[pl.BlockSpec]:
+    """Blocks of the forward's outputs: ids, weights, probs, logits, per-tile counts."""
+    counts = pl.BlockSpec((None, 1, plan.ep), lambda i, *_: (i, 0, 0))
+    return [*(_row_tile(plan, c) for c in (plan.kp, plan.kp, plan.ep, plan.ep)), counts]
+
+
+def _store(out_refs, values) -> None:
+    for ref, value in zip(out_refs, values, strict=True):
+        ref[...] = value
 
 
 def _forward_tpu(x, w, bias, plan: _Plan):
@@ -226,22 +241,16 @@ def _forward_tpu(x, w, bias, plan: _Plan):
         @pl.when(c == nd - 1)
         def _route():
             outs = _select(logits_ref[...], bias_ref[...], row0, plan)
-            for ref, value in zip(
-                (ids_ref, wts_ref, probs_ref, logits_ref, counts_ref), outs, strict=True
-            ):
-                ref[...] = value
+            _store((ids_ref, wts_ref, probs_ref, logits_ref, counts_ref), outs)
 
-    tile = lambda cols: pl.BlockSpec((tt, cols), lambda i, c: (i, 0))  # noqa: E731
     in_specs = [
         pl.BlockSpec((tt, td), lambda i, c: (i, c)),
         pl.BlockSpec((td, plan.ep), lambda i, c: (c, 0)),
         pl.BlockSpec((1, plan.ep), lambda i, c: (0, 0)),
     ]
-    out_specs = [tile(plan.kp), tile(plan.kp), tile(plan.ep), tile(plan.ep),
-                 pl.BlockSpec((None, 1, plan.ep), lambda i, c: (i, 0, 0))]  # fmt: skip
     params = _compiler_params(plan, ("parallel", "arbitrary"))
     return pl.pallas_call(
-        kernel, grid=(plan.tp // tt, nd), in_specs=in_specs, out_specs=out_specs,
+        kernel, grid=(plan.tp // tt, nd), in_specs=in_specs, out_specs=_out_specs(plan),
         out_shape=_forward_shapes(plan), compiler_params=params, interpret=plan.interpret,
     )(x, w, bias)  # fmt: skip
 
@@ -250,7 +259,7 @@ def _forward_gpu(x, w, bias, plan: _Plan):
     """Grid (token tile,): each program loops over the D chunks of its rows and of `w`."""
     tt, td, nd = plan.tt, plan.td, plan.dp // plan.td
 
-    def kernel(x_ref, w_ref, bias_ref, ids_ref, wts_ref, probs_ref, logits_ref, counts_ref):
+    def kernel(x_ref, w_ref, bias_ref, *out_refs):
         row0 = pl.program_id(0) * tt
 
         def step(c, acc):
@@ -258,19 +267,12 @@ def _forward_gpu(x, w, bias, plan: _Plan):
             return acc + _dot32(x_ref[pl.ds(row0, tt), cols], w_ref[cols, :])
 
         logits = jax.lax.fori_loop(0, nd, step, jnp.zeros((tt, plan.ep), jnp.float32))
-        outs = _select(logits, bias_ref[...], row0, plan)
-        for ref, value in zip(
-            (ids_ref, wts_ref, probs_ref, logits_ref, counts_ref), outs, strict=True
-        ):
-            ref[...] = value
+        _store(out_refs, _select(logits, bias_ref[...], row0, plan))
 
-    tile = lambda cols: pl.BlockSpec((tt, cols), lambda i: (i, 0))  # noqa: E731
-    out_specs = [tile(plan.kp), tile(plan.kp), tile(plan.ep), tile(plan.ep),
-                 pl.BlockSpec((None, 1, plan.ep), lambda i: (i, 0, 0))]  # fmt: skip
-    params = _compiler_params(plan)
     return pl.pallas_call(
-        kernel, grid=(plan.tp // tt,), in_specs=[_WHOLE, _WHOLE, _WHOLE], out_specs=out_specs,
-        out_shape=_forward_shapes(plan), compiler_params=params, interpret=plan.interpret,
+        kernel, grid=(plan.tp // tt,), in_specs=[_WHOLE, _WHOLE, _WHOLE],
+        out_specs=_out_specs(plan), out_shape=_forward_shapes(plan),
+        compiler_params=_compiler_params(plan), interpret=plan.interpret,
     )(x, w, bias)  # fmt: skip
 
 
@@ -339,11 +341,11 @@ def _dlogits_kernel(plan: _Plan):
 
 def _dlogits(logits, ids, d_wts, d_probs, d_logits, plan: _Plan):
     """`[tp, ep]` cotangent of the padded logits (zeros on padded experts and tokens)."""
-    tt, ep, kp = plan.tt, plan.ep, plan.kp
-    tile = lambda cols: pl.BlockSpec((tt, cols), lambda i: (i, 0))  # noqa: E731
+    ep, kp = plan.ep, plan.kp
+    tile = functools.partial(_row_tile, plan)
     params = _compiler_params(plan, ("parallel",))
     return pl.pallas_call(
-        _dlogits_kernel(plan), grid=(plan.tp // tt,),
+        _dlogits_kernel(plan), grid=(plan.tp // plan.tt,),
         in_specs=[tile(ep), tile(kp), tile(kp), tile(ep), tile(ep)], out_specs=tile(ep),
         out_shape=jax.ShapeDtypeStruct((plan.tp, ep), jnp.float32), compiler_params=params,
         interpret=plan.interpret,

@@ -28,15 +28,10 @@ PLATFORMS = {"tpu": ("tpu", "tpu_custom_call"), "cuda": ("gpu", "__gpu$xla.gpu.t
 PLATFORM_IDS = ("mosaic", "triton")  # not "tpu" / "gpu": conftest skips tests with those keywords
 
 
-def _shapes():
-    shapes = dict(EXTRA_SHAPES)
-    for name in PRESETS:
-        moe = config.load_config(CONFIGS / f"{name}.yaml").model.moe
-        shapes[name] = (moe.d_model, moe.d_ff, moe.num_experts, moe.top_k)
-    return shapes
-
-
-SHAPES = _shapes()
+PRESET_MOE = {name: config.load_config(CONFIGS / f"{name}.yaml").model.moe for name in PRESETS}
+SHAPES = dict(EXTRA_SHAPES) | {
+    name: (moe.d_model, moe.d_ff, moe.num_experts, moe.top_k) for name, moe in PRESET_MOE.items()
+}
 
 
 def _backend(platform: str) -> str:
@@ -96,10 +91,8 @@ def test_expert_kernels_lower(platform, shape, dtype):
 
 def _groups(shape: str) -> dict:
     """The preset's group-limited selection (DeepSeek-V3 style), if any."""
-    if shape not in PRESETS:
-        return {}
-    moe = config.load_config(CONFIGS / f"{shape}.yaml").model.moe
-    return dict(n_groups=moe.n_groups, top_groups=moe.top_groups)
+    moe = PRESET_MOE.get(shape)
+    return {} if moe is None else dict(n_groups=moe.n_groups, top_groups=moe.top_groups)
 
 
 @pytest.mark.parametrize("platform", PLATFORMS, ids=PLATFORM_IDS)
