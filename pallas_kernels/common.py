@@ -12,6 +12,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_sizes import BACKENDS, TRITON_AVAILABLE
 
@@ -23,6 +24,11 @@ def default_backend(backend: str | None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {(None, *BACKENDS)}")
     return backend
+
+
+def tpu_params(interpret: bool, semantics: tuple[str, ...]):
+    """Mosaic compiler options with the grid axes' `semantics`; None when interpreted."""
+    return None if interpret else pltpu.CompilerParams(dimension_semantics=semantics)
 
 
 def triton_params(interpret: bool, **options):

@@ -27,7 +27,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import common
 
@@ -206,7 +205,7 @@ def _compiler_params(plan: _Plan, tpu_semantics: tuple[str, ...] = ()):
     """The backend's compiler options (None when interpreted)."""
     if plan.backend != "tpu":
         return common.triton_params(plan.interpret, num_warps=4)
-    return None if plan.interpret else pltpu.CompilerParams(dimension_semantics=tpu_semantics)
+    return common.tpu_params(plan.interpret, tpu_semantics)
 
 
 def _row_tile(plan: _Plan, cols: int) -> pl.BlockSpec:

@@ -17,13 +17,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_sizes import BlockSizes
-from pallas_kernels.common import Visits, dot, row_mask
+from pallas_kernels.common import Visits, dot, row_mask, tpu_params
 
 _UNREAD = pl.BlockSpec(memory_space=pl.ANY)  # a zero buffer aliased to an output, never copied
-
-
-def _compiler_params(interpret: bool, semantics: tuple[str, ...]):
-    return None if interpret else pltpu.CompilerParams(dimension_semantics=semantics)
 
 
 def _metadata(v: Visits) -> tuple[jax.Array, ...]:
@@ -121,7 +117,7 @@ def gmm(
             grid_spec=grid_spec,
             out_shape=[jax.ShapeDtypeStruct((m, n), d) for d in out_dtypes],
             input_output_aliases={first_zero + o: o for o in range(no)},
-            compiler_params=_compiler_params(interpret, ("parallel", "arbitrary", "arbitrary")),
+            compiler_params=tpu_params(interpret, ("parallel", "arbitrary", "arbitrary")),
             interpret=interpret,
         )(*_metadata(visits), lhs_MxK, *rhs, *extras, *zeros)
     )
@@ -194,6 +190,6 @@ def tgmm(
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((num_local, k, n), out_dtype),
         input_output_aliases={5 + 2: 0},
-        compiler_params=_compiler_params(interpret, ("parallel", "parallel", "arbitrary")),
+        compiler_params=tpu_params(interpret, ("parallel", "parallel", "arbitrary")),
         interpret=interpret,
     )(*_metadata(visits), lhs_MxK, rhs_MxN, jnp.zeros((num_local, k, n), out_dtype))
