@@ -56,6 +56,16 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")
 
+    def truncate(self, step: int) -> None:
+        """Drops the lines past `step` (logged after the checkpoint a run resumes from)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        keep = [r for r in read_metrics(self.path) if r["step"] <= step]
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in keep)
+        os.replace(tmp, self.path)  # the history is never missing, even after a crash here
+
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a `metrics.jsonl` file, oldest first."""

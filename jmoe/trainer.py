@@ -12,7 +12,7 @@ checkpoints and exact resumption happen around it. Everything runs from a notebo
 
 from __future__ import annotations
 
-import json
+import itertools
 import math
 import os
 import shutil
@@ -96,7 +96,7 @@ def init_state(config: Config, model: Transformer, tx: optax.GradientTransformat
     """Fresh parameters, optimizer and MoE state from `config.train.seed`, created under jit
     and, on a mesh (`model.mesh`), born sharded by `jmoe.sharding.param_shardings` (experts on
     "expert", large weights on "fsdp"; the optimizer moments like their parameters)."""
-    batch = max(sharding.axis_size(model.mesh, sharding.BATCH_AXES), 1)
+    batch = sharding.axis_size(model.mesh, sharding.BATCH_AXES)
     tokens_BxS = jnp.zeros((batch, config.data.seq_len), jnp.int32)
 
     def init() -> TrainState:
@@ -189,8 +189,7 @@ def make_eval_step(model: Transformer):
 def evaluate(eval_step, state: TrainState, batches: list[dict]) -> dict[str, float]:
     """Held-out loss (mean nats per token) and perplexity over `batches`."""
     total, count = 0.0, 0.0
-    for batch in batches:
-        ce_sum, n = eval_step(state, batch)
+    for ce_sum, n in jax.device_get([eval_step(state, batch) for batch in batches]):
         total, count = total + float(ce_sum), count + float(n)
     loss = total / max(count, 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0))}
@@ -249,9 +248,8 @@ def _log_record(step: int, metrics: dict, lr: float, tokens_per_s: float, config
     (`bad_steps` > 0 marks a skipped non-finite step)."""
     record = {"step": step, "lr": lr, "tokens_per_s": tokens_per_s}
     for key, value in metrics.items():
-        value = np.asarray(value)
-        if key in PER_LAYER_STATS or value.ndim == 0:
-            record[key] = value.tolist()
+        if key in PER_LAYER_STATS or np.ndim(value) == 0:
+            record[key] = value  # made JSON by `report.MetricsLog`
     active = metrics.get("active_experts")
     flops = flops_per_token(config.model, config.data.seq_len, active_experts=active)
     record["flops_per_token"] = flops
@@ -298,8 +296,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
         eval_docs, tokenizer, **iterator_args, **shard, seed=0, shuffle=False, num_epochs=1
     )
     eval_batches = [
-        _put_batch(batch, mesh)
-        for _, batch in zip(range(train_cfg.eval_batches or 2**62), eval_iter, strict=False)
+        _put_batch(batch, mesh) for batch in itertools.islice(eval_iter, train_cfg.eval_batches)
     ]
 
     ckpt = checkpoint.Checkpointer(
@@ -311,9 +308,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
         train_iter.set_state(data_state)
     start_step = int(state.step)
     chief = jax.process_index() == 0
-    if chief:
-        _truncate_metrics(metrics_path, start_step)
     log = report.MetricsLog(metrics_path, enabled=chief)
+    log.truncate(start_step)
 
     train_step = jax.jit(make_train_step(model, tx), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(model))
@@ -377,13 +373,3 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
             report.read_metrics(metrics_path), os.path.join(workdir, "report.png"), unigram
         )
     return final
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drops metrics.jsonl lines past `step` (logged after the checkpoint a run resumes from)."""
-    if not os.path.exists(path):
-        return
-    keep = [r for r in report.read_metrics(path) if r["step"] <= step]
-    with open(f"{path}.tmp", "w") as f:
-        f.writelines(json.dumps(record) + "\n" for record in keep)
-    os.replace(f"{path}.tmp", path)  # the history is never missing, even after a crash here
