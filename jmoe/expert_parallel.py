@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from jmoe import dispatch, ops
 from jmoe.permute import gather_slots, permute_rows
 from jmoe.routing import Routing
-from jmoe.sharding import BATCH_AXES, axis_size, mesh_axes
+from jmoe.sharding import BATCH_AXES, axis_size, batch_sharding, mesh_axes
 
 
 def chunk_rows(num_tokens: int, k: int, experts_per_device: int, capacity: int | None) -> int:
@@ -43,29 +43,33 @@ def _send_layout(kept: Routing, num_experts: int, n: int, chunk: int):
     """Buffer row of each slot (>= n * chunk: not sent) and slot of each buffer row (or T*K)."""
     plan = dispatch.make_plan(kept, num_experts)
     m = plan.slot_to_row.shape[0]
-    counts_N = plan.group_sizes.reshape(n, -1).sum(1)
+    counts_NxE = plan.group_sizes.reshape(n, -1)
+    counts_N = counts_NxE.sum(1)
     starts_N = jnp.cumsum(counts_N) - counts_N
     r_C = jnp.arange(chunk, dtype=jnp.int32)
     fill_NxC = r_C < counts_N[:, None]
     row_NxC = jnp.minimum(starts_N[:, None] + r_C, m - 1)
     src_slot_B = jnp.where(fill_NxC, plan.sort_order[row_NxC], m).reshape(-1)
-    ids_M = jnp.where(kept.valid, kept.expert_ids, num_experts).reshape(-1)
+    ids_M = dispatch._flat_ids(kept, num_experts).reshape(-1)
     dest_M = ids_M // (num_experts // n)
     sent_M = ids_M < num_experts
     pos_M = plan.slot_to_row - starts_N[jnp.minimum(dest_M, n - 1)]
     slot_to_buf_M = jnp.where(sent_M, dest_M * chunk + pos_M, n * chunk).astype(jnp.int32)
-    return src_slot_B, slot_to_buf_M, plan.group_sizes.reshape(n, -1)
+    return src_slot_B, slot_to_buf_M, counts_NxE
 
 
 def _local_experts(recv_NxCxD, counts_NxE, w_in, w_down, activation, implementation, tensor):
-    """Received rows -> sorted by local expert -> expert MLP -> received order."""
+    """Received rows -> sorted by local expert -> expert MLP -> received order.
+
+    With one source (`n == 1`) the rows already arrive sorted by expert, padding last."""
     n, chunk, d = recv_NxCxD.shape
-    cum_NxE = jnp.cumsum(counts_NxE, axis=1)
-    r_C = jnp.arange(chunk, dtype=jnp.int32)
-    ids_B = (r_C[None, :, None] >= cum_NxE[:, None, :]).sum(-1).reshape(-1)  # e_l = padding
-    order_B = jnp.argsort(ids_B, stable=True).astype(jnp.int32)
-    inverse_B = jnp.zeros_like(order_B).at[order_B].set(jnp.arange(n * chunk, dtype=jnp.int32))
-    x_BxD = permute_rows(recv_NxCxD.reshape(n * chunk, d), order_B, inverse_B)
+    x_BxD = recv_NxCxD.reshape(n * chunk, d)
+    if n > 1:
+        cum_NxE = jnp.cumsum(counts_NxE, axis=1)
+        r_C = jnp.arange(chunk, dtype=jnp.int32)
+        ids_B = (r_C[None, :, None] >= cum_NxE[:, None, :]).sum(-1).reshape(-1)  # e_l: padding
+        order_B, inverse_B, _, _ = dispatch._stable_sort_ranks(ids_B, counts_NxE.shape[1])
+        x_BxD = permute_rows(x_BxD, order_B, inverse_B)
     y_BxD = ops.expert_mlp(
         x_BxD,
         w_in,
@@ -76,7 +80,9 @@ def _local_experts(recv_NxCxD, counts_NxE, w_in, w_down, activation, implementat
     )
     if tensor > 1:
         y_BxD = jax.lax.psum(y_BxD, "tensor")
-    return permute_rows(y_BxD, inverse_B, order_B).reshape(n, chunk, d)
+    if n > 1:
+        y_BxD = permute_rows(y_BxD, inverse_B, order_B)
+    return y_BxD.reshape(n, chunk, d)
 
 
 def expert_parallel_mlp(
@@ -144,7 +150,7 @@ def expert_parallel_mlp(
         y_TxD = dispatch.combine(y_NxCxD.reshape(n * chunk, -1), plan, kept.weights)
         return y_TxD, kept.valid
 
-    tokens = P(mesh_axes(mesh, BATCH_AXES), None)
+    tokens = batch_sharding(mesh).spec
     expert, hidden = (mesh_axes(mesh, (axis,)) or None for axis in ("expert", "tensor"))
     w_in_spec = P(expert, None, hidden)
     y_TxD, kept_valid = jax.shard_map(

@@ -395,12 +395,6 @@ class MoE(nn.Module):
                 "router='expert_choice' ranks tokens over the whole batch and is not supported "
                 "with a mesh; use router='top_k' with capacity_factor set, or mesh=None"
             )
-        n = sharding.axis_size(mesh, "expert")
-        if cfg.num_experts % n:
-            raise ValueError(
-                f"num_experts={cfg.num_experts} is not a multiple of the mesh's expert axis "
-                f"({n}): choose an expert axis size that divides the experts"
-            )
 
 
 def update_state(

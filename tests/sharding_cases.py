@@ -34,6 +34,7 @@ MESHES = {
     "4x2": MeshConfig(data=4, expert=2),
     "fsdp": MeshConfig(data=2, fsdp=2, expert=2),
     "tensor": MeshConfig(data=2, expert=2, tensor=2),
+    "data8": MeshConfig(data=8, expert=1),  # a mesh without expert parallelism
 }
 
 
@@ -96,7 +97,7 @@ def case_top_k_meshes():
     cfg = _cfg(num_experts=8, top_k=2, num_shared=1, shared_gate=True, bias_update_rate=0.01)
     bias = 0.2 * np.arange(8) % 0.5
     mask = jnp.arange(B * S).reshape(B, S) % 7 != 3
-    _compare(cfg, ["1x8", "4x2", "fsdp"], bias=bias)
+    _compare(cfg, ["1x8", "4x2", "fsdp", "data8"], bias=bias)
     _compare(cfg, ["2x4"], bias=bias, mask=mask)
 
 
