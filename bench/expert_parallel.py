@@ -19,6 +19,7 @@ Two tables:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -55,8 +56,9 @@ def bytes_per_token(cfg, variables, x, mesh) -> dict:
     t = x.shape[0] * x.shape[1]
     t_l, e_l = t // shards, cfg.num_experts // n
     capacity = expert_parallel.local_capacity(cfg.capacity, t, mesh)
-    _, stats = jax.jit(jmoe.MoE(cfg).apply)(variables, x)
-    routed = jax.jit(lambda v, x: _routing(cfg, v, x))(variables, x)
+    apply = functools.partial(jmoe.MoE(cfg).apply, mutable=["intermediates"])
+    (_, stats), sown = jax.jit(apply)(variables, x)
+    (routed,) = sown["intermediates"]["routing"]
     ids = np.asarray(routed.expert_ids)
     valid = np.asarray(routed.valid)
     if capacity is not None:  # drop per token shard, as the layer does
@@ -75,14 +77,6 @@ def bytes_per_token(cfg, variables, x, mesh) -> dict:
         "buffer_bytes": float(buffer),
         "payload_bytes": float(payload),
     }
-
-
-def _routing(cfg, variables, x):
-    logits = x.reshape(-1, cfg.d_model) @ variables["params"]["router"]["kernel"]
-    model = jmoe.MoE(cfg)
-    return model.apply(
-        variables, logits, variables["moe_state"]["bias"], None, True, method="_route"
-    )
 
 
 def _kept(cfg, routed, start, size, capacity):

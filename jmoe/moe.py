@@ -160,7 +160,8 @@ class MoE(nn.Module):
     Call: `y, stats = MoE(cfg).apply(variables, x, deterministic=True, token_mask=None)` with
     `x` `[..., D]` (`[B, S, D]` for the sequence-wise balance loss) and an optional bool
     `token_mask` `[...]` (False for padding tokens, which are routed but left out of the losses,
-    loads and counts). `stats` holds float32 arrays:
+    loads and counts). With `mutable=["intermediates"]` the router's `Routing` of each chain
+    step is returned too, under `intermediates/routing`. `stats` holds float32 arrays:
       - `load_balance_loss`, `z_loss`, `entropy`, `seq_balance_loss`: unscaled, summed over
         chain steps; `aux_loss`: their coefficient-weighted sum;
       - `tokens_per_expert`: `[E]` router assignments (`[C, E]` for a chain);
@@ -232,6 +233,7 @@ class MoE(nn.Module):
             else:
                 logits = router(h_TxD, step, deterministic)
                 routed = self._route(logits, budget, deterministic)
+            self.sow("intermediates", "routing", routed)  # one per chain step, when asked for
             y_TxD, step_stats = self._step(routed, h_TxD, experts, mask_T, seq_len, deterministic)
             if shared is not None:
                 s_TxD = shared(h_TxD)

@@ -323,3 +323,17 @@ def test_dropped_fraction_counts_real_tokens_only():
     _, stats = jmoe.MoE(cfg).apply(variables, x, token_mask=jnp.asarray(mask))
     np.testing.assert_allclose(stats["dropped_fraction"], 1 - kept[m].mean(), rtol=1e-6)
     assert 1 - kept[m].mean() != 1 - kept.mean()  # the mask matters in this case
+
+
+def test_routing_is_returned_as_an_intermediate():
+    """`mutable=["intermediates"]` returns each chain step's `Routing`: the router's top-k."""
+    cfg = jmoe.MoEConfig(d_model=8, d_ff=16, num_experts=4, top_k=2, chain_steps=2)
+    x = jax.random.normal(jax.random.key(0), (3, 8))
+    variables = jmoe.MoE(cfg).init(jax.random.key(1), x)
+    (y, _), sown = jmoe.MoE(cfg).apply(variables, x, mutable=["intermediates"])
+    first, second = sown["intermediates"]["routing"]
+    kernel = variables["params"]["router"]["kernel"][0]
+    expected = jmoe.routing.top_k(x @ kernel, 2)
+    np.testing.assert_array_equal(first.expert_ids, expected.expert_ids)
+    assert second.expert_ids.shape == (3, 2)
+    np.testing.assert_array_equal(y, jmoe.MoE(cfg).apply(variables, x)[0])
