@@ -20,13 +20,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import pathlib
 import platform
-import statistics
 import sys
-import time
 
 if "--real-devices" not in sys.argv:
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -34,6 +30,7 @@ if "--real-devices" not in sys.argv:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from results_io import median_seconds, write_results  # noqa: E402
 
 import jmoe  # noqa: E402
 from jmoe import expert_parallel, sharding  # noqa: E402
@@ -99,13 +96,7 @@ def step_time(cfg, variables, x, mesh, runs: int) -> float:
 
     params = sharding.shard_params(variables["params"], mesh)
     x = jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
-    jax.block_until_ready(fwd_bwd(params, x))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(fwd_bwd(params, x))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(fwd_bwd, (params, x), runs)
 
 
 def main():
@@ -151,10 +142,7 @@ def main():
         "devices": jax.device_count(),
         "machine": platform.machine(),
     }
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    write_results(args.out, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

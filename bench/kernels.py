@@ -24,15 +24,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
-import pathlib
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from results_io import median_seconds, write_results
 
 import jmoe
 import pallas_kernels as pk
@@ -67,16 +64,6 @@ def _scaled(name: str, scale: float) -> Shape:
     return Shape(
         name, max(8, int(s["tokens"] / scale)), width(s["d"]), width(s["f"]), s["e"], s["k"]
     )
-
-
-def _median_seconds(fn, args, runs: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _kernel_variants(s: Shape, interpret: bool, with_ragged: bool):
@@ -172,7 +159,7 @@ def _gating_variants(s: Shape):
 def kernel_rows(s: Shape, runs: int, interpret: bool, with_ragged: bool) -> list[dict]:
     rows = []
     for op, (flops, variants) in _kernel_variants(s, interpret, with_ragged).items():
-        seconds = {v: _median_seconds(fn, args, runs) for v, (fn, args) in variants.items()}
+        seconds = {v: median_seconds(fn, args, runs) for v, (fn, args) in variants.items()}
         for v, t in seconds.items():
             row = dict(shape=s.name, op=op, variant=v, ms=1e3 * t, tflops=flops / t / 1e12,
                        vs_dense=seconds["dense"] / t)  # fmt: skip
@@ -197,7 +184,7 @@ def layer_rows(s: Shape, runs: int, impls: list[str]) -> list[dict]:
             y, stats = model.apply({**variables, "params": p}, x)
             return jnp.sum(y.astype(jnp.float32) * ct) + stats["aux_loss"]
 
-        t = _median_seconds(jax.jit(jax.grad(loss, (0, 1))), (variables["params"], x), runs)
+        t = median_seconds(jax.jit(jax.grad(loss, (0, 1))), (variables["params"], x), runs)
         row = dict(shape=s.name, op="moe layer fwd+bwd", variant=impl, ms=1e3 * t,
                    tflops=flops / t / 1e12)  # fmt: skip
         print(
@@ -231,14 +218,11 @@ def main():
         rows += kernel_rows(s, args.runs, interpret, with_ragged)
         impls = [i for i in args.layer_impl if with_ragged or i != "ragged_dot"]
         rows += layer_rows(s, args.runs, impls)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(
         jax=jax.__version__, backend=backend, device=str(jax.devices()[0]),
         machine=platform.machine(), interpret=interpret, shapes=shapes, args=vars(args),
     )  # fmt: skip
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    write_results(args.out, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import pathlib
 import platform
 import statistics
 import time
@@ -35,6 +33,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from results_io import write_results
 
 import jmoe
 from jmoe.moe import update_state
@@ -244,7 +243,6 @@ def main():
     args = parser.parse_args()
     args.k = args.k or ([4] if args.adaptive else [1, 2, 8])
     name = "moe_layer_adaptive" if args.adaptive else f"moe_layer_{args.scenario}"
-    out = pathlib.Path(args.out or f"bench/results/{name}.json")
 
     print(
         f"T={args.tokens} D={args.d_model} F={args.d_ff} scenario={args.scenario} "
@@ -270,15 +268,13 @@ def main():
             for row in point(args, e, k):
                 show(row)
                 rows.append(row)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "machine": platform.machine(),
         "args": vars(args),
     }
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    write_results(args.out or f"bench/results/{name}.json", {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

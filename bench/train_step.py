@@ -15,8 +15,6 @@ median of `--runs` calls. Prints a table and writes JSON to bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 import platform
 import statistics
 import tempfile
@@ -24,6 +22,7 @@ import time
 
 import jax
 import numpy as np
+from results_io import write_results
 
 from jmoe import data, trainer
 from jmoe.config import Config, load_config
@@ -152,10 +151,7 @@ def main():
             f"default run: {run['wall_time_s']:.0f} s wall, held-out loss {run['eval_loss']:.3f} "
             f"vs unigram {run['unigram_loss']:.3f}"
         )
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":
