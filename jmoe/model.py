@@ -43,7 +43,7 @@ import numpy as np
 from jmoe.attention import Attention
 from jmoe.config import ModelConfig
 from jmoe.layout import layer_locations, layer_segments, moe_layers
-from jmoe.moe import MoE, SharedMLP, update_state
+from jmoe.moe import MoE, SharedMLP, mlp_matrix_count, update_state
 
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
 
@@ -390,7 +390,7 @@ def flops_per_token(config: ModelConfig, seq_len: int, active_experts=None) -> f
     if active_experts is None:
         active_experts = moe.target_active_experts or moe.top_k * moe.chain_steps
     active_L = np.broadcast_to(np.asarray(active_experts, np.float64), (n_moe,))
-    matrices = 3 if moe.activation == "swiglu" else 2
+    matrices = mlp_matrix_count(moe.activation)
     shared = moe.chain_steps * d * (matrices * moe.shared_width + int(moe.shared_gate))
     moe_weights = n_moe * (moe.chain_steps * d * moe.num_router_outputs + shared)
     moe_weights += matrices * d * moe.d_ff * float(active_L.sum())

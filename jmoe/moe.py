@@ -29,6 +29,11 @@ def _mlp_weight_names(activation: str) -> tuple[str, ...]:
     return ("w_gate", "w_up") if activation == "swiglu" else ("w_up",)
 
 
+def mlp_matrix_count(activation: str) -> int:
+    """Weight matrices of one expert MLP: its input projections and the down projection."""
+    return len(_mlp_weight_names(activation)) + 1
+
+
 class Router(nn.Module):
     """Router logits `x @ kernel` in float32, with optional multiplicative input jitter.
 
@@ -375,8 +380,7 @@ class MoE(nn.Module):
                 for n in range(num_bins)
             ]
         )
-        num_matrices = len(_mlp_weight_names(cfg.activation)) + 1  # input projections + down
-        flops_per_hidden_unit = 2 * cfg.d_model * num_matrices
+        flops_per_hidden_unit = 2 * cfg.d_model * mlp_matrix_count(cfg.activation)
         stats["expert_flops_per_token"] = flops_per_hidden_unit * (
             cfg.d_ff * stats["active_experts"] + cfg.shared_width * cfg.chain_steps
         )
