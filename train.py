@@ -16,8 +16,8 @@ import sys
 import jax
 
 from jmoe import sharding
-from jmoe.config import load_config
-from jmoe.trainer import train_and_evaluate
+from jmoe.train.run_config import load_config
+from jmoe.train.trainer import train_and_evaluate
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

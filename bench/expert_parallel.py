@@ -33,8 +33,9 @@ import numpy as np  # noqa: E402
 from results_io import median_seconds, write_results  # noqa: E402
 
 import jmoe  # noqa: E402
-from jmoe import expert_parallel, sharding  # noqa: E402
-from jmoe.config import MeshConfig  # noqa: E402
+from jmoe import sharding
+from jmoe.moe import expert_parallel  # noqa: E402
+from jmoe.sharding import MeshConfig  # noqa: E402
 
 
 def routers(e: int) -> dict[str, dict]:

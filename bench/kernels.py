@@ -33,7 +33,7 @@ from results_io import median_seconds, write_results
 
 import jmoe
 import pallas_kernels as pk
-from jmoe import tiled
+from jmoe.kernels import xla_tiled as tiled
 from pallas_kernels.gmm import swiglu_bwd, tgmm
 
 SHAPES = {

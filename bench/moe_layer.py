@@ -17,7 +17,7 @@ warm-up, with a pause between calls so freed memory settles. Backward timings ar
     python bench/moe_layer.py --scenario all_to_one_expert   # catalogue skew: k experts take all
     python bench/moe_layer.py --adaptive --experts 64 --k 4
 
-Scenarios come from the shape catalogue (`jmoe.catalogue`): "balanced" routes with the random
+Scenarios come from the shape catalogue (`tests/shape_cases.py`): "balanced" routes with the random
 router; "all_to_one_expert" and "empty_experts" force the selection with the `moe_state` bias
 (every token to experts 0..k-1; only the even experts used).
 """
@@ -36,7 +36,7 @@ import numpy as np
 from results_io import write_results
 
 import jmoe
-from jmoe.moe import update_state
+from jmoe.moe.layer import update_state
 
 # jax.lax.ragged_dot computes every group densely on CPU (E times the work, E times the memory):
 # run it only where that finishes in reasonable time.

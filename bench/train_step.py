@@ -24,9 +24,10 @@ import jax
 import numpy as np
 from results_io import write_results
 
-from jmoe import data, trainer
-from jmoe.config import Config, load_config
-from jmoe.model import Transformer
+from jmoe.lm.model import Transformer
+from jmoe.train import data, trainer
+from jmoe.train.config import Config
+from jmoe.train.run_config import load_config
 
 # Routing changes on top of the tiny config.
 VARIANTS = {

@@ -5,13 +5,17 @@ width, F expert hidden width, E experts, K slots per token, C capacity or chain 
 V vocab, M sorted rows (T * K), P tile-padded rows, N tiles.
 """
 
-from jmoe import dispatch, losses, ops, routing, sharding
-from jmoe.config import MeshConfig, ModelConfig, MoEConfig
-from jmoe.losses import update_bias, update_budget
-from jmoe.model import Transformer
-from jmoe.moe import Experts, MoE, Router, SharedMLP, update_state, with_null_experts
-from jmoe.ops import grouped_matmul
-from jmoe.routing import Routing
+from jmoe import sharding
+from jmoe.kernels import grouped_matmul as ops
+from jmoe.kernels.grouped_matmul import grouped_matmul
+from jmoe.lm.config import ModelConfig
+from jmoe.lm.model import Transformer
+from jmoe.moe import dispatch, losses, routing
+from jmoe.moe.config import MoEConfig
+from jmoe.moe.layer import Experts, MoE, Router, SharedMLP, update_state, with_null_experts
+from jmoe.moe.losses import update_bias, update_budget
+from jmoe.moe.routing import Routing
+from jmoe.sharding import MeshConfig
 
 __all__ = [
     "Experts",

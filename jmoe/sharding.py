@@ -9,6 +9,8 @@ all-to-all of `jmoe.expert_parallel` exchanges them); experts over `expert`; lar
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Sequence
 
@@ -17,7 +19,60 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jmoe.config import MESH_AXES, MeshConfig
+from jmoe.validation import check
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape over all devices of all processes.
+
+    Each axis is a positive size; at most one may be None, meaning "the devices left over"
+    (never -1). The product must equal the device count. Axis order is `MESH_AXES`.
+    """
+
+    data: int | None = None
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
+        for axis, size in sizes.items():
+            check(
+                axis,
+                size,
+                size is None or size >= 1,
+                "None (fill) or an integer >= 1",
+                "MeshConfig",
+            )
+        unset = [axis for axis, size in sizes.items() if size is None]
+        if len(unset) > 1:
+            raise ValueError(
+                f"MeshConfig axes {unset} are all None: at most one axis may be None "
+                "(it takes the devices left over)"
+            )
+
+    def axis_sizes(self, num_devices: int) -> dict[str, int]:
+        """Sizes of `MESH_AXES` for `num_devices` devices, filling the None axis."""
+        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
+        fixed = math.prod(size for size in sizes.values() if size is not None)
+        unset = [axis for axis, size in sizes.items() if size is None]
+        if unset:
+            if num_devices % fixed:
+                raise ValueError(
+                    f"MeshConfig {sizes}: the fixed axes multiply to {fixed}, which does not "
+                    f"divide the {num_devices} devices, so {unset[0]!r} cannot fill the rest"
+                )
+            sizes[unset[0]] = num_devices // fixed
+        elif fixed != num_devices:
+            raise ValueError(
+                f"MeshConfig {sizes} multiplies to {fixed} devices but there are "
+                f"{num_devices}: change the sizes or set one axis to None to fill the rest"
+            )
+        return sizes
+
 
 BATCH_AXES = ("data", "fsdp", "expert")
 

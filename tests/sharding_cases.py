@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import jmoe  # noqa: E402
 import moe_reference as ref  # noqa: E402
 from jmoe import sharding  # noqa: E402
-from jmoe.config import MeshConfig  # noqa: E402
+from jmoe.sharding import MeshConfig  # noqa: E402
 
 if "JMOE_JAX_CACHE" in os.environ:
     jax.config.update("jax_compilation_cache_dir", os.environ["JMOE_JAX_CACHE"])
@@ -214,9 +214,9 @@ def case_param_shardings():
 def case_train_steps():
     """Three trainer steps of a tiny MoE LM (bias balancing on) on two meshes equal one device:
     losses, parameters and moe_state."""
-    from jmoe import trainer
-    from jmoe.config import load_config
-    from jmoe.model import Transformer
+    from jmoe.train import trainer
+    from jmoe.lm.model import Transformer
+    from jmoe.train.run_config import load_config
 
     overrides = [
         "model.vocab_size=64",

@@ -15,8 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from jmoe import expert_parallel, sharding
-from jmoe.config import MESH_AXES, MeshConfig
+from jmoe import sharding
+from jmoe.moe import expert_parallel
+from jmoe.sharding import MESH_AXES, MeshConfig
 
 TESTS = pathlib.Path(__file__).parent
 

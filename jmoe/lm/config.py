@@ -1,0 +1,123 @@
+"""`ModelConfig`: the decoder-only transformer's schema, defaults and checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jmoe.moe.config import MoEConfig
+from jmoe.validation import DTYPES
+from jmoe.validation import check as _check
+from jmoe.validation import check_choice as _check_choice
+
+REMAT_POLICIES = ("none", "full", "dots")
+QK_NORM_SCOPES = ("head", "projection")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer LM with MoE feed-forward layers.
+
+    Layer `i` (0-based) is a MoE layer when `i >= first_dense_layers` and
+    `(i - first_dense_layers) % moe_every == 0`; the other layers use a dense SwiGLU FFN of
+    width `d_ff`. `moe.d_model` is always `d_model` (it is set here, whatever `moe` says).
+
+    Attributes:
+      vocab_size: V.
+      d_model: width D.
+      n_layers: transformer blocks.
+      n_heads: query heads.
+      n_kv_heads: key/value heads (grouped-query attention); None means `n_heads`.
+      head_dim: per-head width; None means `d_model // n_heads`.
+      d_ff: hidden width of the dense FFN layers.
+      max_seq_len: longest sequence (RoPE table and KV cache size).
+      rope_theta: RoPE base.
+      qk_norm: RMSNorm on queries and keys (before RoPE).
+      qk_norm_scope: "head" normalises each head (Qwen3; scales `[A]`), "projection" the whole
+        query / key projection (OLMoE; scales `[H, A]` / `[G, A]`).
+      qkv_bias: bias on the q/k/v projections (Qwen2).
+      tie_embeddings: output projection = embedding transposed.
+      norm_eps: RMSNorm epsilon.
+      first_dense_layers: leading layers with a dense FFN (DeepSeek `first_k_dense_replace`).
+      moe_every: MoE in every `moe_every`-th layer after those; 0 makes every layer dense.
+      moe: the MoE layer config (`jmoe.MoEConfig`).
+      scan_layers: `nn.scan` over identical layers (faster compiles for deep models).
+      remat: rematerialisation of each block: "none", "full" or "dots" (save matmul outputs).
+      dtype, param_dtype: compute and parameter dtypes (attention softmax and norms in float32).
+    """
+
+    vocab_size: int = 512
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    d_ff: int = 512
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    qk_norm: bool = False
+    qk_norm_scope: str = "head"
+    qkv_bias: bool = False
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    first_dense_layers: int = 0
+    moe_every: int = 1
+    moe: MoEConfig = MoEConfig(d_model=128, d_ff=256)
+    scan_layers: bool = False
+    remat: str = "none"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        owner = "ModelConfig"
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            value = getattr(self, name)
+            _check(name, value, value >= 1, "an integer >= 1", owner)
+        _check(
+            "n_kv_heads",
+            self.n_kv_heads,
+            self.n_kv_heads is None
+            or (self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0),
+            f"None or a divisor of n_heads={self.n_heads}",
+            owner,
+        )
+        _check(
+            "head_dim",
+            self.head_dim,
+            self.head_dim is not None or self.d_model % self.n_heads == 0,
+            f"set explicitly when d_model={self.d_model} is not a multiple of "
+            f"n_heads={self.n_heads}",
+            owner,
+        )
+        _check(
+            "head_dim",
+            self.head_dim,
+            self.head_dim is None or (self.head_dim >= 2 and self.head_dim % 2 == 0),
+            "None or an even integer >= 2 (RoPE rotates pairs)",
+            owner,
+        )
+        _check("rope_theta", self.rope_theta, self.rope_theta > 0, "a number > 0", owner)
+        _check("norm_eps", self.norm_eps, self.norm_eps > 0, "a number > 0", owner)
+        for name in ("first_dense_layers", "moe_every"):
+            value = getattr(self, name)
+            _check(name, value, value >= 0, "an integer >= 0", owner)
+        _check_choice("remat", self.remat, REMAT_POLICIES, owner)
+        _check_choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES, owner)
+        _check_choice("dtype", self.dtype, DTYPES, owner)
+        _check_choice("param_dtype", self.param_dtype, DTYPES, owner)
+        if not isinstance(self.moe, MoEConfig):
+            raise ValueError(f"ModelConfig.moe must be a MoEConfig, got {type(self.moe)}")
+        if self.moe.d_model != self.d_model:
+            object.__setattr__(self, "moe", dataclasses.replace(self.moe, d_model=self.d_model))
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` (0-based) has a MoE FFN."""
+        offset = layer - self.first_dense_layers
+        return self.moe_every > 0 and offset >= 0 and offset % self.moe_every == 0

@@ -1,0 +1,403 @@
+"""Decoder-only transformer LM with MoE feed-forward layers (Flax Linen).
+
+Training / eval forward (logits float32):
+
+    logits_BxSxV, stats = Transformer(cfg).apply(
+        variables, tokens_BxS, deterministic=False, token_mask_BxS=mask, rngs={"jitter": key})
+
+Incremental decoding with an explicit KV cache (`init_cache`): a prefill of the prompt and then
+one token at a time give the same logits as the full forward (for dropless MoE layers). Each row
+carries its own positions, so a serving batch may hold sequences at different positions:
+
+    cache = init_cache(cfg, batch_size, max_len)
+    logits_BxSxV, cache = Transformer(cfg).apply(
+        variables, tokens_BxS, positions_BxS, cache, method=Transformer.decode)
+
+A row at position p attends to cache entries 0..p; entries past a row's prompt (say, from a
+right-padded prefill) are overwritten before they become visible.
+
+Blocks are pre-norm: `x += attn(attn_norm(x))`, then `x += ffn(ffn_norm(x))` where the FFN is
+`jmoe.MoE` in the layers `config.is_moe_layer(i)` selects and a dense SwiGLU elsewhere (a
+"coe" chain-of-experts MoE returns the new stream itself). The residual stream, norms, softmax
+and logits are float32; matmuls run in `config.dtype`.
+
+Parameters: `embed/embedding` `[V, D]`, `layers_{i}/{attn_norm,attn,ffn_norm}` and
+`layers_{i}/mlp` (dense) or `layers_{i}/moe` (exactly `jmoe.MoE`'s tree), `final_norm/scale`,
+and `lm_head/kernel` `[D, V]` unless embeddings are tied. With `scan_layers` each run of
+identical layer units is one `nn.scan` named `stacks_{j}` whose blocks `block_{u}` carry a
+leading repeat axis; `jmoe.layout.stack_layers` / `unstack_layers` convert between the two
+layouts.
+The "moe_state" collection (one entry per MoE layer) follows the same layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmoe.lm.attention import Attention
+from jmoe.lm.config import ModelConfig
+from jmoe.lm.param_layout import layer_locations, layer_segments, moe_layers
+from jmoe.moe.layer import MoE, SharedMLP, mlp_matrix_count, update_state
+
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; `moe` picks a `jmoe.MoE` or a dense SwiGLU FFN.
+
+    Call: `x_BxSxD, (stats, cache) = block(x_BxSxD, cache, positions_BxS, token_mask_BxS,
+    deterministic)`, with the float32 residual stream `x`, this layer's KV cache or None, and
+    the MoE stats (`{}` for a dense block).
+    """
+
+    config: ModelConfig
+    moe: bool
+    mesh: jax.sharding.Mesh | None = None
+
+    @nn.compact
+    def __call__(self, x_BxSxD, cache, positions_BxS, token_mask_BxS, deterministic):
+        cfg = self.config
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        norm = functools.partial(
+            nn.RMSNorm, cfg.norm_eps, dtype=jnp.float32, param_dtype=param_dtype
+        )
+        attn = Attention(
+            cfg.n_heads,
+            cfg.kv_heads,
+            cfg.dim_per_head,
+            cfg.rope_theta,
+            cfg.qk_norm,
+            cfg.qkv_bias,
+            cfg.norm_eps,
+            dtype,
+            param_dtype,
+            qk_norm_scope=cfg.qk_norm_scope,
+            name="attn",
+        )
+        a_BxSxD, cache = attn(norm(name="attn_norm")(x_BxSxD), positions_BxS, cache)
+        x_BxSxD = x_BxSxD + a_BxSxD.astype(jnp.float32)
+        h_BxSxD = norm(name="ffn_norm")(x_BxSxD)
+        if not self.moe:
+            y_BxSxD = SharedMLP(cfg.d_ff, "swiglu", dtype, param_dtype, name="mlp")(h_BxSxD)
+            return x_BxSxD + y_BxSxD.astype(jnp.float32), ({}, cache)
+        moe_cfg = dataclasses.replace(cfg.moe, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        y_BxSxD, stats = MoE(moe_cfg, self.mesh, name="moe")(
+            h_BxSxD, deterministic=deterministic, token_mask=token_mask_BxS
+        )
+        y_BxSxD = y_BxSxD.astype(jnp.float32)
+        x_BxSxD = y_BxSxD if moe_cfg.chain_residual == "coe" else x_BxSxD + y_BxSxD
+        return x_BxSxD, (stats, cache)
+
+
+class Unit(nn.Module):
+    """Consecutive blocks `block_{u}` (the body of one scan step); caches are `[U, ...]`."""
+
+    config: ModelConfig
+    kinds: tuple[bool, ...]
+    mesh: jax.sharding.Mesh | None = None
+
+    @nn.compact
+    def __call__(self, x_BxSxD, cache, positions_BxS, token_mask_BxS, deterministic):
+        block_cls = _block_class(self.config)
+        stats, caches = {}, []
+        for u, moe in enumerate(self.kinds):
+            layer_cache = None if cache is None else jax.tree.map(lambda c, u=u: c[u], cache)
+            x_BxSxD, (layer_stats, layer_cache) = block_cls(
+                self.config, moe, self.mesh, name=f"block_{u}"
+            )(x_BxSxD, layer_cache, positions_BxS, token_mask_BxS, deterministic)
+            stats = layer_stats or stats  # a unit holds at most one MoE block
+            caches.append(layer_cache)
+        cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
+        return x_BxSxD, (stats, cache)
+
+
+def _block_class(config: ModelConfig):
+    if config.remat == "none":
+        return Block
+    return nn.remat(
+        Block,
+        policy=REMAT_POLICIES[config.remat],
+        prevent_cse=not config.scan_layers,
+        static_argnums=(5,),  # deterministic (self is argument 0)
+    )
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer LM with MoE FFNs (see the module docstring).
+
+    Attributes:
+      config: the `ModelConfig`; the MoE layers run in its `dtype` / `param_dtype`.
+      mesh: optional `jax.sharding.Mesh`, passed on to every `jmoe.MoE`.
+
+    Example:
+      >>> cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64,
+      ...                   moe=MoEConfig(d_ff=32, num_experts=4))
+      >>> tokens = jnp.zeros((2, 8), jnp.int32)
+      >>> variables = Transformer(cfg).init(jax.random.key(0), tokens)
+      >>> logits, stats = Transformer(cfg).apply(variables, tokens)
+    """
+
+    config: ModelConfig
+    mesh: jax.sharding.Mesh | None = None
+
+    def setup(self):
+        cfg = self.config
+        param_dtype = jnp.dtype(cfg.param_dtype)
+        self.embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            embedding_init=nn.initializers.normal(cfg.d_model**-0.5),
+            param_dtype=param_dtype,
+        )
+        if cfg.scan_layers:
+            self.stacks = [
+                nn.scan(
+                    Unit,
+                    variable_axes={"params": 0, "moe_state": 0},
+                    split_rngs={"params": True, "jitter": True},
+                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                    length=repeats,
+                )(cfg, unit, self.mesh)
+                for _, repeats, unit in layer_segments(cfg)
+            ]
+        else:
+            self.layers = [
+                _block_class(cfg)(cfg, cfg.is_moe_layer(i), self.mesh) for i in range(cfg.n_layers)
+            ]
+        self.final_norm = nn.RMSNorm(cfg.norm_eps, dtype=jnp.float32, param_dtype=param_dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=jnp.dtype(cfg.dtype),
+                param_dtype=param_dtype,
+                dot_general=functools.partial(
+                    jax.lax.dot_general, preferred_element_type=jnp.float32
+                ),
+            )
+
+    def __call__(
+        self,
+        tokens_BxS: jax.Array,
+        *,
+        deterministic: bool = True,
+        token_mask_BxS: jax.Array | None = None,
+        positions_BxS: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Logits `[B, S, V]` float32 and the model stats (see `aggregate_stats`).
+
+        Args:
+          tokens_BxS: int token ids.
+          deterministic: False for training (router jitter on; "jitter" rng needed if set).
+          token_mask_BxS: bool, False for padding (left out of the MoE losses and loads).
+          positions_BxS: RoPE positions (default `0..S-1` in every row).
+        """
+        if tokens_BxS.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {tokens_BxS.shape[1]} > max_seq_len={self.config.max_seq_len}: "
+                "raise model.max_seq_len or shorten the sequences"
+            )
+        if positions_BxS is None:
+            positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
+        x_BxSxD, stats, _ = self._blocks(
+            tokens_BxS, None, positions_BxS, token_mask_BxS, deterministic
+        )
+        return self._logits(x_BxSxD), aggregate_stats(self.config, stats)
+
+    def decode(
+        self,
+        tokens_BxS: jax.Array,
+        positions_BxS: jax.Array,
+        cache: dict[str, jax.Array],
+        token_mask_BxS: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Prefill or decode step: logits `[B, S, V]` float32 and the updated cache.
+
+        Args:
+          tokens_BxS: new tokens (a prompt, or one token per row).
+          positions_BxS: their absolute positions (per row; may differ between rows), each
+            below the cache length M (writes past it are dropped).
+          cache: from `init_cache` or the previous call.
+          token_mask_BxS: optional bool, False for padding tokens.
+        """
+        x_BxSxD, _, cache = self._blocks(tokens_BxS, cache, positions_BxS, token_mask_BxS, True)
+        return self._logits(x_BxSxD), cache
+
+    def _blocks(self, tokens_BxS, cache, positions_BxS, token_mask_BxS, deterministic):
+        """Embeds and runs every block; returns (x, per-MoE-layer stats list, cache)."""
+        x_BxSxD = self.embed(tokens_BxS).astype(jnp.float32)
+        stats, caches = [], []
+        if self.config.scan_layers:
+            for stack, (first, repeats, unit) in zip(
+                self.stacks, layer_segments(self.config), strict=True
+            ):
+                seg = None
+                if cache is not None:
+                    seg = jax.tree.map(
+                        functools.partial(_segment_of, first=first, shape=(repeats, len(unit))),
+                        cache,
+                    )
+                x_BxSxD, (seg_stats, seg) = stack(
+                    x_BxSxD, seg, positions_BxS, token_mask_BxS, deterministic
+                )
+                if seg_stats:
+                    stats.append(seg_stats)
+                if seg is not None:
+                    caches.append(jax.tree.map(lambda c: c.reshape(-1, *c.shape[2:]), seg))
+        else:
+            for i, layer in enumerate(self.layers):
+                layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
+                x_BxSxD, (layer_stats, layer_cache) = layer(
+                    x_BxSxD, layer_cache, positions_BxS, token_mask_BxS, deterministic
+                )
+                if layer_stats:
+                    stats.append(jax.tree.map(lambda s: s[None], layer_stats))
+                caches.append(layer_cache)
+        if cache is not None:
+            cache = jax.tree.map(
+                lambda *c: jnp.concatenate(c) if self.config.scan_layers else jnp.stack(c),
+                *caches,
+            )
+        return x_BxSxD, stats, cache
+
+    def _logits(self, x_BxSxD):
+        x_BxSxD = self.final_norm(x_BxSxD).astype(jnp.dtype(self.config.dtype))
+        if self.config.tie_embeddings:
+            embedding_VxD = self.embed.embedding.astype(x_BxSxD.dtype)
+            return jnp.einsum(
+                "bsd,vd->bsv", x_BxSxD, embedding_VxD, preferred_element_type=jnp.float32
+            )
+        return self.lm_head(x_BxSxD)
+
+
+def _segment_of(cache_LxBxMxGxA, first: int, shape: tuple[int, int]) -> jax.Array:
+    """The cache rows of a scanned segment, `[repeats, unit, B, M, G, A]`."""
+    last = first + shape[0] * shape[1]
+    return cache_LxBxMxGxA[first:last].reshape(*shape, *cache_LxBxMxGxA.shape[1:])
+
+
+def aggregate_stats(config: ModelConfig, per_layer: list[dict]) -> dict[str, jax.Array]:
+    """Model stats from the MoE layers' stats (each array with a leading layer axis).
+
+    Returns float32: `aux_loss` (sum of the layers' coefficient-weighted losses);
+    `load_balance_loss`, `z_loss`, `entropy`, `seq_balance_loss` (means over MoE layers); per
+    MoE layer `tokens_per_expert` `[L_moe, E]` (`[L_moe, C, E]` for chains), `active_experts`,
+    `dropped_fraction`, `router_entropy` `[L_moe]`, `active_experts_hist` `[L_moe, K*C + 1]`;
+    and `expert_flops_per_token`, the realised expert forward FLOPs summed over layers.
+    All zeros (with `L_moe = 0`) for a model without MoE layers.
+    """
+    moe = config.moe
+    if per_layer:
+        layers = {k: jnp.concatenate([s[k] for s in per_layer]) for k in per_layer[0]}
+    else:
+        load_shape = (
+            (moe.num_experts,) if moe.chain_steps == 1 else (moe.chain_steps, moe.num_experts)
+        )
+        shapes = {
+            "tokens_per_expert": load_shape,
+            "active_experts_hist": (moe.slots * moe.chain_steps + 1,),
+        }
+        keys = ("aux_loss", "load_balance_loss", "z_loss", "entropy", "seq_balance_loss")
+        keys += ("active_experts", "dropped_fraction", "expert_flops_per_token")
+        layers = {k: jnp.zeros((0, *shapes.get(k, ())), jnp.float32) for k in (*keys, *shapes)}
+
+    def mean(v_L):
+        return v_L.mean() if v_L.shape[0] else jnp.zeros((), jnp.float32)
+
+    return {
+        "aux_loss": layers["aux_loss"].sum(),
+        "load_balance_loss": mean(layers["load_balance_loss"]),
+        "z_loss": mean(layers["z_loss"]),
+        "entropy": mean(layers["entropy"]),
+        "seq_balance_loss": mean(layers["seq_balance_loss"]),
+        "tokens_per_expert": layers["tokens_per_expert"],
+        "active_experts": layers["active_experts"],
+        "dropped_fraction": layers["dropped_fraction"],
+        "router_entropy": layers["entropy"],
+        "active_experts_hist": layers["active_experts_hist"],
+        "expert_flops_per_token": layers["expert_flops_per_token"].sum(),
+    }
+
+
+def init_cache(
+    config: ModelConfig, batch_size: int, max_len: int | None = None, dtype=None
+) -> dict[str, jax.Array]:
+    """An empty KV cache for `Transformer.decode`, the same for both layer layouts.
+
+    Args:
+      config: the model config.
+      batch_size: rows B (sequences decoded together).
+      max_len: positions M per row (default `config.max_seq_len`).
+      dtype: cache dtype (default `config.dtype`).
+
+    Returns:
+      `{"k": [L, B, M, G, A], "v": [L, B, M, G, A]}` zeros.
+    """
+    max_len = config.max_seq_len if max_len is None else max_len
+    dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+    shape = (config.n_layers, batch_size, max_len, config.kv_heads, config.dim_per_head)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def update_moe_state(config: ModelConfig, moe_state: dict, stats: dict[str, jax.Array]) -> dict:
+    """The "moe_state" collection after a training step: `jmoe.update_state` on every MoE layer.
+
+    Applies each layer's auxiliary-loss-free bias and compute-budget updates from its row of the
+    model stats (`tokens_per_expert`, `active_experts`); call it outside autodiff.
+
+    Args:
+      config: the model config.
+      moe_state: `variables["moe_state"]` (either layer layout).
+      stats: the model stats of the step (global over the batch).
+    """
+    locations = layer_locations(config, config.scan_layers)
+    state = jax.tree.map(lambda a: a, moe_state)  # a fresh nested dict to write into
+    for row, layer in enumerate(moe_layers(config)):
+        path, r = locations[layer]
+        parent = functools.reduce(lambda t, key: t[key], path, state)
+        layer_stats = {k: stats[k][row] for k in ("tokens_per_expert", "active_experts")}
+        current = parent["moe"] if r is None else jax.tree.map(lambda a, r=r: a[r], parent["moe"])
+        new = update_state(config.moe, current, layer_stats)
+        if r is not None:
+            new = jax.tree.map(lambda a, n, r=r: a.at[r].set(n), parent["moe"], new)
+        parent["moe"] = new
+    return state
+
+
+def flops_per_token(config: ModelConfig, seq_len: int, active_experts=None) -> float:
+    """Training FLOPs per token: `6 x matmul weights used per token + 12 x L x H x A x S`.
+
+    The weight term counts the attention projections, dense FFNs, routers, the routed experts
+    actually computed, shared experts and the output projection (the embedding lookup is not a
+    matmul); the attention term is the PaLM count of the score and value matmuls over all S
+    positions (the causal mask is not subtracted).
+
+    Args:
+      config: the model config.
+      seq_len: S.
+      active_experts: realised expert computations per token, a number or one per MoE layer
+        (`stats["active_experts"]`); default `target_active_experts`, else `top_k * chain_steps`.
+    """
+    moe, d = config.moe, config.d_model
+    h, g, a = config.n_heads, config.kv_heads, config.dim_per_head
+    n_moe = len(moe_layers(config))
+    if active_experts is None:
+        active_experts = moe.target_active_experts or moe.top_k * moe.chain_steps
+    active_L = np.broadcast_to(np.asarray(active_experts, np.float64), (n_moe,))
+    matrices = mlp_matrix_count(moe.activation)
+    shared = moe.chain_steps * d * (matrices * moe.shared_width + int(moe.shared_gate))
+    moe_weights = n_moe * (moe.chain_steps * d * moe.num_router_outputs + shared)
+    moe_weights += matrices * d * moe.d_ff * float(active_L.sum())
+    weights = (
+        config.n_layers * d * a * (2 * h + 2 * g)
+        + (config.n_layers - n_moe) * 3 * d * config.d_ff
+        + moe_weights
+        + d * config.vocab_size
+    )
+    return 6.0 * weights + 12.0 * config.n_layers * h * a * seq_len

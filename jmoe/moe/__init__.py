@@ -1,0 +1,1 @@
+"""The MoE layer, stage by stage: routing -> dispatch -> expert compute -> combine."""

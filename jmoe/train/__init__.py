@@ -1,0 +1,1 @@
+"""Training runs: configs, data, tokenizers, the trainer, checkpoints and reports."""

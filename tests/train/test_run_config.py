@@ -1,0 +1,156 @@
+"""jmoe.train.run_config: YAML presets, key.path=value overrides, errors that name the key."""
+
+import dataclasses
+import glob
+import os
+
+import pytest
+import yaml
+
+from jmoe.lm.config import ModelConfig
+from jmoe.train.config import Config, DataConfig, TrainConfig
+from jmoe.train.run_config import config_diff, config_to_dict, load_config, save_config
+
+PRESETS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "*.yaml")))
+
+
+def test_defaults_are_the_tiny_preset():
+    assert load_config() == Config()
+    assert load_config(os.path.join(os.path.dirname(PRESETS[0]), "tiny.yaml")) == Config()
+
+
+def test_overrides_parse_yaml_values_at_nested_paths():
+    cfg = load_config(
+        None,
+        [
+            "model.moe.router=top_p",
+            "model.moe.max_k=3",
+            "train.learning_rate=1e-3",  # YAML 1.1 reads this as text: parsed as a float
+            "train.grad_clip=null",
+            "model.qk_norm=true",
+            "data.source=/tmp/corpus.txt",
+        ],
+    )
+    assert cfg.model.moe.router == "top_p" and cfg.model.moe.max_k == 3
+    assert cfg.train.learning_rate == 1e-3 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.train.grad_clip is None and cfg.model.qk_norm is True
+    assert cfg.data.source == "/tmp/corpus.txt"
+    assert cfg.model.moe.d_model == cfg.model.d_model
+    # text that is not YAML (a glob starting with "*" reads as an alias) is taken as it is
+    assert load_config(None, ["data.source=*.txt"]).data.source == "*.txt"
+
+
+def test_file_then_overrides_later_wins(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("model:\n  d_model: 64\n  moe:\n    top_k: 1\ntrain:\n  steps: 7\n")
+    cfg = load_config(path, ["train.steps=9"])
+    assert (cfg.model.d_model, cfg.model.moe.top_k, cfg.train.steps) == (64, 1, 9)
+    assert cfg.model.n_layers == ModelConfig().n_layers  # untouched keys keep their defaults
+
+
+@pytest.mark.parametrize(
+    "override,named,closest",
+    [
+        ("model.moe.rooter=top_k", "model.moe.rooter", "model.moe.router"),
+        ("model.d_modle=64", "model.d_modle", "model.d_model"),
+        ("trian.steps=3", "trian", "train"),
+        ("data.seq_length=64", "data.seq_length", "data.seq_len"),
+    ],
+)
+def test_unknown_key_names_key_allowed_and_closest(override, named, closest):
+    with pytest.raises(ValueError) as info:
+        load_config(None, [override])
+    msg = str(info.value)
+    assert repr(named) in msg and repr(closest) in msg and "allowed keys" in msg, msg
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  step: 3\n")
+    with pytest.raises(ValueError, match=r"'train.step'.*did you mean 'train.steps'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        ("train.steps=abc", "'train.steps'='abc'"),
+        ("train.steps=2.5", "'train.steps'=2.5"),
+        ("model.qk_norm=3", "'model.qk_norm'=3"),
+        ("train.learning_rate=true", "'train.learning_rate'=True"),
+        ("model=3", "model must be a mapping"),
+        ("model.moe.top_k=0", "model.moe: MoEConfig.top_k=0"),
+        ("model.moe.router=hash", "model.moe: MoEConfig.router='hash'"),
+        ("model.n_kv_heads=3", "model: ModelConfig.n_kv_heads=3"),
+        ("data.eval_fraction=1.5", "data: DataConfig.eval_fraction=1.5"),
+        ("train.warmup_steps=-1", "train: TrainConfig.warmup_steps=-1"),
+        ("data.seq_len=4096", "Config.data.seq_len=4096"),
+        ("steps", "not of the form key.path=value"),
+        ("train.steps=null", "'train.steps'=None"),
+    ],
+)
+def test_bad_values_name_full_key_path(override, fragment):
+    with pytest.raises(ValueError) as info:
+        load_config(None, [override])
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_choice_error_lists_allowed_values():
+    with pytest.raises(ValueError) as info:
+        load_config(None, ["model.moe.router=hash"])
+    assert all(r in str(info.value) for r in ("top_k", "null", "top_p", "expert_choice"))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    cfg = load_config(None, ["model.moe.router=null", "model.moe.num_null=4", "train.steps=5"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == config_to_dict(cfg)
+
+
+def test_config_diff_lists_dotted_keys():
+    a = config_to_dict(Config())
+    b = config_to_dict(
+        dataclasses.replace(
+            Config(),
+            train=TrainConfig(steps=3),
+            data=DataConfig(seq_len=64),
+        )
+    )
+    assert config_diff(a, b) == ["data.seq_len", "train.steps"]
+    assert config_diff(a, a) == []
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=os.path.basename)
+def test_every_preset_loads(path):
+    cfg = load_config(path)
+    assert cfg.data.seq_len <= cfg.model.max_seq_len
+
+
+def test_preset_routing_features():
+    def preset(name):
+        return load_config(os.path.join(os.path.dirname(PRESETS[0]), name)).model
+
+    ds = preset("deepseek_v3_style.yaml")
+    assert (ds.moe.score, ds.moe.n_groups, ds.moe.top_groups, ds.moe.num_shared) == (
+        "sigmoid",
+        8,
+        4,
+        1,
+    )
+    assert ds.moe.bias_update_rate > 0 and ds.first_dense_layers == 3
+    assert preset("adamoe.yaml").moe.router == "null"
+    assert preset("adamoe.yaml").moe.target_active_experts == 2.0
+    assert preset("top_p.yaml").moe.router == "top_p"
+    assert preset("chain_of_experts.yaml").moe.chain_steps == 2
+    mixtral = preset("mixtral_8x7b.yaml")
+    assert (mixtral.d_model, mixtral.n_layers, mixtral.moe.num_experts, mixtral.moe.d_ff) == (
+        4096,
+        32,
+        8,
+        14336,
+    )
+    qwen = preset("qwen3_moe_30b_a3b.yaml")
+    assert (qwen.n_layers, qwen.moe.num_experts, qwen.moe.top_k, qwen.moe.d_ff) == (48, 128, 8, 768)
+    olmoe = preset("olmoe_1b_7b.yaml")
+    assert (olmoe.moe.num_experts, olmoe.moe.top_k, olmoe.moe.normalize) == (64, 8, False)
