@@ -214,8 +214,8 @@ def case_param_shardings():
 def case_train_steps():
     """Three trainer steps of a tiny MoE LM (bias balancing on) on two meshes equal one device:
     losses, parameters and moe_state."""
-    from jmoe.train import trainer
     from jmoe.lm.model import Transformer
+    from jmoe.train import trainer
     from jmoe.train.run_config import load_config
 
     overrides = [

@@ -11,7 +11,8 @@ from jmoe.lm.config import ModelConfig
 from jmoe.train.config import Config, DataConfig, TrainConfig
 from jmoe.train.run_config import config_diff, config_to_dict, load_config, save_config
 
-PRESETS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "*.yaml")))
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+PRESETS = sorted(glob.glob(os.path.join(CONFIGS, "*.yaml")))
 
 
 def test_defaults_are_the_tiny_preset():
