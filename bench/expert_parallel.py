@@ -40,10 +40,10 @@ from jmoe.sharding import MeshConfig  # noqa: E402
 
 def routers(e: int) -> dict[str, dict]:
     """Router settings compared at E experts (top-k over k, then the adaptive ones)."""
-    out = {f"top_k k={k}": dict(top_k=k) for k in (1, 2, 4, 8) if k <= e}
-    out["null k=4 (E null)"] = dict(router="null", top_k=4, num_null=e)
-    out["top_p p=0.5 max_k=4"] = dict(router="top_p", top_p=0.5, max_k=4)
-    out["top_k k=2 capacity 1.0"] = dict(top_k=2, capacity_factor=1.0)
+    out = {f"top_k k={k}": dict(router=jmoe.TopK(k=k)) for k in (1, 2, 4, 8) if k <= e}
+    out["null k=4 (E null)"] = dict(router=jmoe.NullExperts(k=4, num_null=e))
+    out["top_p p=0.5 max_k=4"] = dict(router=jmoe.TopP(p=0.5, max_k=4))
+    out["top_k k=2 capacity 1.0"] = dict(capacity_factor=1.0, router=jmoe.TopK(k=2))
     return out
 
 

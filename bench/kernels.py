@@ -173,7 +173,9 @@ def layer_rows(s: Shape, runs: int, impls: list[str]) -> list[dict]:
     """MoE layer forward+backward per implementation (bfloat16 activations)."""
     x = jax.random.normal(jax.random.key(0), (1, s.tokens, s.d), jnp.bfloat16)
     ct = jax.random.normal(jax.random.key(1), x.shape, jnp.bfloat16)
-    cfg0 = jmoe.MoEConfig(d_model=s.d, d_ff=s.f, num_experts=s.e, top_k=s.k, dtype="bfloat16")
+    cfg0 = jmoe.MoEConfig(
+        d_model=s.d, d_ff=s.f, num_experts=s.e, dtype="bfloat16", router=jmoe.TopK(k=s.k)
+    )
     variables = jax.jit(jmoe.MoE(cfg0).init)(jax.random.key(2), x)
     flops = 3 * 3 * 2 * s.rows * s.d * s.f  # forward 3 matmuls, backward twice that
     rows = []

@@ -121,7 +121,11 @@ def dense_point(args, e, k) -> list[dict]:
             skipped.append(f"moe[{impl}]")
             continue
         cfg = jmoe.MoEConfig(
-            d_model=args.d_model, d_ff=args.d_ff, num_experts=e, top_k=k, implementation=impl
+            d_model=args.d_model,
+            d_ff=args.d_ff,
+            num_experts=e,
+            implementation=impl,
+            router=jmoe.TopK(k=k),
         )
         variables = jmoe.MoE(cfg).init(jax.random.key(3), x)
         variables["moe_state"] = {"bias": _scenario_bias(args.scenario, e, k)}
@@ -146,7 +150,7 @@ def dense_point(args, e, k) -> list[dict]:
 
 
 def _controlled(cfg, x, steps):
-    """Variables whose compute-budget controller has settled at `cfg.target_active_experts`."""
+    """Variables whose compute-budget controller has settled at the router's target."""
     model = jmoe.MoE(cfg)
     variables = model.init(jax.random.key(3), x)
     apply = jax.jit(model.apply)
@@ -161,24 +165,31 @@ def adaptive_point(args, e, k) -> list[dict]:
     """Top-k with k slots vs null / top-p routers held at k/2 active experts, and top-(k/2)."""
     x, ct = _inputs(args)
     base = jmoe.MoEConfig(
-        d_model=args.d_model, d_ff=args.d_ff, num_experts=e, top_k=k, implementation="xla"
+        d_model=args.d_model,
+        d_ff=args.d_ff,
+        num_experts=e,
+        implementation="xla",
+        router=jmoe.TopK(k=k),
     )
     half = k / 2
     configs = {
         f"top_k k={k}": (base, 0),
         f"null M={e} k={k}": (
             dataclasses.replace(
-                base, router="null", num_null=e, target_active_experts=half, budget_rate=0.3
+                base,
+                router=jmoe.NullExperts(
+                    num_null=e, k=k, target_active_experts=half, budget_rate=0.3
+                ),,
             ),
             args.controller_steps,
         ),
         f"top_p max_k={k}": (
             dataclasses.replace(
-                base, router="top_p", max_k=k, target_active_experts=half, budget_rate=0.03
+                base, router=jmoe.TopP(max_k=k, target_active_experts=half, budget_rate=0.03)
             ),
             args.controller_steps,
         ),
-        f"top_k k={k // 2}": (dataclasses.replace(base, top_k=k // 2), 0),
+        f"top_k k={k // 2}": (dataclasses.replace(base, router=jmoe.TopK(k=k // 2)), 0),
     }
     variants = {
         name: _moe_variant(cfg, _controlled(cfg, x, steps), x, ct)

@@ -33,26 +33,27 @@ from jmoe.train.run_config import load_config
 VARIANTS = {
     "top_k (k=2)": [],
     "null experts (AdaMoE, 2 of 4 slots)": [
-        "model.moe.router=null",
-        "model.moe.num_null=8",
-        "model.moe.top_k=4",
-        "model.moe.target_active_experts=2.0",
+        "model.moe.router=null_experts",
+        "model.moe.router.num_null=8",
+        "model.moe.router.k=4",
+        "model.moe.router.target_active_experts=2.0",
     ],
     "top_p (budget 2)": [
         "model.moe.router=top_p",
-        "model.moe.max_k=4",
-        "model.moe.target_active_experts=2.0",
+        "model.moe.router.max_k=4",
+        "model.moe.router.target_active_experts=2.0",
     ],
-    "chain_of_experts (C=2, k=1)": ["model.moe.chain_steps=2", "model.moe.top_k=1"],
-    "top_1 + shared expert": ["model.moe.top_k=1", "model.moe.num_shared=1"],
+    "chain_of_experts (C=2, k=1)": ["model.moe.chain_steps=2", "model.moe.router.k=1"],
+    "top_1 + shared expert": ["model.moe.router.k=1", "model.moe.num_shared=1"],
 }
 
 
 def dense_twin(config: Config) -> Config:
     """The same model with dense FFNs of the MoE's active width in every layer: the routed
-    experts a token uses (`top_k x chain_steps`, or the budget target) plus the shared expert."""
+    experts a token uses (`moe.expected_active_experts`: k x chain steps, or the budget target)
+    plus the shared expert."""
     moe = config.model.moe
-    active = moe.target_active_experts or moe.top_k * moe.chain_steps
+    active = moe.expected_active_experts
     width = round(active * moe.d_ff) + moe.shared_width * moe.chain_steps
     return load_config(None, [f"model.d_ff={width}", "model.moe_every=0"])
 

@@ -83,10 +83,10 @@ def ref_moe_top_k(p: dict, bias, x_SxD, moe_cfg):
     logits = x @ np.asarray(p["router"]["kernel"], np.float64)
     ids, weights, _ = ref.ref_top_k(
         logits,
-        moe_cfg.top_k,
-        score=moe_cfg.score,
-        normalize=moe_cfg.normalize,
-        scale=moe_cfg.scale,
+        moe_cfg.router.k,
+        score=moe_cfg.router.score,
+        normalize=moe_cfg.router.normalize,
+        scale=moe_cfg.router.scale,
         bias=bias,
     )
     experts = {k: np.asarray(w, np.float64) for k, w in p["experts"].items()}

@@ -1,10 +1,10 @@
 """Plain reference implementations of MoE routing, losses, capacity and the MoE layer.
 
-Written from ALGORITHMS.md (§0, §0.1, §1, §5), not from jmoe's code, and deliberately slow and
+Written from the math of docs/algorithms.md, not from jmoe's code, and deliberately slow and
 obvious: per-token Python loops, float64 NumPy where no gradient is needed. This module never
 imports jmoe; it is the test oracle.
 
-Conventions (ALGORITHMS.md §0, DESIGN.md):
+Conventions (docs/algorithms.md, the layer's documented stats):
   - ties go to the lower expert index everywhere (`jax.lax.top_k`'s rule), implemented as a stable
     sort on (-value, index);
   - an unused slot holds `num_experts` and has `valid == False`;
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # ----------------------------------------------------------------------------------------------
-# Routing (ALGORITHMS.md §1.1, §1.7, §5.2, §5.3)
+# Routing (docs/algorithms.md)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -111,7 +111,7 @@ def ref_weights_jnp(logits, ids, score="softmax", normalize=False, scale=1.0, re
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses (ALGORITHMS.md §0.1, §1.2, §1.3, §5.3)
+# Losses (docs/algorithms.md)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -143,7 +143,7 @@ def _balance_from_counts(counts, probs, mask, n, k, normalization):
 
 
 def ref_load_balance(ids, valid, probs, num_experts: int, normalization: str, token_mask=None):
-    """`E * sum_i f_i P_i` (ALGORITHMS.md §0.1).
+    """`E * sum_i f_i P_i` (docs/algorithms.md).
 
     f_i (counted over unmasked tokens, valid slots only):
       "switch_top1": tokens whose slot 0 (first choice) is i, / T;
@@ -193,7 +193,7 @@ def ref_entropy(probs, token_mask=None) -> float:
 
 
 def ref_sequence_balance(probs, k: int, num_experts: int, seq_len: int, token_mask=None) -> float:
-    """DeepSeek-V3 sequence-wise balance (ALGORITHMS.md §5.3), mean over sequences.
+    """DeepSeek-V3 sequence-wise balance (docs/algorithms.md), mean over sequences.
 
     Per sequence with L_valid unmasked tokens: top-k recomputed on the unbiased probs,
     f_i = E / (k L_valid) * #{t: i in top-k(t)}, P_i = mean of the row-normalised probs,
@@ -221,7 +221,7 @@ def ref_sequence_balance(probs, k: int, num_experts: int, seq_len: int, token_ma
 
 
 # ----------------------------------------------------------------------------------------------
-# Capacity (ALGORITHMS.md §1.4, position priority)
+# Capacity (docs/algorithms.md, position priority)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -248,7 +248,7 @@ def ref_capacity(ids, num_experts: int, capacity: int, valid=None) -> np.ndarray
 
 
 # ----------------------------------------------------------------------------------------------
-# The MoE layer (ALGORITHMS.md §0, §5.1, §6.3), per token and per slot, in jnp (differentiable)
+# The MoE layer (docs/algorithms.md), per token and per slot, in jnp (differentiable)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -332,13 +332,15 @@ def ref_moe(params, x_TxD, cfg: dict, ids, kept=None):
     `probs = softmax/sigmoid(x @ params['router']['kernel'])` in float32, renormalised over the k
     if `normalize and (k > 1 or renorm_when_k1)`, times `scale`, so gradients reach the router.
 
-    `cfg` is a dict using MoEConfig field names (`dataclasses.asdict(MoEConfig(...))` works; extra
-    keys are ignored): `score` ("softmax"), `normalize` (False), `renorm_when_k1` (False),
-    `scale` (1.0), `activation` ("swiglu"), `shared_gate` (False). A shared expert is added iff
+    `cfg` is a dict using MoEConfig field names (`dataclasses.asdict(MoEConfig(...))` works: the
+    router's fields are read from its "router" entry; extra keys are ignored): `score`
+    ("softmax"), `normalize` (False), `renorm_when_k1` (False), `scale` (1.0), `activation`
+    ("swiglu"), `shared_gate` (False). A shared expert is added iff
     `params` has a "shared" entry (gated iff `shared_gate`). `kept` `[T, k]` defaults to all True
-    (dropless); capacity drops zero a slot AFTER the renormalisation (ALGORITHMS.md §1.4: the
+    (dropless); capacity drops zero a slot AFTER the renormalisation (docs/algorithms.md: the
     remaining weights are not renormalised). All ids must be real experts (no null / unused slots).
     """
+    cfg = {**cfg, **(cfg.get("router") or {})}  # router fields live under "router"
     ids = np.asarray(ids)
     kept = np.ones(ids.shape, bool) if kept is None else np.asarray(kept, bool)
     x_TxD = jnp.asarray(x_TxD)
@@ -363,12 +365,12 @@ def ref_moe(params, x_TxD, cfg: dict, ids, kept=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Adaptive routers (ALGORITHMS.md §1.6 expert choice, §2 AdaMoE null experts, §3 dynamic top-p)
+# Adaptive routers (docs/algorithms.md expert choice, AdaMoE null experts, dynamic top-p)
 # ----------------------------------------------------------------------------------------------
 
 
 def ref_null_experts(logits, k: int, num_null: int, null_offset: float = 0.0):
-    """AdaMoE null-expert routing (ALGORITHMS.md §2.1), one token at a time.
+    """AdaMoE null-expert routing (docs/algorithms.md), one token at a time.
 
     The last `num_null` of the `E + M` columns are null experts. Probabilities are the float64
     softmax over all `E + M` columns. Selection: the k best of `logits + null_offset` (offset on
@@ -402,7 +404,7 @@ def ref_null_experts(logits, k: int, num_null: int, null_offset: float = 0.0):
 
 
 def ref_top_p(logits, p: float, max_k: int | None = None, boundary: str = "strict"):
-    """Dynamic top-p routing (ALGORITHMS.md §3.1), one token at a time, float64.
+    """Dynamic top-p routing (docs/algorithms.md), one token at a time, float64.
 
     Experts in descending probability (ties to the lower index); t = the first rank whose
     cumulative probability is `> p` ("strict", official) or `>= p` ("inclusive"); ranks 0..t are
@@ -437,7 +439,7 @@ def ref_top_p(logits, p: float, max_k: int | None = None, boundary: str = "stric
 
 
 def ref_expert_choice(logits, capacity: int):
-    """Expert-choice routing (ALGORITHMS.md §1.6), one expert at a time, float64.
+    """Expert-choice routing (docs/algorithms.md), one expert at a time, float64.
 
     Each expert takes the `capacity` tokens with the highest softmax probability in its column
     (ties to the lower token index). Layout: `K = E` slots, slot e is expert e:
@@ -483,7 +485,7 @@ def ref_load_balance_null(
     null_balance: str,
     token_mask=None,
 ):
-    """AdaMoE load balance over all `E + M` experts (ALGORITHMS.md §2.2, §0.1).
+    """AdaMoE load balance over all `E + M` experts (docs/algorithms.md).
 
     `ids_all` `[T, k]` are the raw top-k picks over E + M (null ids `E..E+M-1` included).
     counts_i = picks of expert i over unmasked tokens (slot 0 only for "switch_top1");

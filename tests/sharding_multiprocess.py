@@ -26,7 +26,9 @@ import jmoe  # noqa: E402
 from jmoe import sharding  # noqa: E402
 from jmoe.sharding import MeshConfig  # noqa: E402
 
-CFG = jmoe.MoEConfig(d_model=8, d_ff=16, num_experts=4, top_k=2, lb_coef=0.1, z_loss_coef=0.01)
+CFG = jmoe.MoEConfig(
+    d_model=8, d_ff=16, num_experts=4, lb_coef=0.1, z_loss_coef=0.01, router=jmoe.TopK(k=2)
+)
 BATCH, SEQ, STEPS = 8, 4, 3
 
 

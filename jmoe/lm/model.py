@@ -25,7 +25,7 @@ Parameters: `embed/embedding` `[V, D]`, `layers_{i}/{attn_norm,attn,ffn_norm}` a
 `layers_{i}/mlp` (dense) or `layers_{i}/moe` (exactly `jmoe.MoE`'s tree), `final_norm/scale`,
 and `lm_head/kernel` `[D, V]` unless embeddings are tied. With `scan_layers` each run of
 identical layer units is one `nn.scan` named `stacks_{j}` whose blocks `block_{u}` carry a
-leading repeat axis; `jmoe.layout.stack_layers` / `unstack_layers` convert between the two
+leading repeat axis; `jmoe.lm.param_layout.stack_layers` / `unstack_layers` convert between the two
 layouts.
 The "moe_state" collection (one entry per MoE layer) follows the same layout.
 """
@@ -43,7 +43,8 @@ import numpy as np
 from jmoe.lm.attention import Attention
 from jmoe.lm.config import ModelConfig
 from jmoe.lm.param_layout import layer_locations, layer_segments, moe_layers
-from jmoe.moe.layer import MoE, SharedMLP, mlp_matrix_count, update_state
+from jmoe.moe.layer import MoE, SharedMLP, update_state
+from jmoe.moe.stats import mlp_matrix_count
 
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
 
@@ -356,6 +357,8 @@ def update_moe_state(config: ModelConfig, moe_state: dict, stats: dict[str, jax.
       moe_state: `variables["moe_state"]` (either layer layout).
       stats: the model stats of the step (global over the batch).
     """
+    if not config.moe.router.init_state(config.moe.num_experts, config.moe.chain_steps):
+        return moe_state  # a router without state variables (top-p or null experts, no budget)
     locations = layer_locations(config, config.scan_layers)
     state = jax.tree.map(lambda a: a, moe_state)  # a fresh nested dict to write into
     for row, layer in enumerate(moe_layers(config)):
@@ -382,13 +385,14 @@ def flops_per_token(config: ModelConfig, seq_len: int, active_experts=None) -> f
       config: the model config.
       seq_len: S.
       active_experts: realised expert computations per token, a number or one per MoE layer
-        (`stats["active_experts"]`); default `target_active_experts`, else `top_k * chain_steps`.
+        (`stats["active_experts"]`); default `config.moe.expected_active_experts` (the budget
+        target, else the router's slots per token times the chain steps).
     """
     moe, d = config.moe, config.d_model
     h, g, a = config.n_heads, config.kv_heads, config.dim_per_head
     n_moe = len(moe_layers(config))
     if active_experts is None:
-        active_experts = moe.target_active_experts or moe.top_k * moe.chain_steps
+        active_experts = moe.expected_active_experts
     active_L = np.broadcast_to(np.asarray(active_experts, np.float64), (n_moe,))
     matrices = mlp_matrix_count(moe.activation)
     shared = moe.chain_steps * d * (matrices * moe.shared_width + int(moe.shared_gate))

@@ -1,4 +1,4 @@
-"""Dispatch: (token, slot) pairs to rows sorted by expert, and back (ALGORITHMS.md §0.2, §1.4).
+"""Dispatch: (token, slot) pairs to rows sorted by expert, and back (docs/algorithms.md).
 
 Dropless dispatch sorts every slot by its expert id; unused slots (id = `num_experts`) sort to a
 trailing bucket that the grouped matmul never computes. Capacity-bounded dispatch first marks the

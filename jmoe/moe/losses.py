@@ -1,4 +1,4 @@
-"""Auxiliary router losses: pure, unscaled functions of a `Routing` (ALGORITHMS.md §0.1, §5.3).
+"""Auxiliary router losses: pure, unscaled functions of a `Routing` (docs/algorithms.md).
 
 Coefficients are applied by the caller, once. Every loss takes an optional `token_mask` `[T]`
 (True = real token) so padding tokens count neither in the expert loads nor in the mean scores.
@@ -62,10 +62,11 @@ def load_balance(
       - "per_assignment_over_k": assignments to i over k*T (Megatron, DeepSeek; 1 at balance).
     Gradient flows through `P` only.
 
-    With null experts (AdaMoE, ALGORITHMS.md §2.2) all `E + num_null` experts are balanced:
-    "grouped" (the paper's intent) gives every null expert the mean null load, so only the total
-    null usage is balanced against the true experts; "individual" counts each null expert on its
-    own (from `routing.choices`, as the HF-based AdaMoE code does).
+    With null experts (AdaMoE; docs/algorithms.md, "Null experts: grouped or individual") all
+    `E + num_null` experts are balanced: "grouped" (the paper's intent) gives every null expert
+    the mean null load, so only the total null usage is balanced against the true experts;
+    "individual" counts each null expert on its own (from `routing.choices`, as the HF-based
+    AdaMoE code does).
 
     Args:
       routing: a `Routing` over `[T, K]` slots.
@@ -150,7 +151,7 @@ def sequence_balance(
     seq_len: int,
     token_mask: jax.Array | None = None,
 ) -> jax.Array:
-    """DeepSeek-V3 sequence-wise balance loss, unscaled (ALGORITHMS.md §5.3).
+    """DeepSeek-V3 sequence-wise balance loss, unscaled (docs/algorithms.md).
 
     Per sequence: `sum_i f_i P_i` with `f_i = E / (k L) * #{t: i in top-k of the unbiased scores}`
     and `P_i` the mean of the per-token normalised scores; averaged over sequences. 1 at perfect
@@ -180,7 +181,7 @@ def sequence_balance(
 
 
 def update_bias(bias: jax.Array, tokens_per_expert: jax.Array, rate: float) -> jax.Array:
-    """Auxiliary-loss-free balancing step: `b += rate * sign(mean(load) - load)` (§5.3).
+    """Auxiliary-loss-free balancing step: `b += rate * sign(mean(load) - load)`.
 
     Overloaded experts are pushed down, underloaded ones up, exactly balanced ones stay. Apply it
     outside autodiff, after the optimizer step, with the global (all-reduced) loads of the step.

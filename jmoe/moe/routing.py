@@ -1,7 +1,8 @@
-"""Routers: pure functions from router logits to a `Routing`.
+"""Routing functions: pure functions from router logits to a `Routing` (the math of each is in
+docs/algorithms.md; the router objects of `jmoe.moe.routers` call them).
 
 Every router returns the same `Routing` pytree, so dispatch, losses and the MoE layer never branch
-on the router kind. Router math is float32 whatever the activation dtype (ALGORITHMS.md §0).
+on the router kind. Router math is float32 whatever the activation dtype.
 Ties between equal scores go to the lower expert index (`jax.lax.top_k`'s rule).
 """
 
@@ -11,8 +12,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-
-from pallas_kernels.common import check_groups
 
 SCORES = ("softmax", "sigmoid")
 
@@ -56,6 +55,28 @@ def scores(logits_TxE: jax.Array, score: str) -> jax.Array:
     raise ValueError(f"score={score!r} is not a router score; use one of {SCORES}")
 
 
+def check_groups(num_experts: int, k: int, n_groups: int | None, top_groups: int | None) -> None:
+    """Raises a ValueError naming the values unless `n_groups` / `top_groups` (both None: no
+    group limit) is a valid group-limited selection of `k` of `num_experts` experts."""
+    if n_groups is None and top_groups is None:
+        return
+    if n_groups is None or top_groups is None:
+        raise ValueError(
+            f"group-limited selection needs both n_groups and top_groups (or neither), got "
+            f"{n_groups=}, {top_groups=}"
+        )
+    if n_groups < 1 or num_experts % n_groups:
+        raise ValueError(f"n_groups={n_groups} must divide num_experts={num_experts}")
+    if not 1 <= top_groups <= n_groups:
+        raise ValueError(f"top_groups={top_groups} must be in [1, n_groups={n_groups}]")
+    eligible = top_groups * (num_experts // n_groups)
+    if k > eligible:
+        raise ValueError(
+            f"k={k} exceeds the {eligible} experts of top_groups={top_groups} groups of "
+            f"{num_experts // n_groups}; raise top_groups or lower k"
+        )
+
+
 def _group_limited(sel_TxE: jax.Array, k: int, n_groups: int, top_groups: int) -> jax.Array:
     """Masks experts outside each token's `top_groups` best groups to -inf (DeepSeek-V3).
 
@@ -92,7 +113,7 @@ def top_k(
         renormalising a single weight makes it 1 and cuts the router's gradient).
       scale: multiplies the weights (DeepSeek `routed_scaling_factor`), after normalising.
       bias: optional `[E]` added to the scores for selection only; the weights use the unbiased
-        scores (auxiliary-loss-free balancing, ALGORITHMS.md §5.3).
+        scores (docs/algorithms.md, "Auxiliary-loss-free bias balancing").
       n_groups, top_groups: group-limited selection: experts split into `n_groups` equal groups,
         only the `top_groups` best groups of each token are eligible (others masked to -inf).
       renorm_when_k1: renormalise even when k == 1 (HF Mixtral/Qwen parity).
@@ -135,7 +156,7 @@ def null_experts(
     num_null: int,
     null_offset: float | jax.Array = 0.0,
 ) -> Routing:
-    """AdaMoE null-expert routing (ALGORITHMS.md §2).
+    """AdaMoE null-expert routing (docs/algorithms.md, "Null experts (AdaMoE)").
 
     The last `num_null` columns of `logits` are null experts: zero output, zero FLOPs. Softmax and
     top-k run over all `E + num_null` experts; null picks become unused slots (expert id `E`,
@@ -201,7 +222,7 @@ def top_p(
     max_k: int | None = None,
     boundary: str = "strict",
 ) -> Routing:
-    """Dynamic top-p routing, "Harder Tasks Need More Experts" (ALGORITHMS.md §3).
+    """Dynamic top-p routing, "Harder Tasks Need More Experts" (docs/algorithms.md).
 
     Experts are taken in descending softmax probability (ties: lower index first) until the
     cumulative probability first exceeds `p` ("strict", the official rule) or reaches it
@@ -247,7 +268,7 @@ def top_p(
 
 
 def expert_choice(logits: jax.Array, capacity: int) -> Routing:
-    """Expert-choice routing (Zhou et al. 2022, ALGORITHMS.md §1.6): experts pick tokens.
+    """Expert-choice routing (Zhou et al. 2022; docs/algorithms.md): experts pick tokens.
 
     Each expert takes the `capacity` tokens with the highest softmax probability for it (ties:
     lower token index first); the weight is that probability. A token may get no expert or many.

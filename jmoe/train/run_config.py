@@ -14,6 +14,8 @@ import typing
 
 import yaml
 
+from jmoe.moe.config import MOVED_FIELDS, MoEConfig
+from jmoe.moe.routers import ROUTERS, Router, router_from_dict, router_to_dict
 from jmoe.train.config import Config
 
 # Keys that may differ between a run and its resumption: they change how long it runs or how it
@@ -69,8 +71,16 @@ def load_config(
 
 
 def config_to_dict(config) -> dict:
-    """The config as nested plain dicts (YAML / JSON safe)."""
-    return dataclasses.asdict(config)
+    """The config as nested plain dicts (YAML / JSON safe); a router as `{kind: ..., ...}`."""
+    tree = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, Router):
+            value = router_to_dict(value)
+        elif dataclasses.is_dataclass(value):
+            value = config_to_dict(value)
+        tree[field.name] = value
+    return tree
 
 
 def config_from_dict(tree: dict, cls: type = Config, prefix: str = ""):
@@ -78,12 +88,19 @@ def config_from_dict(tree: dict, cls: type = Config, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for field in dataclasses.fields(cls):
-        value = tree[field.name]
-        if dataclasses.is_dataclass(hints[field.name]):
-            value = config_from_dict(value, hints[field.name], f"{prefix}{field.name}.")
+        value, kind = tree[field.name], hints[field.name]
+        if kind is Router:
+            value = _with_prefix(f"{prefix}{field.name}.", router_from_dict, value)
+        elif dataclasses.is_dataclass(kind):
+            value = config_from_dict(value, kind, f"{prefix}{field.name}.")
         kwargs[field.name] = value
+    return _with_prefix(prefix, cls, **kwargs)
+
+
+def _with_prefix(prefix: str, build, *args, **kwargs):
+    """`build(*args, **kwargs)`, with the key path `prefix` in front of a ValueError."""
     try:
-        return cls(**kwargs)
+        return build(*args, **kwargs)
     except ValueError as e:
         if prefix and not str(e).startswith(prefix):
             raise ValueError(f"{prefix.rstrip('.')}: {e}") from None
@@ -116,28 +133,71 @@ def _merge(tree: dict, update: dict, cls: type, prefix: str) -> None:
     if not isinstance(update, dict):
         raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {update!r}")
     hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
     for key, value in update.items():
         path = f"{prefix}{key}"
-        if key not in hints:
-            allowed = sorted(hints)
-            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
-            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
-            raise ValueError(f"unknown config key {path!r}: allowed keys are {allowed}{hint}")
+        if key not in fields:
+            raise ValueError(_unknown_key(cls, str(key), path, prefix, fields))
         kind = hints[key]
-        if dataclasses.is_dataclass(kind):
+        if kind is Router:
+            _merge_router(tree, key, value, path)
+        elif dataclasses.is_dataclass(kind):
             _merge(tree[key], value if value is not None else {}, kind, f"{path}.")
         else:
             tree[key] = _coerce(path, value, kind)
 
 
+def _unknown_key(cls: type, key: str, path: str, prefix: str, allowed: list[str]) -> str:
+    moved = MOVED_FIELDS.get(key) if cls is MoEConfig else None
+    if moved is not None:
+        return f"config key {path!r} has moved: use {prefix}{moved}"
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+    hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+    return f"unknown config key {path!r}: allowed keys are {sorted(allowed)}{hint}"
+
+
+def _merge_router(tree: dict, key: str, value, path: str) -> None:
+    """A router is `{kind: name, field: value, ...}` or a bare kind name (its defaults). A new
+    kind starts from that router's defaults; the same kind updates the given fields."""
+    if value is None:  # YAML reads `router=null` as None
+        raise ValueError(
+            f"config key {path!r} is None: the null-expert router is kind 'null_experts', e.g. "
+            f"{path}=null_experts {path}.num_null=8 {path}.k=4"
+        )
+    if isinstance(value, str):
+        value = {"kind": value}
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"config key {path!r}={value!r} is invalid: must be a router kind, one of "
+            f"{sorted(ROUTERS)}, or a mapping such as {{kind: top_p, p: 0.4}}"
+        )
+    current = tree[key]
+    kind = value.get("kind", current["kind"])
+    if kind not in ROUTERS:
+        raise ValueError(
+            f"config key {path}.kind={kind!r} is invalid: must be one of {sorted(ROUTERS)}"
+        )
+    if kind != current["kind"]:
+        current = tree[key] = {"kind": kind}
+    cls = ROUTERS[kind]
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for name, field_value in value.items():
+        if name == "kind":
+            continue
+        if name not in fields:
+            raise ValueError(
+                f"{_unknown_key(cls, str(name), f'{path}.{name}', f'{path}.', fields)} "
+                f"(of router kind {kind!r})"
+            )
+        current[name] = _coerce(f"{path}.{name}", field_value, hints[name])
+
+
 def _coerce(path: str, value, kind):
-    """`value` as the annotated type `kind`. YAML reads `1e-3` as text (floats are parsed) and
-    `null` as None (a text-only field such as `router` takes it as the text "null")."""
+    """`value` as the annotated type `kind`. YAML reads `1e-3` as text (floats are parsed)."""
     allowed = typing.get_args(kind) or (kind,)
     if value is None and type(None) in allowed:
         return None
-    if value is None and str in allowed:
-        return "null"
     if float in allowed and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)

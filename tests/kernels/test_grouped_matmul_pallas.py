@@ -133,7 +133,9 @@ def test_top_k_gating_groups_and_k1_renorm_match_routing_top_k():
         np.testing.assert_array_equal(counts, np.bincount(np.ravel(r.expert_ids), minlength=32))
 
 
-DEEPSEEK_V3_ROUTING = dict(score="sigmoid", normalize=True, scale=2.5, n_groups=4, top_groups=2)
+DEEPSEEK_V3_ROUTING = dict(
+    router=jmoe.TopK(k=2, score="sigmoid", normalize=True, scale=2.5, n_groups=4, top_groups=2)
+)
 
 
 @pytest.mark.parametrize("routing_kw", [{}, DEEPSEEK_V3_ROUTING], ids=["top2", "deepseek_v3"])
@@ -142,9 +144,7 @@ def test_moe_layer_pallas_matches_xla(routing_kw):
     (gradients are checked at the ops level above)."""
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 12, 16)), jnp.float32)
     cfgs = {
-        impl: jmoe.MoEConfig(
-            d_model=16, d_ff=32, num_experts=8, top_k=2, implementation=impl, **routing_kw
-        )
+        impl: jmoe.MoEConfig(d_model=16, d_ff=32, num_experts=8, implementation=impl, **routing_kw)
         for impl in ("pallas", "xla")
     }
     variables = jax.jit(jmoe.MoE(cfgs["xla"]).init)(jax.random.key(0), x)  # same tree for both

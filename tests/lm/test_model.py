@@ -19,7 +19,7 @@ B, S, V = 2, 6, 32
 
 
 def _config(**overrides) -> ModelConfig:
-    moe = MoEConfig(**{"d_ff": 8, "num_experts": 4, "top_k": 2, **overrides.pop("moe", {})})
+    moe = MoEConfig(**{"d_ff": 8, "num_experts": 4, **overrides.pop("moe", {})})
     base = dict(
         vocab_size=V, d_model=16, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=24, max_seq_len=16
     )
@@ -142,7 +142,7 @@ def test_stats_aggregate_the_moe_layers():
 def test_chain_of_experts_residual(residual):
     """ "prenorm" adds the MoE output to the stream; "coe" (x_C = norm(h) + sum of the steps)
     replaces it."""
-    moe = dict(chain_steps=2, top_k=1, chain_residual=residual)
+    moe = dict(chain_steps=2, chain_residual=residual, router=jmoe.TopK(k=1))
     cfg = _config(n_layers=1, moe=moe)
     variables = _init(cfg)
     fn = lambda v, t: Transformer(cfg).apply(  # noqa: E731
@@ -194,7 +194,12 @@ def _moe_state_rows(cfg, moe_state):
 
 def test_scan_with_remat_matches_unrolled():
     """Same params restacked (scan + "dots" remat): equal logits, stats, gradients, updates."""
-    cfg = _config(n_layers=5, first_dense_layers=1, moe_every=2, moe=dict(bias_update_rate=0.1))
+    cfg = _config(
+        n_layers=5,
+        first_dense_layers=1,
+        moe_every=2,
+        moe=dict(router=jmoe.TopK(bias_update_rate=0.1)),
+    )
     variables = _init(cfg, bias_scale=0.05)
     scan_cfg = dataclasses.replace(cfg, scan_layers=True, remat="dots")
     assert layer_segments(cfg) == [(0, 1, (False,)), (1, 2, (True, False))]
@@ -267,7 +272,7 @@ def test_decode_matches_forward_rows_at_different_positions(scan, n_layers):
 
 
 def test_update_moe_state_budget_controller():
-    moe = dict(router="null", num_null=2, top_k=2, target_active_experts=1.0, budget_rate=0.5)
+    moe = dict(router=jmoe.NullExperts(num_null=2, k=2, target_active_experts=1.0, budget_rate=0.5))
     cfg = _config(n_layers=1, moe=moe)
     variables = _init(cfg)
     _, stats = _apply(cfg, variables, _tokens(7))

@@ -1,7 +1,7 @@
 """Adaptive routers (null experts, top-p, expert choice) and their losses vs tests/moe_reference.py.
 
 The oracles (`ref_null_experts`, `ref_top_p`, `ref_expert_choice`, `ref_load_balance_null`,
-`ref_masked_weights_jnp`, `ref_entropy`) are written from ALGORITHMS.md §1.6, §2, §3 and never
+`ref_masked_weights_jnp`, `ref_entropy`) are written from docs/algorithms.md and never
 import jmoe.
 """
 
@@ -55,7 +55,7 @@ def _weights_grad(fn, logits, seed=0):
     return grad_fn(jnp.asarray(logits), ct), ct
 
 
-# ============================================================================ null experts (§2)
+# =================================================================================== null experts
 
 NULL_SHAPES = [(0, 24, 4, 1), (1, 32, 6, 3), (2, 40, 8, 4)]
 
@@ -111,7 +111,7 @@ def test_null_experts_traced_offset_under_jit():
 
 
 def test_null_experts_known_answers():
-    """ALGORITHMS.md §2.3: N=2, M=2, k=2."""
+    """docs/algorithms.md: N=2, M=2, k=2."""
     r = routing.null_experts(jnp.log(jnp.array([[0.4, 0.1, 0.3, 0.2]])), 2, num_null=2)
     assert r.expert_ids.tolist() == [[0, 2]]  # picks {t0, n0}; n0 -> unused slot id E=2
     assert r.valid.tolist() == [[True, False]]
@@ -254,7 +254,7 @@ def test_null_experts_rejects_bad_arguments(kwargs, names):
         assert name in str(err.value)
 
 
-# =============================================================================== top-p (§3)
+# ========================================================================================== top-p
 
 
 def _safe_p(logits, p, margin=1e-4):
@@ -284,7 +284,7 @@ def test_top_p_matches_reference(seed, t, e, boundary):
 
 
 def test_top_p_known_answers():
-    """ALGORITHMS.md §3.3 and the boundary example of §3.1."""
+    """The threshold examples of docs/algorithms.md, "Dynamic top-p"."""
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     r = routing.top_p(logits, 0.4)
     assert r.valid.tolist() == [[True, False, False, False]]
@@ -412,7 +412,7 @@ def test_top_p_rejects_bad_arguments(kwargs, names):
 
 
 def test_routing_entropy_is_the_dynamic_loss():
-    """§3.2: L_d = -(1/T) sum_t sum_i p_ti log p_ti on the top-p router's probabilities."""
+    """: L_d = -(1/T) sum_t sum_i p_ti log p_ti on the top-p router's probabilities."""
     e = 8
     logits = _logits(25, 32, e)
     logits[3] = [40.0] + [-40.0] * (e - 1)  # a one-hot row: p log p must stay finite
@@ -437,7 +437,7 @@ def test_routing_entropy_is_the_dynamic_loss():
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-3, atol=1e-6)
 
 
-# ======================================================================== expert choice (§1.6)
+# ================================================================================== expert choice
 
 
 @pytest.mark.parametrize("seed,t,e", [(0, 24, 4), (1, 33, 6), (2, 40, 8)])
@@ -495,7 +495,7 @@ def test_expert_choice_rejects_bad_capacity(capacity):
     assert "capacity" in str(err.value) and str(capacity) in str(err.value)
 
 
-# ====================================================================== null load balance (§2.2)
+# ============================================================================== null load balance
 
 
 @pytest.mark.parametrize("null_balance", ["grouped", "individual"])

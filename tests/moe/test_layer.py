@@ -16,24 +16,22 @@ D, F = 8, 16
 B, S = 2, 6
 
 VARIANTS = {
-    "mixtral_top2": dict(num_experts=4, top_k=2),
-    "switch_k1": dict(num_experts=4, top_k=1, normalize=False),
-    "k_equals_e": dict(num_experts=4, top_k=4),
+    "mixtral_top2": dict(num_experts=4, router=jmoe.TopK(k=2)),
+    "switch_k1": dict(num_experts=4, router=jmoe.TopK(k=1, normalize=False)),
+    "k_equals_e": dict(num_experts=4, router=jmoe.TopK(k=4)),
     "qwen_no_norm_shared_gate": dict(
-        num_experts=6, top_k=2, normalize=False, num_shared=1, shared_gate=True
+        num_experts=6, num_shared=1, shared_gate=True, router=jmoe.TopK(k=2, normalize=False)
     ),
     "deepseek_v3": dict(
         num_experts=8,
-        top_k=2,
-        score="sigmoid",
-        scale=2.5,
-        n_groups=4,
-        top_groups=2,
         num_shared=2,
+        router=jmoe.TopK(k=2, score="sigmoid", scale=2.5, n_groups=4, top_groups=2),
     ),
-    "gelu": dict(num_experts=4, top_k=2, activation="gelu"),
-    "relu_shared_width": dict(num_experts=4, top_k=2, activation="relu", d_ff_shared=12),
-    "capacity_drops": dict(num_experts=4, top_k=2, capacity_factor=0.5),
+    "gelu": dict(num_experts=4, activation="gelu", router=jmoe.TopK(k=2)),
+    "relu_shared_width": dict(
+        num_experts=4, activation="relu", d_ff_shared=12, router=jmoe.TopK(k=2)
+    ),
+    "capacity_drops": dict(num_experts=4, capacity_factor=0.5, router=jmoe.TopK(k=2)),
 }
 
 
@@ -51,14 +49,14 @@ def _reference(cfg, variables, x):
     logits = x_TxD @ np.asarray(variables["params"]["router"]["kernel"])
     ids, _, _ = ref.ref_top_k(
         logits,
-        cfg.top_k,
-        score=cfg.score,
-        normalize=cfg.normalize,
-        scale=cfg.scale,
+        cfg.router.k,
+        score=cfg.router.score,
+        normalize=cfg.router.normalize,
+        scale=cfg.router.scale,
         bias=np.asarray(variables["moe_state"]["bias"]),
-        n_groups=cfg.n_groups,
-        top_groups=cfg.top_groups,
-        renorm_when_k1=cfg.renorm_when_k1,
+        n_groups=cfg.router.n_groups,
+        top_groups=cfg.router.top_groups,
+        renorm_when_k1=cfg.router.renorm_when_k1,
     )
     kept = np.ones(ids.shape, bool)
     capacity = cfg.capacity(x_TxD.shape[0], deterministic=True)
@@ -89,7 +87,7 @@ def _reference_output_and_grads(name, ref_fn, params, x, ct):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_moe_matches_reference(name, impl):
     cfg = jmoe.MoEConfig(d_model=D, d_ff=F, implementation=impl, **VARIANTS[name])
-    x, variables = _setup(cfg, bias_scale=0.3 if cfg.score == "sigmoid" else 0.0)
+    x, variables = _setup(cfg, bias_scale=0.3 if cfg.router.score == "sigmoid" else 0.0)
     ids, kept, logits, ref_fn = _reference(cfg, variables, x)
     model = jmoe.MoE(cfg)
     y, stats = jax.jit(model.apply)(variables, x)
@@ -112,7 +110,7 @@ def test_moe_matches_reference(name, impl):
     counts = np.zeros(cfg.num_experts)
     np.add.at(counts, ids.reshape(-1), 1.0)
     np.testing.assert_allclose(stats["tokens_per_expert"], counts)
-    probs = ref.ref_scores(logits, cfg.score)
+    probs = ref.ref_scores(logits, cfg.router.score)
     want_lb = ref.ref_load_balance(
         ids, np.ones(ids.shape, bool), probs, cfg.num_experts, cfg.lb_normalization
     )
@@ -125,7 +123,7 @@ def test_moe_matches_reference(name, impl):
 
 
 def test_capacity_without_drops_equals_dropless():
-    base = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, top_k=2)
+    base = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, router=jmoe.TopK(k=2))
     roomy = dataclasses.replace(base, capacity_factor=4.0)  # capacity = T * k / E * 4 >= T
     x, variables = _setup(base)
     y0, s0 = jmoe.MoE(base).apply(variables, x)
@@ -136,7 +134,12 @@ def test_capacity_without_drops_equals_dropless():
 
 def test_eval_capacity_factor_applies_when_deterministic():
     cfg = jmoe.MoEConfig(
-        d_model=D, d_ff=F, num_experts=4, top_k=2, capacity_factor=0.25, eval_capacity_factor=4.0
+        d_model=D,
+        d_ff=F,
+        num_experts=4,
+        capacity_factor=0.25,
+        eval_capacity_factor=4.0,
+        router=jmoe.TopK(k=2),
     )
     x, variables = _setup(cfg)
     _, train_stats = jmoe.MoE(cfg).apply(variables, x, deterministic=False)
@@ -148,7 +151,7 @@ def test_eval_capacity_factor_applies_when_deterministic():
 def test_bias_changes_selection_not_weights():
     """A large selection bias forces experts; the combine weights stay unbiased scores."""
     cfg = jmoe.MoEConfig(
-        d_model=D, d_ff=F, num_experts=4, top_k=2, score="sigmoid", normalize=False
+        d_model=D, d_ff=F, num_experts=4, router=jmoe.TopK(k=2, score="sigmoid", normalize=False)
     )
     x, variables = _setup(cfg)
     variables["moe_state"]["bias"] = jnp.array([0.0, 0.0, 5.0, 5.0])
@@ -161,14 +164,14 @@ def test_bias_changes_selection_not_weights():
 
 
 def test_token_mask_excludes_padding_from_losses():
-    cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, top_k=2)
+    cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, router=jmoe.TopK(k=2))
     x, variables = _setup(cfg)
     mask = np.ones((B, S), bool)
     mask[1, 3:] = False
     ids, _, logits, _ = _reference(cfg, variables, x)
     _, stats = jmoe.MoE(cfg).apply(variables, x, token_mask=jnp.asarray(mask))
     m = mask.reshape(-1)
-    probs = ref.ref_scores(logits, cfg.score)
+    probs = ref.ref_scores(logits, cfg.router.score)
     want = ref.ref_load_balance(
         ids, np.ones(ids.shape, bool), probs, 4, cfg.lb_normalization, token_mask=m
     )
@@ -180,7 +183,9 @@ def test_token_mask_excludes_padding_from_losses():
 
 
 def test_parameter_tree_matches_contract():
-    cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=6, top_k=2, num_shared=2, shared_gate=True)
+    cfg = jmoe.MoEConfig(
+        d_model=D, d_ff=F, num_experts=6, num_shared=2, shared_gate=True, router=jmoe.TopK(k=2)
+    )
     _, variables = _setup(cfg)
     shapes = jax.tree.map(jnp.shape, variables)
     assert shapes == {
@@ -196,7 +201,7 @@ def test_parameter_tree_matches_contract():
 
 
 def test_bfloat16_compute_keeps_float32_router_and_params():
-    f32 = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, top_k=2)
+    f32 = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, router=jmoe.TopK(k=2))
     bf16 = dataclasses.replace(f32, dtype="bfloat16")
     x, variables = _setup(f32)
     y32, s32 = jmoe.MoE(f32).apply(variables, x)
@@ -212,7 +217,7 @@ def test_bfloat16_compute_keeps_float32_router_and_params():
 
 
 def test_router_jitter_only_when_not_deterministic():
-    cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, top_k=2, router_jitter=0.5)
+    cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, router_jitter=0.5, router=jmoe.TopK(k=2))
     x, variables = _setup(cfg)
     plain = dataclasses.replace(cfg, router_jitter=0.0)
     y_det, _ = jmoe.MoE(cfg).apply(variables, x, deterministic=True)
@@ -229,7 +234,7 @@ def test_router_jitter_only_when_not_deterministic():
 
 
 def test_wrong_width_raises_and_single_expert_mesh_runs():
-    cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, top_k=2)
+    cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, router=jmoe.TopK(k=2))
     x, variables = _setup(cfg)
     with pytest.raises(ValueError, match="d_model=8"):
         jmoe.MoE(cfg).apply(variables, jnp.ones((2, D + 1)))
@@ -239,7 +244,7 @@ def test_wrong_width_raises_and_single_expert_mesh_runs():
 
 
 def test_nnx_bridge_wraps_the_linen_module():
-    cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, top_k=2, num_shared=1)
+    cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, num_shared=1, router=jmoe.TopK(k=2))
     x = jax.random.normal(jax.random.key(0), (B, S, D))
     layer = bridge.ToNNX(jmoe.MoE(cfg), rngs=nnx.Rngs(0))
     bridge.lazy_init(layer, x)
@@ -253,7 +258,7 @@ def test_nnx_bridge_wraps_the_linen_module():
 
 
 def test_with_null_experts_copies_true_router_columns():
-    top_k_cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, top_k=2)
+    top_k_cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, router=jmoe.TopK(k=2))
     x, variables = _setup(top_k_cfg)
     params = jmoe.with_null_experts(variables["params"], num_null=6)
     kernel = np.asarray(variables["params"]["router"]["kernel"])
@@ -262,7 +267,7 @@ def test_with_null_experts_copies_true_router_columns():
     np.testing.assert_array_equal(new[:, :4], kernel)
     np.testing.assert_array_equal(new[:, 4:], kernel[:, [0, 1, 2, 3, 0, 1]])
     assert params["experts"] is variables["params"]["experts"]
-    null_cfg = dataclasses.replace(top_k_cfg, router="null", num_null=6, top_k=4)
+    null_cfg = dataclasses.replace(top_k_cfg, router=jmoe.NullExperts(num_null=6, k=4))
     _, stats = jmoe.MoE(null_cfg).apply({"params": params, "moe_state": variables["moe_state"]}, x)
     # Null columns tie with their true twins (ties go to the true expert, the lower index), so
     # the converted model picks each token's best true experts followed by their twins.
@@ -279,32 +284,34 @@ def test_update_state_applies_bias_and_budget_rules():
         "tokens_per_expert": jnp.array([4.0, 1.0, 2.0, 1.0]),
         "active_experts": jnp.asarray(1.9),
     }
-    biased = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, top_k=2, bias_update_rate=0.1)
+    biased = jmoe.MoEConfig(
+        d_model=D, d_ff=F, num_experts=4, router=jmoe.TopK(k=2, bias_update_rate=0.1)
+    )
     new = jmoe.update_state(biased, {"bias": jnp.zeros(4)}, stats)
     np.testing.assert_allclose(new["bias"], [-0.1, 0.1, 0.0, 0.1])
     budgeted = jmoe.MoEConfig(
         d_model=D,
         d_ff=F,
         num_experts=4,
-        top_k=2,
-        router="null",
-        num_null=2,
-        target_active_experts=1.5,
-        budget_rate=0.5,
+        router=jmoe.NullExperts(k=2, num_null=2, target_active_experts=1.5, budget_rate=0.5),
     )
     state = {"bias": jnp.zeros(4), "budget": jnp.asarray(0.25)}
     new = jmoe.update_state(budgeted, state, stats)
     np.testing.assert_allclose(new["budget"], 0.25 + 0.5 * (1.9 - 1.5), rtol=1e-6)
     np.testing.assert_array_equal(new["bias"], state["bias"])  # bias rate 0: unchanged
-    still = jmoe.update_state(
-        dataclasses.replace(budgeted, target_active_experts=None), state, stats
-    )
+    unbudgeted = jmoe.NullExperts(k=2, num_null=2, budget_rate=0.5)
+    still = jmoe.update_state(dataclasses.replace(budgeted, router=unbudgeted), state, stats)
     np.testing.assert_array_equal(still["budget"], state["budget"])
 
 
 def test_capacity_zero_drops_everything_and_outputs_zero():
     cfg = jmoe.MoEConfig(
-        d_model=D, d_ff=F, num_experts=4, top_k=2, capacity_factor=0.1, capacity_rounding="floor"
+        d_model=D,
+        d_ff=F,
+        num_experts=4,
+        capacity_factor=0.1,
+        capacity_rounding="floor",
+        router=jmoe.TopK(k=2),
     )
     assert cfg.capacity(B * S, deterministic=True) == 0
     x, variables = _setup(cfg)
@@ -314,7 +321,9 @@ def test_capacity_zero_drops_everything_and_outputs_zero():
 
 
 def test_dropped_fraction_counts_real_tokens_only():
-    cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, top_k=2, capacity_factor=0.5)
+    cfg = jmoe.MoEConfig(
+        d_model=D, d_ff=F, num_experts=4, capacity_factor=0.5, router=jmoe.TopK(k=2)
+    )
     x, variables = _setup(cfg)
     ids, kept, _, _ = _reference(cfg, variables, x)
     mask = np.ones((B, S), bool)
@@ -327,7 +336,7 @@ def test_dropped_fraction_counts_real_tokens_only():
 
 def test_routing_is_returned_as_an_intermediate():
     """`mutable=["intermediates"]` returns each chain step's `Routing`: the router's top-k."""
-    cfg = jmoe.MoEConfig(d_model=8, d_ff=16, num_experts=4, top_k=2, chain_steps=2)
+    cfg = jmoe.MoEConfig(d_model=8, d_ff=16, num_experts=4, chain_steps=2, router=jmoe.TopK(k=2))
     x = jax.random.normal(jax.random.key(0), (3, 8))
     variables = jmoe.MoE(cfg).init(jax.random.key(1), x)
     (y, _), sown = jmoe.MoE(cfg).apply(variables, x, mutable=["intermediates"])

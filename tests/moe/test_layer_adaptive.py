@@ -1,12 +1,12 @@
 """jmoe.MoE with adaptive routers, chain-of-experts, compute accounting and the budget controller.
 
 Oracles: the routers of tests/moe_reference.py (`ref_null_experts`, `ref_top_p`,
-`ref_expert_choice`, `ref_top_k`, `ref_capacity`, written from ALGORITHMS.md §1.4, §1.6, §2, §3)
+`ref_expert_choice`, `ref_top_k`, `ref_capacity`, written from docs/algorithms.md)
 fix the expert ids and weights. The expected output is a float64 NumPy loop over tokens and slots
 (`_np_step`); for gradients the combine weights of the same FIXED ids are recomputed
 differentiably in jnp from the router kernel and every expert runs densely (`_ref_step`), so
 `jax.grad` gives the expected gradients w.r.t. the input, the router kernel and the expert
-weights. Chain-of-experts (§4) is unrolled by hand. The reference never calls jmoe's routing,
+weights. Chain-of-experts is unrolled by hand. The reference never calls jmoe's routing,
 dispatch or grouped-matmul code.
 """
 
@@ -47,34 +47,34 @@ def _desc_gaps(v: np.ndarray, n: int) -> float:
 def _route_ref(cfg: jmoe.MoEConfig, logits: np.ndarray, bias, budget: float) -> dict:
     """Reference routing decision of one step (float64) and its distance to any tie / threshold."""
     t, e = logits.shape[0], cfg.num_experts
-    if cfg.router == "top_k":
+    if cfg.router.kind == "top_k":
         ids, weights, probs = ref.ref_top_k(
             logits,
-            cfg.top_k,
-            score=cfg.score,
-            normalize=cfg.normalize,
-            scale=cfg.scale,
+            cfg.router.k,
+            score=cfg.router.score,
+            normalize=cfg.router.normalize,
+            scale=cfg.router.scale,
             bias=bias,
-            renorm_when_k1=cfg.renorm_when_k1,
+            renorm_when_k1=cfg.router.renorm_when_k1,
         )
         valid, choices = np.ones(ids.shape, bool), ids
-        margin = _desc_gaps(probs + np.asarray(bias, np.float64), cfg.top_k)
-    elif cfg.router == "null":
+        margin = _desc_gaps(probs + np.asarray(bias, np.float64), cfg.router.k)
+    elif cfg.router.kind == "null_experts":
         ids, weights, valid, probs, choices = ref.ref_null_experts(
-            logits, cfg.top_k, cfg.num_null, null_offset=budget
+            logits, cfg.router.k, cfg.router.num_null, null_offset=budget
         )
-        sel = logits + np.where(np.arange(e + cfg.num_null) >= e, budget, 0.0)
-        margin = _desc_gaps(sel, cfg.top_k)
-    elif cfg.router == "top_p":
-        p = float(np.clip(cfg.top_p - budget, 1e-6, 1.0))
+        sel = logits + np.where(np.arange(e + cfg.router.num_null) >= e, budget, 0.0)
+        margin = _desc_gaps(sel, cfg.router.k)
+    elif cfg.router.kind == "top_p":
+        p = float(np.clip(cfg.router.p - budget, 1e-6, 1.0))
         ids, weights, valid, probs = ref.ref_top_p(
-            logits, p, max_k=cfg.max_k, boundary=cfg.top_p_boundary
+            logits, p, max_k=cfg.router.max_k, boundary=cfg.router.boundary
         )
         choices = ids
         cum = np.cumsum(-np.sort(-probs, axis=-1), axis=-1)[:, :-1]
         margin = min(_desc_gaps(probs, e - 1), float(np.min(np.abs(cum - p))))
-    elif cfg.router == "expert_choice":
-        capacity = cfg.expert_choice_capacity(t)
+    elif cfg.router.kind == "expert_choice":
+        capacity = cfg.router.capacity(t, cfg.num_experts, deterministic=True)
         ids, weights, valid, probs = ref.ref_expert_choice(logits, capacity)
         choices = ids
         cols = -np.sort(-probs.T, axis=-1)
@@ -96,7 +96,7 @@ def _route_ref(cfg: jmoe.MoEConfig, logits: np.ndarray, bias, budget: float) -> 
 
 def _kept_ref(cfg: jmoe.MoEConfig, route: dict, num_tokens: int) -> np.ndarray:
     """Valid slots that survive the token-choice capacity (expert choice has none)."""
-    capacity = None if cfg.router == "expert_choice" else cfg.capacity(num_tokens, True)
+    capacity = None if cfg.router.kind == "expert_choice" else cfg.capacity(num_tokens, True)
     if capacity is None:
         return route["valid"].copy()
     return ref.ref_capacity(route["ids"], cfg.num_experts, capacity, route["valid"])
@@ -111,13 +111,17 @@ def _weights_ref(cfg: jmoe.MoEConfig, logits, route: dict):
     """
     ids, valid = route["ids"], route["valid"]
     rows = np.arange(ids.shape[0])[:, None]
-    if cfg.router == "top_k":
-        probs = jax.nn.softmax(logits, -1) if cfg.score == "softmax" else jax.nn.sigmoid(logits)
+    if cfg.router.kind == "top_k":
+        probs = (
+            jax.nn.softmax(logits, -1) if cfg.router.score == "softmax" else jax.nn.sigmoid(logits)
+        )
         w = probs[rows, ids]
-        if cfg.normalize and (ids.shape[1] > 1 or cfg.renorm_when_k1):
+        if cfg.router.normalize and (ids.shape[1] > 1 or cfg.router.renorm_when_k1):
             w = w / jnp.sum(w, -1, keepdims=True)
-        return w * cfg.scale
-    return ref.ref_masked_weights_jnp(logits, ids, valid, normalize=cfg.router == "null")
+        return w * cfg.router.scale
+    return ref.ref_masked_weights_jnp(
+        logits, ids, valid, normalize=cfg.router.kind == "null_experts"
+    )
 
 
 def _jnp_mlp(w: dict, x_TxD, activation: str):
@@ -212,7 +216,8 @@ def _reference(cfg: jmoe.MoEConfig, variables, x, budget: float = 0.0):
     """Reference routes (one per chain step, ids fixed), the float64 output and the differentiable
     (jnp) reference layer for gradients."""
     params = variables["params"]
-    bias = np.asarray(variables["moe_state"]["bias"], np.float64).reshape(cfg.chain_steps, -1)
+    bias = variables.get("moe_state", {}).get("bias", np.zeros((cfg.chain_steps, cfg.num_experts)))
+    bias = np.asarray(bias, np.float64).reshape(cfg.chain_steps, -1)
     x_TxD = np.asarray(x, np.float64).reshape(-1, cfg.d_model)
     t = x_TxD.shape[0]
     h, total, routes = x_TxD, 0.0, []
@@ -249,10 +254,10 @@ def _setup(cfg, seed, x_shape=(B, S), router_scale=2.0, budget=None, accept=None
         x = jnp.asarray(rng.normal(size=(*x_shape, cfg.d_model)), jnp.float32)
         params = jax.tree.map(lambda a: _init(rng, a.shape), shapes["params"])
         params["router"]["kernel"] = params["router"]["kernel"] * router_scale
-        state = {"bias": jnp.zeros(shapes["moe_state"]["bias"].shape, jnp.float32)}
-        if "budget" in shapes["moe_state"]:
+        state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes.get("moe_state", {}))
+        if "budget" in state:
             state["budget"] = jnp.float32(0.0 if budget is None else budget)
-        variables = {"params": params, "moe_state": state}
+        variables = {"params": params, **({"moe_state": state} if state else {})}
         routes, y, fn = _reference(cfg, variables, x, 0.0 if budget is None else budget)
         if min(r["margin"] for r in routes) > MARGIN and (accept is None or accept(routes)):
             return x, variables, routes, y, fn
@@ -260,22 +265,24 @@ def _setup(cfg, seed, x_shape=(B, S), router_scale=2.0, budget=None, accept=None
 
 
 def _ref_stats(cfg: jmoe.MoEConfig, routes, token_mask=None) -> dict:
-    """Expected layer statistics from the reference routes (ALGORITHMS.md §0.1, §2.2; DESIGN.md)."""
+    """Expected layer statistics from the reference routes (docs/algorithms.md)."""
     t = routes[0]["ids"].shape[0]
     mask = np.ones(t, bool) if token_mask is None else np.asarray(token_mask, bool).reshape(t)
     lb, z, ent, loads, dropped = 0.0, 0.0, 0.0, [], []
     for r in routes:
-        if cfg.router == "null":
+        if cfg.router.kind == "null_experts":
             lb += ref.ref_load_balance_null(
                 r["choices"],
                 r["probs"],
                 cfg.num_experts,
-                cfg.num_null,
+                cfg.router.num_null,
                 cfg.lb_normalization,
-                cfg.null_balance,
+                cfg.router.null_balance,
                 token_mask=mask,
             )
-        elif cfg.router != "expert_choice":  # expert choice has no auxiliary loss (§1.6)
+        elif (
+            cfg.router.kind != "expert_choice"
+        ):  # expert choice has no auxiliary loss (docs/algorithms.md)
             lb += ref.ref_load_balance(
                 r["ids"], r["valid"], r["probs"], cfg.num_experts, cfg.lb_normalization, mask
             )
@@ -356,22 +363,23 @@ def _check_layer(cfg, variables, x, routes, want_y, ref_fn, rtol=GRAD_RTOL, atol
 # ====================================================== 1. adaptive routers vs the reference
 
 ROUTER_CASES = {
-    # AdaMoE (§2): num_null 1-4, k 2-4.
-    "null_m1_k2": dict(router="null", num_experts=4, num_null=1, top_k=2),
-    "null_m2_k3_shared": dict(router="null", num_experts=4, num_null=2, top_k=3, num_shared=1),
-    "null_m4_k2": dict(router="null", num_experts=4, num_null=4, top_k=2),
-    "null_m3_k4": dict(router="null", num_experts=6, num_null=3, top_k=4, z_loss_coef=1e-3),
-    # Dynamic top-p (§3), with the paper's entropy ("dynamic") loss in one case.
-    "top_p_strict": dict(router="top_p", num_experts=6, top_p=0.5, entropy_coef=1e-2),
-    "top_p_inclusive": dict(router="top_p", num_experts=6, top_p=0.7, top_p_boundary="inclusive"),
-    "top_p_strict_max_k2": dict(router="top_p", num_experts=6, top_p=0.8, max_k=2),
-    "top_p_inclusive_max_k3_shared": dict(
-        router="top_p", num_experts=5, top_p=0.6, max_k=3, top_p_boundary="inclusive", num_shared=1
+    # AdaMoE (docs/algorithms.md): num_null 1-4, k 2-4.
+    "null_m1_k2": dict(num_experts=4, router=jmoe.NullExperts(num_null=1, k=2)),
+    "null_m2_k3_shared": dict(
+        num_experts=4, num_shared=1, router=jmoe.NullExperts(num_null=2, k=3)
     ),
-    # Expert choice (§1.6): capacity = round(cf * T / E), cf = capacity_factor or top_k.
-    "expert_choice": dict(router="expert_choice", num_experts=4, top_k=2, allow_noncausal=True),
+    "null_m4_k2": dict(num_experts=4, router=jmoe.NullExperts(num_null=4, k=2)),
+    "null_m3_k4": dict(num_experts=6, z_loss_coef=1e-3, router=jmoe.NullExperts(num_null=3, k=4)),
+    # Dynamic top-p (docs/algorithms.md), with the paper's entropy ("dynamic") loss in one case.
+    "top_p_strict": dict(num_experts=6, entropy_coef=1e-2, router=jmoe.TopP(p=0.5)),
+    "top_p_inclusive": dict(num_experts=6, router=jmoe.TopP(p=0.7, boundary="inclusive")),
+    "top_p_strict_max_k2": dict(num_experts=6, router=jmoe.TopP(p=0.8, max_k=2)),
+    "top_p_inclusive_max_k3_shared": dict(
+        num_experts=5, num_shared=1, router=jmoe.TopP(p=0.6, max_k=3, boundary="inclusive")
+    ),
+    # Expert choice: capacity = round(cf * T / E), the router's capacity factor (default 2).
+    "expert_choice": dict(num_experts=4, router=jmoe.ExpertChoice(allow_noncausal=True)),
 }
-CAPACITY = {"null": 0.6, "top_p": 0.6, "expert_choice": 1.25}
 # Every variant runs with both implementations, dropless and with a capacity (outputs and stats).
 # Gradients are compared for the combinations listed here: each router family gets its gradients
 # checked under all four (implementation, capacity) combinations, expert choice under two.
@@ -397,8 +405,10 @@ ROUTER_PARAMS = [
 @pytest.mark.parametrize("name,impl,dropping", ROUTER_PARAMS)
 def test_adaptive_router_layer_matches_reference(name, impl, dropping):
     kw = dict(ROUTER_CASES[name])
-    if dropping:
-        kw["capacity_factor"] = CAPACITY[kw["router"]]
+    if dropping and kw["router"].kind == "expert_choice":  # fewer tokens per expert
+        kw["router"] = dataclasses.replace(kw["router"], capacity_factor=1.25)
+    elif dropping:  # a capacity of 0.6 x 2 slots per token, for every router's slot count K
+        kw["capacity_factor"] = 0.6 * 2 / kw["router"].slots(kw["num_experts"])
     cfg = jmoe.MoEConfig(d_model=D, d_ff=F, implementation=impl, **kw)
     t = B * S
 
@@ -406,11 +416,11 @@ def test_adaptive_router_layer_matches_reference(name, impl, dropping):
         r = routes[0]
         n_valid = r["valid"].sum(-1)
         ok = len(set(n_valid.tolist())) >= 2  # per-token counts vary
-        if cfg.router == "null" and cfg.num_null >= cfg.top_k:
+        if cfg.router.kind == "null_experts" and cfg.router.num_null >= cfg.router.k:
             ok = ok and (n_valid == 0).any()  # some tokens pick only null experts
-        if cfg.router == "expert_choice" and dropping:
+        if cfg.router.kind == "expert_choice" and dropping:
             ok = ok and (n_valid == 0).any()  # some tokens get no expert at all
-        if dropping and cfg.router != "expert_choice":
+        if dropping and cfg.router.kind != "expert_choice":
             ok = ok and (r["kept"] != r["valid"]).any()  # the capacity does drop something
         return ok
 
@@ -426,9 +436,10 @@ def test_adaptive_router_layer_matches_reference(name, impl, dropping):
         y = np.asarray(y).reshape(t, D)
 
     assert float(stats["seq_balance_loss"]) == 0.0  # DeepSeek-V3 sequence loss: top_k only
-    if cfg.router == "expert_choice":
-        assert cfg.expert_choice_capacity(t) == round((cfg.capacity_factor or cfg.top_k) * t / 4)
-        np.testing.assert_array_equal(stats["tokens_per_expert"], cfg.expert_choice_capacity(t))
+    if cfg.router.kind == "expert_choice":
+        capacity = cfg.router.capacity(t, cfg.num_experts, deterministic=True)
+        assert capacity == round(cfg.router.capacity_factor * t / 4)
+        np.testing.assert_array_equal(stats["tokens_per_expert"], capacity)
     # Tokens without any kept computation get exactly zero routed output, and nothing depends on
     # their input: its gradient is exactly zero, not NaN (no shared expert in these cases).
     idle = ~routes[0]["kept"].any(-1)
@@ -444,11 +455,8 @@ def test_all_null_tokens_zero_output_and_finite_gradients():
         d_model=D,
         d_ff=F,
         num_experts=4,
-        router="null",
-        num_null=4,
-        top_k=3,
-        target_active_experts=1.0,
         implementation="xla",
+        router=jmoe.NullExperts(num_null=4, k=3, target_active_experts=1.0),
     )
 
     def accept(routes):
@@ -467,9 +475,14 @@ def test_all_null_tokens_zero_output_and_finite_gradients():
 @pytest.mark.parametrize(
     "kw,budget",
     [
-        (dict(router="null", num_experts=4, num_null=3, top_k=3, target_active_experts=1.5), -0.7),
-        (dict(router="top_p", num_experts=6, top_p=0.5, target_active_experts=2.0), 0.2),
-        (dict(router="top_p", num_experts=6, top_p=0.5, target_active_experts=2.0), -0.3),
+        (
+            dict(
+                num_experts=4, router=jmoe.NullExperts(num_null=3, k=3, target_active_experts=1.5)
+            ),
+            -0.7,
+        ),
+        (dict(num_experts=6, router=jmoe.TopP(p=0.5, target_active_experts=2.0)), 0.2),
+        (dict(num_experts=6, router=jmoe.TopP(p=0.5, target_active_experts=2.0)), -0.3),
     ],
     ids=["null_offset", "top_p_cut", "top_p_raise"],
 )
@@ -492,9 +505,9 @@ def test_budget_state_moves_the_selection(kw, budget):
 # ============================================================================ 2. chain of experts
 
 CHAIN_ROUTERS = {
-    "top_k": dict(router="top_k", num_experts=4, top_k=2),
-    "null": dict(router="null", num_experts=4, num_null=2, top_k=2),
-    "top_p": dict(router="top_p", num_experts=5, top_p=0.6, max_k=3),
+    "top_k": dict(num_experts=4, router=jmoe.TopK(k=2)),
+    "null": dict(num_experts=4, router=jmoe.NullExperts(num_null=2, k=2)),
+    "top_p": dict(num_experts=5, router=jmoe.TopP(p=0.6, max_k=3)),
 }
 
 
@@ -508,7 +521,8 @@ def test_chain_of_one_step_is_the_plain_moe(name):
         shapes = jax.eval_shape(jmoe.MoE(c).init, jax.random.key(0), x)
         assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, variables)
     assert variables["params"]["router"]["kernel"].shape == (D, plain.num_router_outputs)
-    assert variables["moe_state"]["bias"].shape == (plain.num_experts,)
+    if plain.router.kind == "top_k":
+        assert variables["moe_state"]["bias"].shape == (plain.num_experts,)
     (y0, s0), (y1, s1), (y2, s2) = jax.jit(
         lambda v, x: [jmoe.MoE(c).apply(v, x) for c in (plain, prenorm, coe)]
     )(variables, x)
@@ -554,7 +568,8 @@ def test_chain_matches_unrolled_reference(name):
     want_kernel = (D, e_all) if c == 1 else (c, D, e_all)
     want_loads = (cfg.num_experts,) if c == 1 else (c, cfg.num_experts)
     assert variables["params"]["router"]["kernel"].shape == want_kernel
-    assert variables["moe_state"]["bias"].shape == want_loads
+    if cfg.router.kind == "top_k":
+        assert variables["moe_state"]["bias"].shape == want_loads
     assert variables["params"]["experts"]["w_down"].shape == (cfg.num_experts, F, D)  # one set
 
     _, stats, _ = _check_layer(cfg, variables, x, routes, want_y, ref_fn, rtol=2e-4, atol=2e-5)
@@ -570,33 +585,28 @@ def test_chain_matches_unrolled_reference(name):
 # ====================================================================== 3. compute accounting
 
 ACCOUNTING_CASES = {
-    "null_swiglu_shared": dict(router="null", num_experts=4, num_null=3, top_k=3, num_shared=1),
+    "null_swiglu_shared": dict(
+        num_experts=4, num_shared=1, router=jmoe.NullExperts(num_null=3, k=3)
+    ),
     "top_p_gelu_capacity_shared": dict(
-        router="top_p",
         num_experts=5,
-        top_p=0.6,
         activation="gelu",
         d_ff_shared=12,
         capacity_factor=0.6,
+        router=jmoe.TopP(p=0.6),
     ),
     "expert_choice_relu": dict(
-        router="expert_choice", num_experts=4, allow_noncausal=True, activation="relu"
+        num_experts=4, activation="relu", router=jmoe.ExpertChoice(allow_noncausal=True)
     ),
     "null_chain2_relu_shared": dict(
-        router="null",
         num_experts=4,
-        num_null=2,
-        top_k=2,
         chain_steps=2,
         activation="relu",
         num_shared=2,
+        router=jmoe.NullExperts(num_null=2, k=2),
     ),
     "top_k_chain3_capacity": dict(
-        router="top_k",
-        num_experts=4,
-        top_k=2,
-        chain_steps=3,
-        capacity_factor=0.75,
+        num_experts=4, chain_steps=3, capacity_factor=0.75, router=jmoe.TopK(k=2)
     ),
 }
 
@@ -640,13 +650,13 @@ def test_compute_accounting_with_token_mask(name):
 
 BUDGET_CASES = {
     "null_fewer": dict(
-        router="null", num_null=8, top_k=4, target_active_experts=1.0, budget_rate=0.2
+        router=jmoe.NullExperts(num_null=8, k=4, target_active_experts=1.0, budget_rate=0.2)
     ),
     "null_more": dict(
-        router="null", num_null=8, top_k=4, target_active_experts=3.0, budget_rate=0.2
+        router=jmoe.NullExperts(num_null=8, k=4, target_active_experts=3.0, budget_rate=0.2)
     ),
-    "top_p_fewer": dict(router="top_p", target_active_experts=1.2, budget_rate=0.1),
-    "top_p_more": dict(router="top_p", target_active_experts=3.0, budget_rate=0.1),
+    "top_p_fewer": dict(router=jmoe.TopP(target_active_experts=1.2, budget_rate=0.1)),
+    "top_p_more": dict(router=jmoe.TopP(target_active_experts=3.0, budget_rate=0.1)),
 }
 
 
@@ -654,12 +664,12 @@ BUDGET_CASES = {
 def test_budget_controller_converges_to_the_target(name):
     """Fixed params and input; only `moe_state` evolves through `update_state`."""
     cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=8, **BUDGET_CASES[name])
-    target, steps = cfg.target_active_experts, 150
+    target, steps = cfg.router.target_active_experts, 150
     rng = np.random.default_rng(400)
     x = jnp.asarray(rng.normal(size=(256, D)), jnp.float32)
     shapes = jax.eval_shape(jmoe.MoE(cfg).init, jax.random.key(0), x)
     params = jax.tree.map(lambda a: _init(rng, a.shape), shapes["params"])
-    state = {"bias": jnp.zeros((8,), jnp.float32), "budget": jnp.float32(0.0)}
+    state = {"budget": jnp.float32(0.0)}
     assert set(shapes["moe_state"]) == set(state) and shapes["moe_state"]["budget"].shape == ()
 
     apply = jax.jit(lambda s: jmoe.MoE(cfg).apply({"params": params, "moe_state": s}, x)[1])
@@ -670,10 +680,9 @@ def test_budget_controller_converges_to_the_target(name):
         active.append(float(stats["active_experts"]))
         new = update(state, stats)
         assert set(new) == set(state)
-        np.testing.assert_array_equal(new["bias"], state["bias"])  # bias_update_rate = 0
         np.testing.assert_allclose(
             new["budget"],
-            state["budget"] + cfg.budget_rate * (active[-1] - target),
+            state["budget"] + cfg.router.budget_rate * (active[-1] - target),
             rtol=1e-6,
             atol=1e-7,
         )
@@ -690,7 +699,7 @@ def test_budget_controller_converges_to_the_target(name):
 
 def test_update_state_bias_of_a_chain_and_budget_step():
     cfg = jmoe.MoEConfig(
-        d_model=D, d_ff=F, num_experts=4, top_k=2, chain_steps=2, bias_update_rate=0.1
+        d_model=D, d_ff=F, num_experts=4, chain_steps=2, router=jmoe.TopK(k=2, bias_update_rate=0.1)
     )
     bias = jnp.asarray([[0.0, 0.1, 0.2, 0.3], [1.0, 0.0, 0.0, 0.0]])
     loads = jnp.asarray([[5.0, 1.0, 1.0, 1.0], [2.0, 2.0, 3.0, 1.0]])
@@ -701,10 +710,8 @@ def test_update_state_bias_of_a_chain_and_budget_step():
     cfg = jmoe.MoEConfig(
         d_model=D,
         d_ff=F,
-        router="top_p",
         num_experts=4,
-        target_active_experts=1.5,
-        budget_rate=0.5,
+        router=jmoe.TopP(target_active_experts=1.5, budget_rate=0.5),
     )
     state = {"bias": jnp.zeros(4), "budget": jnp.float32(0.25)}
     new = update_state(cfg, state, {"active_experts": jnp.float32(2.5)})
@@ -715,67 +722,67 @@ def test_update_state_bias_of_a_chain_and_budget_step():
 # ======================================================================= 5. config validation
 
 BAD_CONFIGS = [
-    (dict(router="top_p", top_p=0.0), "top_p=0.0"),
-    (dict(router="top_p", top_p=1.5), "top_p=1.5"),
-    (dict(router="top_p", top_p=-0.2), "top_p=-0.2"),
-    (dict(router="null", num_null=-1), "num_null=-1"),
-    (dict(router="top_k", num_null=2), "num_null=2"),
-    (dict(router="top_p", num_null=1), "num_null=1"),
-    (dict(router="expert_choice", allow_noncausal=True, num_null=3), "num_null=3"),
-    (dict(chain_steps=0), "chain_steps=0"),
-    (dict(chain_steps=-2), "chain_steps=-2"),
-    (dict(router="top_p", num_experts=4, max_k=5), "max_k=5"),
-    (dict(router="top_p", num_experts=4, max_k=0), "max_k=0"),
-    (dict(router="expert_choice"), "allow_noncausal=False"),
-    (dict(router="top_k", target_active_experts=2.0), "target_active_experts=2.0"),
+    (lambda: dict(router=jmoe.TopP(p=0.0)), "TopP.p=0.0"),
+    (lambda: dict(router=jmoe.TopP(p=1.5)), "TopP.p=1.5"),
+    (lambda: dict(router=jmoe.TopP(p=-0.2)), "TopP.p=-0.2"),
+    (lambda: dict(router=jmoe.NullExperts(num_null=-1)), "NullExperts.num_null=-1"),
+    (lambda: dict(router=jmoe.NullExperts(num_null=0)), "NullExperts.num_null=0"),
+    (lambda: dict(chain_steps=0), "chain_steps=0"),
+    (lambda: dict(chain_steps=-2), "chain_steps=-2"),
+    (lambda: dict(num_experts=4, router=jmoe.TopP(max_k=5)), "TopP.max_k=5"),
+    (lambda: dict(num_experts=4, router=jmoe.TopP(max_k=0)), "TopP.max_k=0"),
+    (lambda: dict(router=jmoe.ExpertChoice()), "ExpertChoice.allow_noncausal=False"),
     (
-        dict(router="expert_choice", allow_noncausal=True, target_active_experts=1.0),
-        "target_active_experts=1.0",
+        lambda: dict(router=jmoe.NullExperts(num_null=2, k=2, target_active_experts=2.5)),
+        "NullExperts.target_active_experts=2.5",
     ),
     (
-        dict(router="null", num_null=2, top_k=2, target_active_experts=2.5),
-        "target_active_experts=2.5",
+        lambda: dict(router=jmoe.NullExperts(num_null=2, k=2, target_active_experts=0.0)),
+        "NullExperts.target_active_experts=0.0",
     ),
+    (lambda: dict(chain_residual="residual"), "chain_residual='residual'"),
+    (lambda: dict(chain_residual=None), "chain_residual=None"),
+    (lambda: dict(router=jmoe.NullExperts(num_null=2, budget_rate=-0.1)), "budget_rate=-0.1"),
+    (lambda: dict(router=jmoe.TopP(boundary="exclusive")), "TopP.boundary='exclusive'"),
     (
-        dict(router="null", num_null=2, top_k=2, target_active_experts=0.0),
-        "target_active_experts=0.0",
+        lambda: dict(router=jmoe.NullExperts(num_null=2, null_balance="pooled")),
+        "NullExperts.null_balance='pooled'",
     ),
-    (dict(chain_residual="residual"), "chain_residual='residual'"),
-    (dict(chain_residual=None), "chain_residual=None"),
-    (dict(router="null", num_null=2, budget_rate=-0.1), "budget_rate=-0.1"),
-    (dict(router="top_p", top_p_boundary="exclusive"), "top_p_boundary='exclusive'"),
-    (dict(router="null", num_null=2, null_balance="pooled"), "null_balance='pooled'"),
-    (dict(router="adaptive"), "router='adaptive'"),
+    (lambda: dict(router="adaptive"), "router='adaptive'"),
 ]
 
 
 @pytest.mark.parametrize("kw,named", BAD_CONFIGS, ids=[n for _, n in BAD_CONFIGS])
 def test_bad_adaptive_config_raises_naming_field_and_value(kw, named):
     with pytest.raises(ValueError, match=re.escape(named)):
-        jmoe.MoEConfig(d_model=D, d_ff=F, **kw)
+        jmoe.MoEConfig(d_model=D, d_ff=F, **kw())
 
 
-def test_noncausal_error_names_expert_choice_and_num_null_error_names_router():
-    with pytest.raises(ValueError, match="expert_choice"):
-        jmoe.MoEConfig(router="expert_choice")
-    with pytest.raises(ValueError, match="router='top_k'"):
-        jmoe.MoEConfig(router="top_k", num_null=2)
+def test_settings_of_another_router_cannot_be_written():
+    """A budget, null experts or a bias rate belong to the routers that use them."""
+    for build, field in [
+        (lambda: jmoe.TopK(target_active_experts=2.0), "target_active_experts"),
+        (lambda: jmoe.TopK(num_null=2), "num_null"),
+        (lambda: jmoe.TopP(num_null=1), "num_null"),
+        (lambda: jmoe.ExpertChoice(allow_noncausal=True, target_active_experts=1.0), "target"),
+    ]:
+        with pytest.raises(TypeError, match=field):
+            build()
 
 
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(router="top_p", top_p=1.0),
-        dict(router="top_p", top_p=1e-3, top_p_boundary="inclusive"),
-        dict(router="top_p", num_experts=4, max_k=4),
-        dict(router="top_p", num_experts=4, max_k=1),
-        dict(router="null", num_null=0),
-        dict(router="null", num_null=4, top_k=12),
-        dict(router="expert_choice", allow_noncausal=True),
+        dict(router=jmoe.TopP(p=1.0)),
+        dict(router=jmoe.TopP(p=1e-3, boundary="inclusive")),
+        dict(num_experts=4, router=jmoe.TopP(max_k=4)),
+        dict(num_experts=4, router=jmoe.TopP(max_k=1)),
+        dict(router=jmoe.NullExperts(num_null=4, k=12)),
+        dict(router=jmoe.ExpertChoice(allow_noncausal=True)),
         dict(chain_steps=1, chain_residual="coe"),
-        dict(router="null", num_null=2, top_k=2, chain_steps=3, target_active_experts=6.0),
-        dict(router="top_p", num_experts=4, max_k=2, chain_steps=2, target_active_experts=4.0),
-        dict(router="top_p", target_active_experts=8.0, budget_rate=0.0),
+        dict(chain_steps=3, router=jmoe.NullExperts(num_null=2, k=2, target_active_experts=6.0)),
+        dict(num_experts=4, chain_steps=2, router=jmoe.TopP(max_k=2, target_active_experts=4.0)),
+        dict(router=jmoe.TopP(target_active_experts=8.0, budget_rate=0.0)),
     ],
     ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()),
 )

@@ -91,7 +91,7 @@ def test_load_balance_collapse_is_e():
 
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_load_balance_perfect_balance_table(k):
-    """Uniform router, every expert gets the same number of assignments (ALGORITHMS.md §0.1)."""
+    """Uniform router, every expert gets the same number of assignments (docs/algorithms.md)."""
     e, t = 8, 16
     ids = (np.arange(t)[:, None] + np.arange(k)[None, :] * (e // k)) % e  # distinct per token
     counts = np.bincount(ids.ravel(), minlength=e)
@@ -343,7 +343,7 @@ def _imbalance(counts):
 
 
 def test_update_bias_balances_a_skewed_router():
-    """Auxiliary-loss-free balancing (ALGORITHMS.md §5.3) fixes a router skewed to experts 0/1."""
+    """Auxiliary-loss-free balancing (docs/algorithms.md) fixes a router skewed to experts 0/1."""
     t, d, e, k, rate, steps = 512, 16, 8, 2, 0.01, 200
     rng = np.random.default_rng(0)
     x = rng.normal(size=(t, d)).astype(np.float32)

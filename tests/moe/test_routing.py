@@ -177,7 +177,7 @@ def test_group_limited_actually_restricts_selection():
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 def test_group_limited_large_negative_bias_regression(score):
-    """ALGORITHMS.md §5.3: masked groups must be -inf, not 0.0.
+    """docs/algorithms.md: masked groups must be -inf, not 0.0.
 
     All biases are large and negative, so every biased score of a kept group is < 0; masking the
     other groups with 0.0 (HF <= 4.57.1) would make their experts outrank the kept ones.

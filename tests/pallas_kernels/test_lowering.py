@@ -30,7 +30,7 @@ PLATFORM_IDS = ("mosaic", "triton")  # not "tpu" / "gpu": conftest skips tests w
 
 PRESET_MOE = {name: run_config.load_config(CONFIGS / f"{name}.yaml").model.moe for name in PRESETS}
 SHAPES = dict(EXTRA_SHAPES) | {
-    name: (moe.d_model, moe.d_ff, moe.num_experts, moe.top_k) for name, moe in PRESET_MOE.items()
+    name: (moe.d_model, moe.d_ff, moe.num_experts, moe.router.k) for name, moe in PRESET_MOE.items()
 }
 
 
@@ -92,7 +92,9 @@ def test_expert_kernels_lower(platform, shape, dtype):
 def _groups(shape: str) -> dict:
     """The preset's group-limited selection (DeepSeek-V3 style), if any."""
     moe = PRESET_MOE.get(shape)
-    return {} if moe is None else dict(n_groups=moe.n_groups, top_groups=moe.top_groups)
+    return (
+        {} if moe is None else dict(n_groups=moe.router.n_groups, top_groups=moe.router.top_groups)
+    )
 
 
 @pytest.mark.parametrize("platform", PLATFORMS, ids=PLATFORM_IDS)

@@ -70,9 +70,9 @@ def test_refuses_to_resume_a_different_config(tmp_path):
     ckpt = Checkpointer(tmp_path / "checkpoints", max_to_keep=1)
     ckpt.save(1, _state(1), {})
     ckpt.close()
-    other = load_config(None, ["model.moe.top_k=1", "train.learning_rate=1e-4"])
+    other = load_config(None, ["model.moe.router.k=1", "train.learning_rate=1e-4"])
     with pytest.raises(ValueError) as info:
         prepare_workdir(tmp_path, other)
     msg = str(info.value)
-    assert "model.moe.top_k" in msg and "train.learning_rate" in msg and "new workdir" in msg
+    assert "model.moe.router.k" in msg and "train.learning_rate" in msg and "new workdir" in msg
     assert load_config(tmp_path / CONFIG_FILE) == load_config()  # the saved config is kept

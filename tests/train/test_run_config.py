@@ -7,6 +7,7 @@ import os
 import pytest
 import yaml
 
+import jmoe
 from jmoe.lm.config import ModelConfig
 from jmoe.train.config import Config, DataConfig, TrainConfig
 from jmoe.train.run_config import config_diff, config_to_dict, load_config, save_config
@@ -25,14 +26,14 @@ def test_overrides_parse_yaml_values_at_nested_paths():
         None,
         [
             "model.moe.router=top_p",
-            "model.moe.max_k=3",
+            "model.moe.router.max_k=3",
             "train.learning_rate=1e-3",  # YAML 1.1 reads this as text: parsed as a float
             "train.grad_clip=null",
             "model.qk_norm=true",
             "data.source=/tmp/corpus.txt",
         ],
     )
-    assert cfg.model.moe.router == "top_p" and cfg.model.moe.max_k == 3
+    assert cfg.model.moe.router == jmoe.TopP(max_k=3)
     assert cfg.train.learning_rate == 1e-3 and isinstance(cfg.train.learning_rate, float)
     assert cfg.train.grad_clip is None and cfg.model.qk_norm is True
     assert cfg.data.source == "/tmp/corpus.txt"
@@ -43,9 +44,11 @@ def test_overrides_parse_yaml_values_at_nested_paths():
 
 def test_file_then_overrides_later_wins(tmp_path):
     path = tmp_path / "x.yaml"
-    path.write_text("model:\n  d_model: 64\n  moe:\n    top_k: 1\ntrain:\n  steps: 7\n")
+    path.write_text(
+        "model:\n  d_model: 64\n  moe:\n    router: {kind: top_k, k: 1}\ntrain:\n  steps: 7\n"
+    )
     cfg = load_config(path, ["train.steps=9"])
-    assert (cfg.model.d_model, cfg.model.moe.top_k, cfg.train.steps) == (64, 1, 9)
+    assert (cfg.model.d_model, cfg.model.moe.router.k, cfg.train.steps) == (64, 1, 9)
     assert cfg.model.n_layers == ModelConfig().n_layers  # untouched keys keep their defaults
 
 
@@ -80,8 +83,10 @@ def test_unknown_key_in_yaml_file(tmp_path):
         ("model.qk_norm=3", "'model.qk_norm'=3"),
         ("train.learning_rate=true", "'train.learning_rate'=True"),
         ("model=3", "model must be a mapping"),
-        ("model.moe.top_k=0", "model.moe: MoEConfig.top_k=0"),
-        ("model.moe.router=hash", "model.moe: MoEConfig.router='hash'"),
+        ("model.moe.router.k=0", "model.moe.router: TopK.k=0"),
+        ("model.moe.router=hash", "model.moe.router.kind='hash'"),
+        ("model.moe.router.p=0.5", "'model.moe.router.p'"),
+        ("model.moe.router={kind: top_p, p: 2}", "model.moe.router: TopP.p=2"),
         ("model.n_kv_heads=3", "model: ModelConfig.n_kv_heads=3"),
         ("data.eval_fraction=1.5", "data: DataConfig.eval_fraction=1.5"),
         ("train.warmup_steps=-1", "train: TrainConfig.warmup_steps=-1"),
@@ -99,14 +104,67 @@ def test_bad_values_name_full_key_path(override, fragment):
 def test_choice_error_lists_allowed_values():
     with pytest.raises(ValueError) as info:
         load_config(None, ["model.moe.router=hash"])
-    assert all(r in str(info.value) for r in ("top_k", "null", "top_p", "expert_choice"))
+    assert all(r in str(info.value) for r in ("top_k", "null_experts", "top_p", "expert_choice"))
 
 
 def test_save_and_load_round_trip(tmp_path):
-    cfg = load_config(None, ["model.moe.router=null", "model.moe.num_null=4", "train.steps=5"])
+    cfg = load_config(
+        None, ["model.moe.router=null_experts", "model.moe.router.num_null=4", "train.steps=5"]
+    )
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == config_to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, want",
+    [
+        (["model.moe.router=top_p", "model.moe.router.p=0.3"], jmoe.TopP(p=0.3)),
+        (["model.moe.router={kind: top_p, p: 0.3, max_k: 2}"], jmoe.TopP(p=0.3, max_k=2)),
+        (
+            ["model.moe.router.k=4", "model.moe.router.score=sigmoid"],
+            jmoe.TopK(k=4, score="sigmoid"),
+        ),
+        (["model.moe.router.k=4", "model.moe.router=top_k"], jmoe.TopK(k=4)),  # same kind: kept
+        (["model.moe.router.k=4", "model.moe.router=top_p"], jmoe.TopP()),  # new kind: defaults
+        (
+            [
+                "model.moe.router=null_experts",
+                "model.moe.router.num_null=8",
+                "model.moe.router.k=4",
+            ],
+            jmoe.NullExperts(num_null=8, k=4),
+        ),
+    ],
+)
+def test_router_overrides(overrides, want):
+    assert load_config(None, overrides).model.moe.router == want
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["model.moe.top_k=4"], "'model.moe.top_k' has moved: use model.moe.router.k"),
+        (["model.moe.top_p=0.4"], "use model.moe.router.p (router: {kind: top_p"),
+        (["model.moe.num_null=8"], "use model.moe.router.num_null"),
+        (["model.moe.router=null"], "kind 'null_experts'"),
+        (["model.moe.router=null_experts"], "'null_experts' needs 'num_null'"),
+        (["model.moe.router=top_p", "model.moe.router.k=2"], "allowed keys are ['boundary'"),
+        (["model.moe.router.kk=2"], "did you mean 'model.moe.router.k'"),
+        (["model.moe.router=[1, 2]"], "must be a router kind"),
+    ],
+)
+def test_router_override_errors_name_the_new_spelling(overrides, fragment):
+    with pytest.raises(ValueError) as info:
+        load_config(None, overrides)
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_old_flat_router_keys_in_a_yaml_file_name_the_new_spelling(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("model:\n  moe:\n    router: top_p\n    top_p: 0.4\n")
+    with pytest.raises(ValueError, match=r"'model.moe.top_p' has moved: use model.moe.router.p"):
+        load_config(path)
 
 
 def test_config_diff_lists_dotted_keys():
@@ -133,16 +191,21 @@ def test_preset_routing_features():
         return load_config(os.path.join(os.path.dirname(PRESETS[0]), name)).model
 
     ds = preset("deepseek_v3_style.yaml")
-    assert (ds.moe.score, ds.moe.n_groups, ds.moe.top_groups, ds.moe.num_shared) == (
+    assert (
+        ds.moe.router.score,
+        ds.moe.router.n_groups,
+        ds.moe.router.top_groups,
+        ds.moe.num_shared,
+    ) == (
         "sigmoid",
         8,
         4,
         1,
     )
-    assert ds.moe.bias_update_rate > 0 and ds.first_dense_layers == 3
-    assert preset("adamoe.yaml").moe.router == "null"
-    assert preset("adamoe.yaml").moe.target_active_experts == 2.0
-    assert preset("top_p.yaml").moe.router == "top_p"
+    assert ds.moe.router.bias_update_rate > 0 and ds.first_dense_layers == 3
+    assert preset("adamoe.yaml").moe.router.kind == "null_experts"
+    assert preset("adamoe.yaml").moe.router.target_active_experts == 2.0
+    assert preset("top_p.yaml").moe.router.kind == "top_p"
     assert preset("chain_of_experts.yaml").moe.chain_steps == 2
     mixtral = preset("mixtral_8x7b.yaml")
     assert (mixtral.d_model, mixtral.n_layers, mixtral.moe.num_experts, mixtral.moe.d_ff) == (
@@ -152,6 +215,11 @@ def test_preset_routing_features():
         14336,
     )
     qwen = preset("qwen3_moe_30b_a3b.yaml")
-    assert (qwen.n_layers, qwen.moe.num_experts, qwen.moe.top_k, qwen.moe.d_ff) == (48, 128, 8, 768)
+    assert (qwen.n_layers, qwen.moe.num_experts, qwen.moe.router.k, qwen.moe.d_ff) == (
+        48,
+        128,
+        8,
+        768,
+    )
     olmoe = preset("olmoe_1b_7b.yaml")
-    assert (olmoe.moe.num_experts, olmoe.moe.top_k, olmoe.moe.normalize) == (64, 8, False)
+    assert (olmoe.moe.num_experts, olmoe.moe.router.k, olmoe.moe.router.normalize) == (64, 8, False)

@@ -102,7 +102,7 @@ def _assert_stepped(cfg, state, new, metrics):
 # The presets cover top_k (tiny), null (adamoe), top_p, chains and sigmoid / group-limited /
 # shared / bias-balanced top_k (deepseek_v3_style); these add the remaining routing options.
 ROUTERS = {
-    "expert_choice": ["model.moe.router=expert_choice", "model.moe.allow_noncausal=true"],
+    "expert_choice": ["model.moe.router=expert_choice", "model.moe.router.allow_noncausal=true"],
     "shared_gate+capacity+jitter": [
         "model.moe.num_shared=1",
         "model.moe.shared_gate=true",
@@ -127,9 +127,9 @@ def test_one_step_each_preset_shrunk(path):
     _assert_stepped(cfg, state, new, metrics)
     moe = cfg.model.moe
     bias_moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.moe_state, new.moe_state)
-    assert any(jax.tree.leaves(bias_moved)) == (
-        moe.bias_update_rate > 0 or moe.target_active_experts is not None
-    )
+    updates = getattr(moe.router, "bias_update_rate", 0) > 0
+    updates |= getattr(moe.router, "target_active_experts", None) is not None
+    assert any(jax.tree.leaves(bias_moved)) == updates
 
 
 def test_decay_mask_skips_norms_and_biases():
@@ -269,8 +269,8 @@ def test_interrupted_run_resumes_exactly(corpus, tmp_path, monkeypatch):
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "full")
     assert resumed["eval_loss"] == full["eval_loss"]
 
-    with pytest.raises(ValueError, match=r"model.moe.top_k.*new workdir"):
-        _run(corpus, tmp_path / "resumed", [*steps, "model.moe.top_k=1"])
+    with pytest.raises(ValueError, match=r"model.moe.router.k.*new workdir"):
+        _run(corpus, tmp_path / "resumed", [*steps, "model.moe.router.k=1"])
 
 
 def test_nan_guard_stops_after_max_bad_steps_keeping_last_good_checkpoint(corpus, tmp_path):
