@@ -34,7 +34,7 @@ from results_io import median_seconds, write_results
 import jmoe
 import pallas_kernels as pk
 from jmoe.kernels import xla_tiled as tiled
-from pallas_kernels.gmm import swiglu_bwd, tgmm
+from pallas_kernels.grouped_matmul import swiglu_bwd, tgmm
 
 SHAPES = {
     "mixtral": dict(tokens=16384, d=4096, f=14336, e=8, k=2),
