@@ -5,9 +5,9 @@ width, F expert hidden width, E experts, K slots per token, C capacity or chain 
 V vocab, M sorted rows (T * K), P tile-padded rows, N tiles.
 """
 
+from jmoe import kernels as ops
 from jmoe import sharding
-from jmoe.kernels import grouped_matmul as ops
-from jmoe.kernels.grouped_matmul import grouped_matmul
+from jmoe.kernels import grouped_matmul
 from jmoe.lm.config import ModelConfig
 from jmoe.lm.model import Transformer
 from jmoe.moe import dispatch, losses, routing

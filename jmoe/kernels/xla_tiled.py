@@ -14,18 +14,12 @@ grouped matmuls; its backward reuses the saved pre-activations.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from jmoe.kernels.activations import ACTIVATIONS
 from jmoe.kernels.permute import permute_rows
-
-ACTIVATIONS: dict[str, Callable[..., jax.Array]] = {
-    "swiglu": lambda gate, up: jax.nn.silu(gate) * up,
-    "gelu": lambda up: jax.nn.gelu(up, approximate=False),
-    "relu": jax.nn.relu,
-}
 
 
 @jax.tree_util.register_dataclass

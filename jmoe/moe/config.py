@@ -14,8 +14,8 @@ import math
 import jax.numpy as jnp
 
 from jmoe import validation
-from jmoe.kernels.grouped_matmul import ACTIVATIONS as _OPS_ACTIVATIONS
-from jmoe.kernels.grouped_matmul import IMPLEMENTATIONS as _OPS_IMPLEMENTATIONS
+from jmoe.kernels import ACTIVATIONS as _OPS_ACTIVATIONS
+from jmoe.kernels import IMPLEMENTATIONS as _OPS_IMPLEMENTATIONS
 from jmoe.moe.losses import NORMALIZATIONS as LB_NORMALIZATIONS
 from jmoe.moe.losses import NULL_BALANCES
 from jmoe.moe.routing import SCORES, TOP_P_BOUNDARIES

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jmoe.kernels import grouped_matmul as ops
+from jmoe import kernels
 from jmoe.kernels.permute import gather_slots, permute_rows
 from jmoe.moe import dispatch
 from jmoe.moe.routing import Routing
@@ -71,7 +71,7 @@ def _local_experts(recv_NxCxD, counts_NxE, w_in, w_down, activation, implementat
         ids_B = (r_C[None, :, None] >= cum_NxE[:, None, :]).sum(-1).reshape(-1)  # e_l: padding
         order_B, inverse_B, _, _ = dispatch._stable_sort_ranks(ids_B, counts_NxE.shape[1])
         x_BxD = permute_rows(x_BxD, order_B, inverse_B)
-    y_BxD = ops.expert_mlp(
+    y_BxD = kernels.expert_mlp(
         x_BxD,
         w_in,
         w_down,
@@ -106,7 +106,7 @@ def expert_parallel_mlp(
       mesh: the device mesh; E must divide by its "expert" size, F by its "tensor" size.
       capacity: rows per expert per token shard (`local_capacity`), or None for dropless.
         Overflow is dropped per shard in position-priority order (`dispatch.apply_capacity`).
-      activation, implementation: as in `jmoe.ops.expert_mlp`.
+      activation, implementation: as in `jmoe.kernels.expert_mlp`.
 
     Returns:
       `y_TxD` (dtype of `x_TxD`) and the kept `valid` `[T, K]` (False where dropped or unused).

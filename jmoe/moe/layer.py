@@ -12,9 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jmoe import kernels as ops
 from jmoe import sharding
-from jmoe.kernels import grouped_matmul as ops
-from jmoe.moe import dispatch, expert_parallel, losses, routing
+from jmoe.moe import dispatch, expert_parallel, gating, losses, routing
 from jmoe.moe.config import MoEConfig
 
 STATE = "moe_state"
@@ -258,7 +258,7 @@ class MoE(nn.Module):
         Pallas kernel where `implementation` selects it; the XLA path on a mesh, where the
         routing runs on the global batch)."""
         cfg = self.config
-        routed, _ = ops.top_k_gating(
+        routed, _ = gating.top_k_gating(
             *operands,
             cfg.top_k,
             score=cfg.score,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import shape_cases
 
-from jmoe.kernels import grouped_matmul as ops
+from jmoe import kernels
 from jmoe.moe import dispatch
 from jmoe.moe.routing import Routing, top_k
 
@@ -383,7 +383,7 @@ def test_make_plan_zero_rows(impl):
     xs = dispatch.permute(x, plan)
     assert xs.shape == (0, 4)
     w = jnp.ones((e, 4, 4))
-    ys = ops.expert_mlp(xs, (w,), w, plan.group_sizes, activation="relu", implementation=impl)
+    ys = kernels.expert_mlp(xs, (w,), w, plan.group_sizes, activation="relu", implementation=impl)
     out = dispatch.combine(ys, plan, kept.weights)
     np.testing.assert_array_equal(np.asarray(out), np.zeros((t, 4)))
 
@@ -431,7 +431,7 @@ def _pipeline(implementation, capacity=None, max_rows=None):
         if capacity is not None:
             routing, frac = dispatch.apply_capacity(routing, E, capacity)
         plan = dispatch.make_plan(routing, E, max_rows)
-        ys = ops.expert_mlp(
+        ys = kernels.expert_mlp(
             dispatch.permute(x, plan),
             (w_gate, w_up),
             w_down,
@@ -501,7 +501,7 @@ def test_pipeline_gradients_vs_dense_moe(moe_inputs, impl):
     plan = dispatch.make_plan(routing, E)
 
     def loss(x, weights, w_gate, w_up, w_down):
-        ys = ops.expert_mlp(
+        ys = kernels.expert_mlp(
             dispatch.permute(x, plan),
             (w_gate, w_up),
             w_down,
