@@ -131,6 +131,46 @@ def ref_capacity(routing, num_experts, capacity):
     return np.where(keep, ids, num_experts), np.where(keep, w, 0.0), keep, frac
 
 
+# ------------------------------------------------------------------------------ sort_by_key
+
+
+KEY_CASES = {
+    "random": np.random.default_rng(3).integers(0, 6, 40),  # keys 0..5, 5 = the unused bucket
+    "one_key": np.full(9, 2),
+    "all_in_bucket": np.full(7, 5),
+    "sorted_desc": np.arange(5, -1, -1),
+    "empty": np.zeros(0, np.int64),
+}
+
+
+@pytest.mark.parametrize("name", list(KEY_CASES))
+def test_sort_by_key_matches_a_loop(name):
+    keys = KEY_CASES[name]
+    num_keys = 5
+    sort = dispatch.sort_by_key(jnp.asarray(keys, jnp.int32), num_keys)
+    order = [i for key in range(num_keys + 1) for i in range(len(keys)) if keys[i] == key]
+    rank = [int(np.sum(keys[:i] == keys[i])) for i in range(len(keys))]  # equal keys before i
+    np.testing.assert_array_equal(sort.order, order)
+    np.testing.assert_array_equal(sort.inverse, np.argsort(order))
+    np.testing.assert_array_equal(sort.rank, rank)
+    np.testing.assert_array_equal(sort.counts, np.bincount(keys, minlength=num_keys + 1))
+    assert all(a.dtype == jnp.int32 for a in sort)
+
+
+@pytest.mark.parametrize("name", list(HAND))
+def test_slot_expert_ids_buckets_unused_slots(name):
+    routing, e = HAND[name]
+    ids = np.where(np.asarray(routing.valid), np.asarray(routing.expert_ids), e)
+    out = dispatch.slot_expert_ids(routing, e)
+    assert out.dtype == jnp.int32
+    np.testing.assert_array_equal(out, ids)
+    # the bucket holds exactly the unused slots, even where an unused slot kept a real id
+    stale = dataclasses.replace(routing, expert_ids=jnp.zeros_like(routing.expert_ids))
+    np.testing.assert_array_equal(
+        dispatch.slot_expert_ids(stale, e), np.where(np.asarray(routing.valid), 0, e)
+    )
+
+
 # ------------------------------------------------------------------------------ make_plan / permute
 
 
