@@ -64,7 +64,8 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
 }
 # Backends where `implementation=None` tries the Pallas kernels first: those whose compiled kernel
 # tests (`tests/pallas_kernels/test_compiled.py`) have passed on the real hardware. None has yet,
-# so "pallas" is opt-in everywhere; add "tpu" / "gpu" here once they do.
+# so "pallas" is opt-in everywhere; add "tpu" / "gpu" here once they do. Read at each resolve from
+# this module (`jmoe.kernels.PALLAS_DEFAULT_BACKENDS` is a copy for reading).
 PALLAS_DEFAULT_BACKENDS: tuple[str, ...] = ()
 # After the Pallas kernels: "ragged_dot" only where XLA lowers it to a grouped kernel (TPU; on CPU
 # and reportedly recent NVIDIA GPUs it computes every group densely), then the XLA loop, whose
