@@ -33,8 +33,10 @@ from results_io import median_seconds, write_results
 
 import jmoe
 import pallas_kernels as pk
-from jmoe.kernels import xla_tiled as tiled
-from pallas_kernels.gmm import swiglu_bwd, tgmm
+from jmoe import kernels
+from jmoe.kernels import pallas
+from jmoe.moe import gating
+from pallas_kernels.grouped_matmul import swiglu_bwd, tgmm
 
 SHAPES = {
     "mixtral": dict(tokens=16384, d=4096, f=14336, e=8, k=2),
@@ -91,11 +93,13 @@ def _kernel_variants(s: Shape, interpret: bool, with_ragged: bool):
         return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(bf)
 
     jit = jax.jit
+
+    def registered(name):  # the grouped matmul of one registry implementation
+        return jit(functools.partial(kernels.grouped_matmul, group_sizes_G=gs, implementation=name))
+
     ops = {
         "gmm fwd": (2 * m * d * f, {
-            "pallas": (jit(functools.partial(pk.gmm, group_sizes=gs, **kw)), (x, w)),
-            "xla tiled": (jit(functools.partial(tiled.grouped_matmul, group_sizes_G=gs)), (x, w)),
-            "ragged_dot": (jit(ragged), (x, w)),
+            **{name: (registered(name), (x, w)) for name in kernels.IMPLEMENTATIONS},
             "dense": (jit(dense), (x, w_dense)),
         }),
         "gmm act-grad": (2 * m * d * f, {
@@ -140,7 +144,7 @@ def _gating_variants(s: Shape):
 
     def routed(impl):
         def loss(x, w):
-            r, _ = jmoe.ops.top_k_gating(x, w, s.k, implementation=impl)
+            r, _ = gating.top_k_gating(x, w, s.k, implementation=impl)
             return jnp.sum(r.weights * ct_w) + jnp.sum(r.logits * ct_l)
 
         return jax.jit(jax.grad(loss, (0, 1)))
@@ -149,9 +153,9 @@ def _gating_variants(s: Shape):
         logits = jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
         return jnp.sum(logits * ct_l)
 
+    with_gating = [n for n, impl in kernels.IMPLEMENTATIONS.items() if "gating" in impl.ops]
     return {
-        "pallas": (routed("pallas"), (x, w)),
-        "xla": (routed("xla"), (x, w)),
+        **{name: (routed(name), (x, w)) for name in with_gating},
         "dense": (jax.jit(jax.grad(dense_loss, (0, 1))), (x, w)),
     }
 
@@ -201,12 +205,17 @@ def main():
     parser.add_argument("--shape", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--scale", type=float, default=1.0, help="divide T, D and F by this")
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--layer-impl", nargs="+", default=["pallas", "xla", "ragged_dot"])
+    parser.add_argument(
+        "--layer-impl",
+        nargs="+",
+        choices=list(kernels.IMPLEMENTATIONS),
+        default=list(kernels.IMPLEMENTATIONS),
+    )
     parser.add_argument("--no-ragged-dot", action="store_true", help="skip jax.lax.ragged_dot")
     parser.add_argument("--out", default="bench/results/kernels.json")
     args = parser.parse_args()
     backend = jax.default_backend()
-    interpret = backend not in ("tpu", "gpu")
+    interpret = pallas.interpret()
     print(f"backend={backend} jax={jax.__version__} interpret={interpret} scale={args.scale}")
     print(f"{'shape':<9} {'op':<18} {'variant':<11} {'ms':>10} {'TFLOP/s':>9} {'x dense':>9}")
     rows, shapes = [], []

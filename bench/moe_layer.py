@@ -36,6 +36,7 @@ import numpy as np
 from results_io import write_results
 
 import jmoe
+from jmoe.kernels import IMPLEMENTATIONS, pallas
 from jmoe.moe.layer import update_state
 
 # jax.lax.ragged_dot computes every group densely on CPU (E times the work, E times the memory):
@@ -179,7 +180,7 @@ def adaptive_point(args, e, k) -> list[dict]:
                 base,
                 router=jmoe.NullExperts(
                     num_null=e, k=k, target_active_experts=half, budget_rate=0.3
-                ),,
+                ),
             ),
             args.controller_steps,
         ),
@@ -244,7 +245,14 @@ def main():
         default=None,
         help="slots per token (default: 1 2 8; --adaptive: 4)",
     )
-    parser.add_argument("--impl", nargs="+", default=["xla", "ragged_dot"])
+    parser.add_argument(
+        "--impl",
+        nargs="+",
+        choices=list(IMPLEMENTATIONS),
+        # "pallas" off TPU / GPU runs in the Pallas interpreter: a test mode, not a timing
+        default=[n for n in IMPLEMENTATIONS if n != "pallas" or not pallas.interpret()],
+        help="grouped-matmul implementations (default: those that run compiled here)",
+    )
     parser.add_argument("--scenario", default="balanced", choices=SCENARIOS)
     parser.add_argument("--adaptive", action="store_true", help="the adaptive-router table")
     parser.add_argument("--controller-steps", type=int, default=150)

@@ -4,14 +4,14 @@ Axis letters used in names (`x_TxD`) and einsum strings: B batch, S sequence, T 
 width, F expert hidden width, E experts, K slots per token, C capacity or chain steps, G groups,
 V vocab, M sorted rows (T * K), P tile-padded rows, N tiles.
 
-Packages: `jmoe.moe` (the MoE layer, stage by stage), `jmoe.kernels` (grouped matmul backends),
+Packages: `jmoe.moe` (the MoE layer, stage by stage), `jmoe.kernels` (grouped matmul backends
+and their registry),
 `jmoe.lm` (the language model), `jmoe.train` (configs, data, trainer, checkpoints), and
 `jmoe.sharding` (device meshes, expert parallelism's layout, multi-host setup).
 """
 
-from jmoe import sharding
-from jmoe.kernels import grouped_matmul as ops
-from jmoe.kernels.grouped_matmul import grouped_matmul
+from jmoe import kernels, sharding
+from jmoe.kernels import grouped_matmul
 from jmoe.lm.config import ModelConfig
 from jmoe.lm.model import Transformer
 from jmoe.moe import dispatch, losses, routers, routing
@@ -46,8 +46,8 @@ __all__ = [
     "Transformer",
     "dispatch",
     "grouped_matmul",
+    "kernels",
     "losses",
-    "ops",
     "register_router",
     "routers",
     "routing",

@@ -5,7 +5,7 @@ groups itself. `gmm`: program (row tile, column tile) loops over the local group
 rows (`common.tile_group_range`), masking the rows of the others; a tile past the local rows loops
 zero times and stores zeros. `tgmm`: program (group, k tile, n tile) loops over the row tiles of
 its group only, so empty groups and rows past `sum(group_sizes)` cost nothing.
-Forward only; `gmm_ops.py` wires the gradients.
+Forward only; `differentiable.py` wires the gradients.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The grid walks the `Visits` of `common.make_visits` (row tile, local group) in r
 block index maps read the prefetched metadata, so each step copies exactly the lhs tile and the
 group's weight block it needs. Steps past `num_active` repeat the last real visit's block indices
 (no copy) and skip all work: rows past `sum(group_sizes)` and empty groups cost nothing.
-Forward only; `gmm_ops.py` wires the gradients.
+Forward only; `differentiable.py` wires the gradients.
 """
 
 from __future__ import annotations

@@ -1,2 +1,18 @@
 """Compute backends of the MoE layer: the grouped matmul, the expert MLP and the fused gating,
-each with XLA, `jax.lax.ragged_dot` and Pallas implementations chosen in one registry."""
+each with XLA, `jax.lax.ragged_dot` and Pallas implementations chosen in one registry
+(`jmoe.kernels.registry`)."""
+
+from jmoe.kernels.activations import ACTIVATIONS
+from jmoe.kernels.api import expert_mlp, gating_implementation, grouped_matmul
+from jmoe.kernels.pallas import top_k_gating as pallas_top_k_gating
+from jmoe.kernels.registry import IMPLEMENTATIONS, PALLAS_DEFAULT_BACKENDS
+
+__all__ = [
+    "ACTIVATIONS",
+    "IMPLEMENTATIONS",
+    "PALLAS_DEFAULT_BACKENDS",
+    "expert_mlp",
+    "gating_implementation",
+    "grouped_matmul",
+    "pallas_top_k_gating",
+]

@@ -14,18 +14,12 @@ grouped matmuls; its backward reuses the saved pre-activations.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from jmoe.kernels.activations import ACTIVATIONS
 from jmoe.kernels.permute import permute_rows
-
-ACTIVATIONS: dict[str, Callable[..., jax.Array]] = {
-    "swiglu": lambda gate, up: jax.nn.silu(gate) * up,
-    "gelu": lambda up: jax.nn.gelu(up, approximate=False),
-    "relu": jax.nn.relu,
-}
 
 
 @jax.tree_util.register_dataclass
@@ -64,23 +58,37 @@ def make_tile_plan(group_sizes_G: jax.Array, num_rows: int, tile: int) -> TilePl
     """Plans the tile-aligned layout of `num_rows` rows sorted into groups of `group_sizes_G`."""
     num_groups = group_sizes_G.shape[0]
     sizes_G = jnp.asarray(group_sizes_G, jnp.int32)
+    # 1. Group g takes `ceil(size / tile)` whole tiles, so no tile mixes two groups: its tiles are
+    #    `[tile_start, tile_end)` and its sorted rows `[row_start, row_end)`; an empty group has
+    #    none of either.
     tiles_G = (sizes_G + tile - 1) // tile
     tile_end_G = jnp.cumsum(tiles_G)
     tile_start_G = tile_end_G - tiles_G
     row_end_G = jnp.cumsum(sizes_G)
     row_start_G = row_end_G - sizes_G
+    # 2. The buffers need a static size: each group pads less than one tile, so
+    #    `sum(ceil(size / tile)) <= ceil(num_rows / tile) + num_groups` tiles always suffice.
     max_tiles = -(-num_rows // tile) + num_groups
     padded_rows = max_tiles * tile
 
+    # 3. Tile i belongs to the first group whose tiles end after i (`side="right"` skips the empty
+    #    groups, whose tiles end where the previous group's do). Tiles past the valid ones are
+    #    never run; they are clipped to a real group only to keep the index in bounds.
     tile_group_N = jnp.searchsorted(tile_end_G, jnp.arange(max_tiles), side="right")
     tile_group_N = jnp.minimum(tile_group_N, num_groups - 1)
 
+    # 4. Padded row p lies `within` rows into its group's first tile: it holds the group's row
+    #    `row_start + within` while its tile is valid and `within < size`, else the zero row
+    #    (`num_rows`, out of range for `permute_rows`).
     p_P = jnp.arange(padded_rows)
     g_P = tile_group_N[p_P // tile]
     within_P = p_P - tile_start_G[g_P] * tile
     real_P = (p_P // tile < tile_end_G[-1]) & (within_P < sizes_G[g_P])
     padded_src_P = jnp.where(real_P, row_start_G[g_P] + within_P, num_rows)
 
+    # 5. The inverse map: sorted row r of group g (found as in step 3, on the row ends) goes to
+    #    padded row `tile_start[g] * tile + (r - row_start[g])`; rows past `sum(group_sizes)` (the
+    #    unused slots) go nowhere (`padded_rows`, out of range).
     r_M = jnp.arange(num_rows)
     g_M = jnp.minimum(jnp.searchsorted(row_end_G, r_M, side="right"), num_groups - 1)
     used_M = r_M < row_end_G[-1]

@@ -13,7 +13,7 @@ import functools
 import math
 
 from jmoe import validation
-from jmoe.kernels.grouped_matmul import ACTIVATIONS, IMPLEMENTATIONS
+from jmoe.kernels import ACTIVATIONS, IMPLEMENTATIONS
 from jmoe.moe.losses import NORMALIZATIONS
 from jmoe.moe.routers import Router, TopK
 from jmoe.validation import DTYPES

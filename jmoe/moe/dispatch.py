@@ -1,4 +1,5 @@
-"""Dispatch: (token, slot) pairs to rows sorted by expert, and back (docs/algorithms.md).
+"""Dispatch: (token, slot) pairs to rows sorted by expert, and back (docs/algorithms.md, "Dispatch
+and capacity").
 
 Dropless dispatch sorts every slot by its expert id; unused slots (id = `num_experts`) sort to a
 trailing bucket that the grouped matmul never computes. Capacity-bounded dispatch first marks the
@@ -9,6 +10,7 @@ second choice) and then dispatches the rest the same way, so only kept slots cos
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,18 +35,44 @@ class DispatchPlan:
     group_sizes: jax.Array
 
 
-def _stable_sort_ranks(keys_M: jax.Array, num_keys: int):
-    """Stable sort of small int keys in [0, num_keys]: (order, inverse, rank within key, counts)."""
+class KeySort(NamedTuple):
+    """A stable sort of small integer keys (`sort_by_key`).
+
+    Attributes:
+      order: `[M]` int32 element at each sorted position.
+      inverse: `[M]` int32 sorted position of each element (`order[inverse[m]] == m`).
+      rank: `[M]` int32 place of each element among those with its key, in input order.
+      counts: `[num_keys + 1]` int32 elements per key.
+    """
+
+    order: jax.Array
+    inverse: jax.Array
+    rank: jax.Array
+    counts: jax.Array
+
+
+def sort_by_key(keys_M: jax.Array, num_keys: int) -> KeySort:
+    """Stable sort of int keys in `[0, num_keys]` (`num_keys`: the unused-slot bucket), with each
+    element's sorted position and its rank within its key."""
+    # 1. A stable argsort keeps equal keys in input order: the rows of one expert stay in token
+    #    order, and the capacity queue in position-priority order (`apply_capacity`).
     order_M = jnp.argsort(keys_M, stable=True).astype(jnp.int32)
     m = keys_M.shape[0]
+    # 2. `order` is a permutation; writing each sorted position at its element inverts it.
     inverse_M = jnp.zeros((m,), jnp.int32).at[order_M].set(jnp.arange(m, dtype=jnp.int32))
+    # 3. Sorted, key `e` fills the positions `[starts[e], starts[e] + counts[e])`, `starts` being
+    #    the exclusive prefix sum of the counts.
     counts = jnp.bincount(keys_M, length=num_keys + 1).astype(jnp.int32)
     starts = jnp.cumsum(counts) - counts
+    # 4. So an element's rank within its key is its sorted position minus its key's start: by 1,
+    #    the number of elements before it in the input with the same key.
     rank_M = inverse_M - starts[keys_M]
-    return order_M, inverse_M, rank_M, counts
+    return KeySort(order_M, inverse_M, rank_M, counts)
 
 
-def _flat_ids(routing: Routing, num_experts: int) -> jax.Array:
+def slot_expert_ids(routing: Routing, num_experts: int) -> jax.Array:
+    """`[T, K]` int32 expert of each slot, `num_experts` (the bucket no expert computes) for each
+    unused slot."""
     return jnp.where(routing.valid, routing.expert_ids, num_experts).astype(jnp.int32)
 
 
@@ -57,10 +85,17 @@ def make_plan(routing: Routing, num_experts: int, max_rows: int | None = None) -
       max_rows: keep only the first `R = min(T * K, max_rows)` sorted rows; the caller guarantees
         at most R valid slots (e.g. `E * capacity`), so fewer rows are gathered and carried.
     """
-    ids_M = _flat_ids(routing, num_experts).reshape(-1)
-    order_M, inverse_M, _, counts = _stable_sort_ranks(ids_M, num_experts)
-    rows = order_M.shape[0] if max_rows is None else min(order_M.shape[0], max_rows)
-    return DispatchPlan(sort_order=order_M[:rows], slot_to_row=inverse_M, group_sizes=counts[:-1])
+    ids_M = slot_expert_ids(routing, num_experts).reshape(-1)
+    by_expert = sort_by_key(ids_M, num_experts)
+    m = ids_M.shape[0]
+    rows = m if max_rows is None else min(m, max_rows)
+    # Unused slots sort last (key `num_experts`): the kept rows are the sort's first `rows`, and
+    # the unused bucket's count is not a group.
+    return DispatchPlan(
+        sort_order=by_expert.order[:rows],
+        slot_to_row=by_expert.inverse,
+        group_sizes=by_expert.counts[:-1],
+    )
 
 
 def permute(x_TxD: jax.Array, plan: DispatchPlan) -> jax.Array:
@@ -97,9 +132,15 @@ def apply_capacity(routing: Routing, num_experts: int, capacity: int) -> tuple[R
     Returns:
       The routing with dropped slots removed, and the dropped fraction of the valid slots.
     """
-    ids_TxK = _flat_ids(routing, num_experts)
+    ids_TxK = slot_expert_ids(routing, num_experts)
     t, k = ids_TxK.shape
-    _, _, rank_KT, _ = _stable_sort_ranks(ids_TxK.T.reshape(-1), num_experts)
+    # 1. Position priority queues slot (t, j) before (t', j') when j < j', or j == j' and t < t':
+    #    exactly the order of the transposed ids flattened, `[K, T] -> [K * T]`.
+    # 2. The stable sort by expert keeps that order within each expert, so a slot's rank is the
+    #    number of slots queued ahead of it at its expert.
+    # 3. A slot is kept when fewer than `capacity` are ahead of it. Unused slots rank within the
+    #    bucket `num_experts` and stay dropped (they are not valid).
+    rank_KT = sort_by_key(ids_TxK.T.reshape(-1), num_experts).rank
     keep_TxK = routing.valid & (rank_KT.reshape(k, t).T < capacity)
     num_valid = routing.valid.sum()
     dropped = (num_valid - keep_TxK.sum()) / jnp.maximum(num_valid, 1)

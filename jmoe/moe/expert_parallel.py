@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jmoe.kernels import grouped_matmul as ops
+from jmoe import kernels
 from jmoe.kernels.permute import gather_slots, permute_rows
 from jmoe.moe import dispatch
 from jmoe.moe.routing import Routing
@@ -41,17 +41,33 @@ def local_capacity(
 
 
 def _send_layout(kept: Routing, num_experts: int, n: int, chunk: int):
-    """Buffer row of each slot (>= n * chunk: not sent) and slot of each buffer row (or T*K)."""
+    """Where each kept slot goes in the send buffer of `n` chunks (one per destination device) of
+    `chunk` rows.
+
+    Returns:
+      src_slot_B: `[n * chunk]` slot of each buffer row (`T * K`: a padding row).
+      slot_to_buf_M: `[T * K]` buffer row of each slot (`n * chunk`: the slot is not sent).
+      counts_NxE: `[n, E_l]` rows sent to each device for each of its local experts.
+    """
     plan = dispatch.make_plan(kept, num_experts)
     m = plan.slot_to_row.shape[0]
+    # 1. Device j holds experts `[j * E_l, (j + 1) * E_l)`, so the slots sorted by expert id are
+    #    also grouped by destination: device j's rows are the `counts_N[j]` sorted rows from
+    #    `starts_N[j]`, already sorted by its local experts.
     counts_NxE = plan.group_sizes.reshape(n, -1)
     counts_N = counts_NxE.sum(1)
     starts_N = jnp.cumsum(counts_N) - counts_N
+    # 2. Chunk j copies those rows in order, then pads: `chunk` is the worst case, so
+    #    `counts_N[j] <= chunk`. Padding rows hold no slot (`m`); their sorted row is clipped only
+    #    to keep the gather in bounds.
     r_C = jnp.arange(chunk, dtype=jnp.int32)
     fill_NxC = r_C < counts_N[:, None]
     row_NxC = jnp.minimum(starts_N[:, None] + r_C, m - 1)
     src_slot_B = jnp.where(fill_NxC, plan.sort_order[row_NxC], m).reshape(-1)
-    ids_M = dispatch._flat_ids(kept, num_experts).reshape(-1)
+    # 3. The inverse map: a slot's buffer row is its chunk's first row `dest * chunk` plus its
+    #    place among its destination's rows, `sorted row - starts_N[dest]`. Unused slots (expert
+    #    `num_experts`, so `dest == n`) are not sent; `dest` is clipped only to index `starts_N`.
+    ids_M = dispatch.slot_expert_ids(kept, num_experts).reshape(-1)
     dest_M = ids_M // (num_experts // n)
     sent_M = ids_M < num_experts
     pos_M = plan.slot_to_row - starts_N[jnp.minimum(dest_M, n - 1)]
@@ -66,12 +82,18 @@ def _local_experts(recv_NxCxD, counts_NxE, w_in, w_down, activation, implementat
     n, chunk, d = recv_NxCxD.shape
     x_BxD = recv_NxCxD.reshape(n * chunk, d)
     if n > 1:
+        # 1. Source j's chunk holds `sum(counts_NxE[j])` rows sorted by local expert, then
+        #    padding (`_send_layout`, step 1). Row r's local expert is the number of experts whose
+        #    rows end at or before r (the cumulative counts); padding rows get E_l, past them all.
         cum_NxE = jnp.cumsum(counts_NxE, axis=1)
         r_C = jnp.arange(chunk, dtype=jnp.int32)
-        ids_B = (r_C[None, :, None] >= cum_NxE[:, None, :]).sum(-1).reshape(-1)  # e_l: padding
-        order_B, inverse_B, _, _ = dispatch._stable_sort_ranks(ids_B, counts_NxE.shape[1])
-        x_BxD = permute_rows(x_BxD, order_B, inverse_B)
-    y_BxD = ops.expert_mlp(
+        ids_B = (r_C[None, :, None] >= cum_NxE[:, None, :]).sum(-1).reshape(-1)
+        # 2. A stable sort by local expert brings each expert's rows from every source together
+        #    (in source order), padding last, so the group sizes are the counts summed over the
+        #    sources. The MLP's output goes back through the inverse permutation (step 3 below).
+        by_expert = dispatch.sort_by_key(ids_B, counts_NxE.shape[1])
+        x_BxD = permute_rows(x_BxD, by_expert.order, by_expert.inverse)
+    y_BxD = kernels.expert_mlp(
         x_BxD,
         w_in,
         w_down,
@@ -81,8 +103,8 @@ def _local_experts(recv_NxCxD, counts_NxE, w_in, w_down, activation, implementat
     )
     if tensor > 1:
         y_BxD = jax.lax.psum(y_BxD, "tensor")
-    if n > 1:
-        y_BxD = permute_rows(y_BxD, inverse_B, order_B)
+    if n > 1:  # 3. back to the received order, for the reply all-to-all
+        y_BxD = permute_rows(y_BxD, by_expert.inverse, by_expert.order)
     return y_BxD.reshape(n, chunk, d)
 
 
@@ -106,7 +128,7 @@ def expert_parallel_mlp(
       mesh: the device mesh; E must divide by its "expert" size, F by its "tensor" size.
       capacity: rows per expert per token shard (`local_capacity`), or None for dropless.
         Overflow is dropped per shard in position-priority order (`dispatch.apply_capacity`).
-      activation, implementation: as in `jmoe.ops.expert_mlp`.
+      activation, implementation: as in `jmoe.kernels.expert_mlp`.
 
     Returns:
       `y_TxD` (dtype of `x_TxD`) and the kept `valid` `[T, K]` (False where dropped or unused).

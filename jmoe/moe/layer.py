@@ -13,8 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jmoe import sharding
-from jmoe.kernels import grouped_matmul as ops
+from jmoe import kernels, sharding
 from jmoe.moe import dispatch, expert_parallel, stats
 from jmoe.moe.config import MoEConfig
 from jmoe.moe.routers import Router
@@ -124,7 +123,7 @@ class SharedMLP(nn.Module):
             for n in stats.mlp_weight_names(self.activation)
         ]
         w_down = self.param("w_down", _fan_in_init(), (self.d_ff, d), self.param_dtype)
-        return jnp.dot(ops.ACTIVATIONS[self.activation](*pre), w_down.astype(self.dtype))
+        return jnp.dot(kernels.ACTIVATIONS[self.activation](*pre), w_down.astype(self.dtype))
 
 
 class MoE(nn.Module):
@@ -260,7 +259,7 @@ class MoE(nn.Module):
             kept, _ = dispatch.apply_capacity(routed, cfg.num_experts, capacity)
             max_rows = cfg.num_experts * capacity
         plan = dispatch.make_plan(kept, cfg.num_experts, max_rows)
-        y_RxD = ops.expert_mlp(
+        y_RxD = kernels.expert_mlp(
             dispatch.permute(x_TxD, plan),
             w_in,
             w_down,

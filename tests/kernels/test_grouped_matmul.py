@@ -1,4 +1,5 @@
-"""Tests of `jmoe.ops` / `jmoe.tiled`: grouped matmul and expert MLP against NumPy per-group loops.
+"""Tests of `jmoe.kernels` (the API and its XLA tiled loop): grouped matmul and expert MLP against
+NumPy per-group loops.
 
 Every reference here is float64 NumPy written group by group, with gradients derived by hand, so
 nothing is compared against jmoe itself.
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import shape_cases
 
-from jmoe.kernels import grouped_matmul as ops
+from jmoe import kernels
 from jmoe.kernels import xla_tiled as tiled
 
 M, G, K, N = 32, 4, 8, 6  # rows, groups, in width, out width
@@ -116,7 +117,7 @@ def gmm_fns():
             if use_tiled:
                 f = lambda x, w, gs: tiled.grouped_matmul(x, w, gs, tile=tile)  # noqa: E731
             else:
-                f = lambda x, w, gs: ops.grouped_matmul(x, w, gs, implementation=impl)  # noqa: E731
+                f = lambda x, w, gs: kernels.grouped_matmul(x, w, gs, implementation=impl)  # noqa: E731
 
             @jax.jit
             def run(x, w, gs, ct):
@@ -143,7 +144,7 @@ def mlp_fns():
             else:
 
                 def f(x, w_in, w_down, gs):
-                    return ops.expert_mlp(
+                    return kernels.expert_mlp(
                         x, w_in, w_down, gs, activation=activation, implementation=impl
                     )
 
@@ -211,7 +212,7 @@ def test_grouped_matmul_docstring_example():
     x = jnp.ones((4, 2))
     w = jnp.stack([jnp.eye(2), 2 * jnp.eye(2)])
     for impl in IMPLS:
-        y = ops.grouped_matmul(x, w, jnp.array([1, 2]), implementation=impl)
+        y = kernels.grouped_matmul(x, w, jnp.array([1, 2]), implementation=impl)
         np.testing.assert_array_equal(np.asarray(y), [[1, 1], [2, 2], [2, 2], [0, 0]])
 
 
@@ -220,7 +221,7 @@ def test_grouped_matmul_bfloat16_forward(impl):
     x, w = _inputs(4, (M, K), (G, K, N))
     gs = GS_CASES["ragged_tail"]
     xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
-    y = jax.jit(lambda x, w, gs: ops.grouped_matmul(x, w, gs, implementation=impl))(xb, wb, gs)
+    y = jax.jit(lambda x, w, gs: kernels.grouped_matmul(x, w, gs, implementation=impl))(xb, wb, gs)
     assert y.dtype == jnp.bfloat16
     ry, _, _ = ref_gmm(x, w, gs, np.zeros((M, N)))
     _close(y, ry, **TOL[jnp.bfloat16])
@@ -232,9 +233,9 @@ def test_bad_implementation_name(bad):
     x, w = jnp.ones((4, 2)), jnp.ones((3, 2, 2))
     gs = jnp.array([1, 1, 1])
     with pytest.raises(ValueError, match=repr(bad)):
-        ops.grouped_matmul(x, w, gs, implementation=bad)
+        kernels.grouped_matmul(x, w, gs, implementation=bad)
     with pytest.raises(ValueError, match=repr(bad)):
-        ops.expert_mlp(x, (w, w), w, gs, implementation=bad)
+        kernels.expert_mlp(x, (w, w), w, gs, implementation=bad)
 
 
 # ------------------------------------------------------------------------------ expert_mlp
@@ -287,7 +288,7 @@ def test_expert_mlp_gelu_is_exact_erf():
     w_up = jnp.ones((3, 1, 1))
     w_down = jnp.ones((3, 1, 1))
     for impl in IMPLS:
-        y = ops.expert_mlp(
+        y = kernels.expert_mlp(
             x, (w_up,), w_down, jnp.array([1, 1, 1]), activation="gelu", implementation=impl
         )
         np.testing.assert_allclose(
@@ -304,7 +305,7 @@ def test_expert_mlp_bfloat16_forward(impl, activation):
 
     @jax.jit
     def run(x, w_in, w_down, gs):
-        return ops.expert_mlp(x, w_in, w_down, gs, activation=activation, implementation=impl)
+        return kernels.expert_mlp(x, w_in, w_down, gs, activation=activation, implementation=impl)
 
     y = run(bf(x), tuple(bf(a) for a in w_in), bf(w_down), gs)
     assert y.dtype == jnp.bfloat16
@@ -317,11 +318,11 @@ def test_expert_mlp_argument_errors():
     x, w = jnp.ones((4, 2)), jnp.ones((3, 2, 2))
     gs = jnp.array([1, 1, 1])
     with pytest.raises(ValueError, match="'tanh'"):
-        ops.expert_mlp(x, (w,), w, gs, activation="tanh")
+        kernels.expert_mlp(x, (w,), w, gs, activation="tanh")
     with pytest.raises(ValueError, match="swiglu"):
-        ops.expert_mlp(x, (w,), w, gs, activation="swiglu")
+        kernels.expert_mlp(x, (w,), w, gs, activation="swiglu")
     with pytest.raises(ValueError, match="gelu"):
-        ops.expert_mlp(x, (w, w), w, gs, activation="gelu")
+        kernels.expert_mlp(x, (w, w), w, gs, activation="gelu")
 
 
 # ------------------------------------------------------------------------------ tile plan
@@ -419,7 +420,7 @@ def test_xla_loop_bound_is_num_tiles_in_jaxpr():
     """The tiled matmul is a loop whose trip count is data dependent (the plan's `num_tiles`),
     not a static loop over all groups or all rows."""
     x, w = jnp.ones((M, K)), jnp.ones((G, K, N))
-    jaxpr = jax.make_jaxpr(lambda x, w, gs: ops.grouped_matmul(x, w, gs, implementation="xla"))(
+    jaxpr = jax.make_jaxpr(lambda x, w, gs: kernels.grouped_matmul(x, w, gs, implementation="xla"))(
         x, w, jnp.zeros(G, jnp.int32)
     )
     text = str(jaxpr)
@@ -441,13 +442,13 @@ def test_xla_never_touches_unused_rows_or_empty_groups(use_mlp):
     if use_mlp:
 
         def f(x, w_gate, w_up, w_down):
-            return ops.expert_mlp(x, (w_gate, w_up), w_down, gs, implementation="xla")
+            return kernels.expert_mlp(x, (w_gate, w_up), w_down, gs, implementation="xla")
 
         args = (x, w_gate, w_up, w_down)
     else:
 
         def f(x, w_gate):
-            return ops.grouped_matmul(x, w_gate, gs, implementation="xla")
+            return kernels.grouped_matmul(x, w_gate, gs, implementation="xla")
 
         args = (x, w_gate)
         ct = np.random.default_rng(9).normal(size=(M, F)).astype(np.float32)
@@ -483,7 +484,7 @@ def test_all_unused_gives_zeros(impl):
     plan = tiled.make_tile_plan(gs, M, tiled.default_tile(M, G))
     assert int(plan.num_tiles) == 0
     x, w = map(jnp.asarray, _inputs(9, (M, K), (G, K, N)))
-    y = ops.grouped_matmul(x, w, gs, implementation=impl)
+    y = kernels.grouped_matmul(x, w, gs, implementation=impl)
     np.testing.assert_array_equal(np.asarray(y), np.zeros((M, N)))
 
 
@@ -497,9 +498,9 @@ def test_numpy_inputs_are_accepted(impl, where):
     x, w, ct = _inputs(11, (M, K), (G, K, N), (M, N))
     gs = GS_CASES["ragged_tail"]
     if where == "eager_numpy_weights":
-        y = ops.grouped_matmul(x, w, jnp.asarray(gs), implementation=impl)
+        y = kernels.grouped_matmul(x, w, jnp.asarray(gs), implementation=impl)
     else:
-        y = jax.jit(lambda x, w: ops.grouped_matmul(x, w, gs, implementation=impl))(x, w)
+        y = jax.jit(lambda x, w: kernels.grouped_matmul(x, w, gs, implementation=impl))(x, w)
     _close(y, ref_gmm(x, w, gs, ct)[0])
 
 
@@ -509,6 +510,6 @@ def test_zero_rows(impl):
     w = jnp.ones((G, K, K))
     gs = jnp.zeros(G, jnp.int32)
     x = jnp.ones((0, K))
-    assert ops.grouped_matmul(x, w, gs, implementation=impl).shape == (0, K)
-    y = ops.expert_mlp(x, (w,), w, gs, activation="relu", implementation=impl)
+    assert kernels.grouped_matmul(x, w, gs, implementation=impl).shape == (0, K)
+    y = kernels.expert_mlp(x, (w,), w, gs, activation="relu", implementation=impl)
     assert y.shape == (0, K)

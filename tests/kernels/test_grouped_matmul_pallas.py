@@ -1,6 +1,6 @@
-"""`jmoe.ops` with implementation="pallas" (the kernels interpreted on CPU) against the same
-NumPy per-group references as `test_ops.py`, the fused gating against `routing.top_k`, and the
-MoE layer's "pallas" option against its "xla" twin."""
+"""`jmoe.kernels` with implementation="pallas" (the kernels interpreted on CPU) against the same
+NumPy per-group references as `test_grouped_matmul.py`, the fused gating against `routing.top_k`,
+and the MoE layer's "pallas" option against its "xla" twin."""
 
 import functools
 
@@ -24,15 +24,16 @@ from test_grouped_matmul import (
 )
 
 import jmoe
-from jmoe.kernels import grouped_matmul as ops
-from jmoe.moe import routing
+from jmoe import kernels
+from jmoe.moe import gating, routing
 
 
 @functools.cache
 def _gmm_run():
     @jax.jit
     def run(x, w, gs, ct):
-        y, vjp = jax.vjp(lambda x, w: ops.grouped_matmul(x, w, gs, implementation="pallas"), x, w)
+        f = lambda x, w: kernels.grouped_matmul(x, w, gs, implementation="pallas")  # noqa: E731
+        y, vjp = jax.vjp(f, x, w)
         return (y, *vjp(ct))
 
     return run
@@ -41,7 +42,8 @@ def _gmm_run():
 @functools.cache
 def _mlp_run(activation):
     def f(x, w_in, w_down, gs):
-        return ops.expert_mlp(x, w_in, w_down, gs, activation=activation, implementation="pallas")
+        kw = dict(activation=activation, implementation="pallas")
+        return kernels.expert_mlp(x, w_in, w_down, gs, **kw)
 
     @jax.jit
     def run(x, w_in, w_down, gs, ct):
@@ -49,26 +51,6 @@ def _mlp_run(activation):
         return (y, *vjp(ct))
 
     return run
-
-
-def test_pallas_is_an_implementation_and_none_stays_xla_on_cpu():
-    assert "pallas" in ops.IMPLEMENTATIONS
-    assert ops.resolve_implementation("pallas") == "pallas"
-    assert ops.resolve_implementation(None, k=4096, n=14336, dtype=jnp.bfloat16) == "xla"
-    jmoe.MoEConfig(d_model=16, d_ff=32, num_experts=4, implementation="pallas")
-
-
-@pytest.mark.parametrize("backend", ["gpu", "tpu"], ids=lambda b: f"on_{b}")  # conftest skips "gpu"
-def test_none_picks_pallas_only_on_verified_backends(monkeypatch, backend):
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    fallback = "ragged_dot" if backend == "tpu" else "xla"
-    big = dict(k=4096, n=14336, dtype=jnp.bfloat16)
-    assert ops.resolve_implementation(None, **big) == fallback  # not verified on hardware yet
-    monkeypatch.setattr(ops, "PALLAS_DEFAULT_BACKENDS", (backend,))
-    assert ops.resolve_implementation(None, **big) == "pallas"
-    assert ops.resolve_implementation(None) == fallback  # shapes unknown
-    odd = dict(k=200, n=96, dtype=jnp.float32)  # no power-of-two block for Triton
-    assert ops.resolve_implementation(None, **odd) == ("pallas" if backend == "tpu" else "xla")
 
 
 def test_grouped_matmul_over_catalogue():
@@ -87,7 +69,7 @@ def test_grouped_matmul_bfloat16():
     x, w = _inputs(4, (M, K), (G, K, N))
     gs = GS_CASES["ragged_tail"]
     # float32 weights with bfloat16 rows: the weights are cast to the rows' dtype
-    y = ops.grouped_matmul(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w), gs,
+    y = kernels.grouped_matmul(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w), gs,
                            implementation="pallas")  # fmt: skip
     assert y.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y, np.float32), ref_gmm(x, w, gs, np.zeros((M, N)))[0],
@@ -104,7 +86,7 @@ def test_top_k_gating_matches_routing_top_k(case):
         w[:] = 0.0
     bias = np.linspace(0.0, 0.2, case.num_experts, dtype=np.float32)
     for kw in (dict(), dict(score="sigmoid", bias=bias, normalize=True, scale=2.0)):
-        r, counts = ops.top_k_gating(x, w, case.k, implementation="pallas", **kw)
+        r, counts = gating.top_k_gating(x, w, case.k, implementation="pallas", **kw)
         expected = routing.top_k(r.logits, case.k, **kw)
         np.testing.assert_array_equal(r.expert_ids, expected.expert_ids)
         np.testing.assert_allclose(r.weights, expected.weights, rtol=1e-6)
@@ -112,7 +94,7 @@ def test_top_k_gating_matches_routing_top_k(case):
         assert r.valid.all()
         np.testing.assert_array_equal(counts, np.bincount(np.ravel(r.expert_ids),
                                                           minlength=case.num_experts))  # fmt: skip
-        xla, xla_counts = ops.top_k_gating(x, w, case.k, implementation="xla", **kw)
+        xla, xla_counts = gating.top_k_gating(x, w, case.k, implementation="xla", **kw)
         np.testing.assert_allclose(r.logits, xla.logits, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(counts, xla_counts)
 
@@ -126,7 +108,7 @@ def test_top_k_gating_groups_and_k1_renorm_match_routing_top_k():
         (8, dict(score="sigmoid", bias=bias, normalize=True, scale=2.5, n_groups=8, top_groups=4)),
         (1, dict(normalize=True, renorm_when_k1=True)),
     ):
-        r, counts = ops.top_k_gating(x, w, k, implementation="pallas", **kw)
+        r, counts = gating.top_k_gating(x, w, k, implementation="pallas", **kw)
         expected = routing.top_k(r.logits, k, **kw)
         np.testing.assert_array_equal(r.expert_ids, expected.expert_ids)
         np.testing.assert_allclose(r.weights, expected.weights, rtol=1e-6)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import shape_cases
 
-from jmoe.kernels import grouped_matmul as ops
+from jmoe import kernels
 from jmoe.moe import dispatch
 from jmoe.moe.routing import Routing, top_k
 
@@ -129,6 +129,46 @@ def ref_capacity(routing, num_experts, capacity):
     n_valid = valid.sum()
     frac = (n_valid - keep.sum()) / max(n_valid, 1)
     return np.where(keep, ids, num_experts), np.where(keep, w, 0.0), keep, frac
+
+
+# ------------------------------------------------------------------------------ sort_by_key
+
+
+KEY_CASES = {
+    "random": np.random.default_rng(3).integers(0, 6, 40),  # keys 0..5, 5 = the unused bucket
+    "one_key": np.full(9, 2),
+    "all_in_bucket": np.full(7, 5),
+    "sorted_desc": np.arange(5, -1, -1),
+    "empty": np.zeros(0, np.int64),
+}
+
+
+@pytest.mark.parametrize("name", list(KEY_CASES))
+def test_sort_by_key_matches_a_loop(name):
+    keys = KEY_CASES[name]
+    num_keys = 5
+    sort = dispatch.sort_by_key(jnp.asarray(keys, jnp.int32), num_keys)
+    order = [i for key in range(num_keys + 1) for i in range(len(keys)) if keys[i] == key]
+    rank = [int(np.sum(keys[:i] == keys[i])) for i in range(len(keys))]  # equal keys before i
+    np.testing.assert_array_equal(sort.order, order)
+    np.testing.assert_array_equal(sort.inverse, np.argsort(order))
+    np.testing.assert_array_equal(sort.rank, rank)
+    np.testing.assert_array_equal(sort.counts, np.bincount(keys, minlength=num_keys + 1))
+    assert all(a.dtype == jnp.int32 for a in sort)
+
+
+@pytest.mark.parametrize("name", list(HAND))
+def test_slot_expert_ids_buckets_unused_slots(name):
+    routing, e = HAND[name]
+    ids = np.where(np.asarray(routing.valid), np.asarray(routing.expert_ids), e)
+    out = dispatch.slot_expert_ids(routing, e)
+    assert out.dtype == jnp.int32
+    np.testing.assert_array_equal(out, ids)
+    # the bucket holds exactly the unused slots, even where an unused slot kept a real id
+    stale = dataclasses.replace(routing, expert_ids=jnp.zeros_like(routing.expert_ids))
+    np.testing.assert_array_equal(
+        dispatch.slot_expert_ids(stale, e), np.where(np.asarray(routing.valid), 0, e)
+    )
 
 
 # ------------------------------------------------------------------------------ make_plan / permute
@@ -383,7 +423,7 @@ def test_make_plan_zero_rows(impl):
     xs = dispatch.permute(x, plan)
     assert xs.shape == (0, 4)
     w = jnp.ones((e, 4, 4))
-    ys = ops.expert_mlp(xs, (w,), w, plan.group_sizes, activation="relu", implementation=impl)
+    ys = kernels.expert_mlp(xs, (w,), w, plan.group_sizes, activation="relu", implementation=impl)
     out = dispatch.combine(ys, plan, kept.weights)
     np.testing.assert_array_equal(np.asarray(out), np.zeros((t, 4)))
 
@@ -431,7 +471,7 @@ def _pipeline(implementation, capacity=None, max_rows=None):
         if capacity is not None:
             routing, frac = dispatch.apply_capacity(routing, E, capacity)
         plan = dispatch.make_plan(routing, E, max_rows)
-        ys = ops.expert_mlp(
+        ys = kernels.expert_mlp(
             dispatch.permute(x, plan),
             (w_gate, w_up),
             w_down,
@@ -501,7 +541,7 @@ def test_pipeline_gradients_vs_dense_moe(moe_inputs, impl):
     plan = dispatch.make_plan(routing, E)
 
     def loss(x, weights, w_gate, w_up, w_down):
-        ys = ops.expert_mlp(
+        ys = kernels.expert_mlp(
             dispatch.permute(x, plan),
             (w_gate, w_up),
             w_down,

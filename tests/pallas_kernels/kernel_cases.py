@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import shape_cases
 
-from pallas_kernels import gating, reference
+from pallas_kernels import differentiable, gating, reference
 
 M, G, K, N = 64, 4, 16, 24  # rows, groups, contracted and output widths
 TM = 16  # rows per tile in the tests: 4 row tiles, so shared and skipped tiles both occur
@@ -20,6 +20,10 @@ BACKENDS = ("tpu", "gpu")
 BACKEND_IDS = ("mosaic", "triton")  # not "tpu" / "gpu": conftest skips tests with those keywords
 DTYPES = (jnp.float32, jnp.bfloat16)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # relative to the largest reference magnitude
+# The differentiable kernels and their jnp references, by name.
+FUNCTIONS = dict(
+    gmm=(differentiable.gmm, reference.gmm), swiglu=(differentiable.swiglu, reference.swiglu)
+)
 
 
 def inputs(seed: int, *shapes, dtype=jnp.float32):

@@ -8,9 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import shape_cases
-from kernel_cases import DTYPES, GATING_SHAPES, check_gating
-
-from pallas_kernels import gmm_ops, reference
+from kernel_cases import DTYPES, FUNCTIONS, GATING_SHAPES, check_gating
 
 M, G, K, N = 512, 8, 256, 384
 CASES = shape_cases.group_size_cases(M, G)
@@ -35,9 +33,7 @@ def _close(a, b, dtype, err_msg=""):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["gmm", "swiglu"])
 def test_compiled_forward_and_gradients(backend, dtype, name):
-    f, ref = {"gmm": (gmm_ops.gmm, reference.gmm), "swiglu": (gmm_ops.swiglu, reference.swiglu)}[
-        name
-    ]
+    f, ref = FUNCTIONS[name]
     n_w = 1 if name == "gmm" else 2
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(M, K)), dtype)

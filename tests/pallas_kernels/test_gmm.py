@@ -1,8 +1,8 @@
-"""Forward kernels of `pallas_kernels.gmm` (interpreted on CPU) against the jnp reference.
+"""Forward kernels of `pallas_kernels.grouped_matmul`, interpreted, against the jnp reference.
 
 The catalogue of group sizes, both dtypes and the gradients run through these kernels in
-`test_gmm_ops.py` (one compile covers gmm, its transposed form and tgmm); this file covers what
-the differentiable wrappers do not reach: several k / n blocks with a row count that needs
+`test_differentiable.py` (one compile covers gmm, its transposed form and tgmm); this file covers
+what the differentiable wrappers do not reach: several k / n blocks with a row count that needs
 padding, NaN in rows and weights that must never be read, and the argument errors.
 """
 
@@ -16,7 +16,7 @@ from kernel_cases import BACKEND_IDS, BACKENDS, G, K, N, close, inputs
 
 from pallas_kernels import reference
 from pallas_kernels.block_sizes import BlockSizes
-from pallas_kernels.gmm import gmm, tgmm
+from pallas_kernels.grouped_matmul import gmm, tgmm
 
 ROWS = 37  # not a multiple of the tile: the kernels pad and slice
 BS = BlockSizes(8, 8, 8)  # 5 row tiles, 2 k blocks, 3 n blocks

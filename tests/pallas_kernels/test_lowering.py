@@ -17,7 +17,7 @@ from jax import export
 
 import pallas_kernels
 from jmoe.train import run_config
-from pallas_kernels import block_sizes, gating, gmm_ops
+from pallas_kernels import block_sizes, differentiable, gating
 
 CONFIGS = pathlib.Path(__file__).parents[2] / "configs"
 PRESETS = ("mixtral_8x7b", "olmoe_1b_7b", "qwen3_moe_30b_a3b", "deepseek_v3_style")
@@ -79,8 +79,8 @@ def test_expert_kernels_lower(platform, shape, dtype):
     w_in = jax.ShapeDtypeStruct((e, d, f), dtype)
     w_down = jax.ShapeDtypeStruct((e, f, d), dtype)
     sizes = jax.ShapeDtypeStruct((e,), jnp.int32)
-    swiglu = functools.partial(gmm_ops.swiglu, backend=backend)
-    gmm = functools.partial(gmm_ops.gmm, backend=backend)
+    swiglu = functools.partial(differentiable.swiglu, backend=backend)
+    gmm = functools.partial(differentiable.gmm, backend=backend)
 
     def mlp(x, w_gate, w_up, w_down, sizes):
         h = lambda x, a, b, c: gmm(swiglu(x, a, b, sizes), c, sizes)  # noqa: E731
@@ -125,7 +125,7 @@ def test_local_groups_lower(platform):
     offset = jax.ShapeDtypeStruct((), jnp.int32)
 
     def fwd_bwd(x, w_gate, w_up, sizes, offset):
-        h = functools.partial(gmm_ops.swiglu, group_sizes=sizes, group_offset=offset,
+        h = functools.partial(differentiable.swiglu, group_sizes=sizes, group_offset=offset,
                               backend=backend)  # fmt: skip
         return _vjp(h, x, w_gate, w_up)
 

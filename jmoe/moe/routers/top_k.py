@@ -9,8 +9,7 @@ import typing
 import jax
 import jax.numpy as jnp
 
-from jmoe.kernels import grouped_matmul as kernels
-from jmoe.moe import losses, routing
+from jmoe.moe import gating, losses, routing
 from jmoe.moe.routers.base import Router, register_router
 from jmoe.validation import check, check_choice
 
@@ -86,8 +85,8 @@ class TopK(Router):
 
     def gate(self, x_TxD, w_DxE, state, *, step=0, deterministic=True, implementation=None):
         """One fused Pallas kernel for the router matmul and the top-k where `implementation`
-        selects it (`jmoe.kernels`), else `route` on `x @ w`."""
-        routed, _ = kernels.top_k_gating(
+        selects it (`jmoe.moe.gating`), else `route` on `x @ w`."""
+        routed, _ = gating.top_k_gating(
             x_TxD, w_DxE, self.k, **self._options(state, step), implementation=implementation
         )
         return routed

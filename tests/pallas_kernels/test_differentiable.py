@@ -6,18 +6,31 @@ tgmm (and the fused SwiGLU backward kernel), so each compiles once and every cas
 """
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_cases import BACKEND_IDS, BACKENDS, DTYPES, GS_CASES, TM, G, K, M, N, close, inputs
+from kernel_cases import (
+    BACKEND_IDS,
+    BACKENDS,
+    DTYPES,
+    FUNCTIONS,
+    GS_CASES,
+    TM,
+    G,
+    K,
+    M,
+    N,
+    close,
+    inputs,
+)
 
-from pallas_kernels import gmm_ops, reference
+from pallas_kernels import grouped_matmul as forward_kernels
 from pallas_kernels.block_sizes import BlockSizes
 
 BS = BlockSizes(TM, K, N)
-FUNCTIONS = dict(gmm=(gmm_ops.gmm, reference.gmm), swiglu=(gmm_ops.swiglu, reference.swiglu))
 
 
 def _vjp(f, weights, x, gs, ct, offset):
@@ -64,3 +77,17 @@ def test_local_groups_with_traced_offset(backend):
     gs = np.array([10, 0, 21, 17], np.int32)
     for offset in (0, 1, 2):
         _check("gmm", backend, jnp.float32, gs, num_local=2, offset=offset, err_msg=f"{offset=}")
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_wrappers_keep_the_forward_signature_and_docstring(name):
+    """`jax.custom_vjp` wraps the forward kernel itself: one signature, one docstring, and keyword
+    calls bind as they do on the forward kernel."""
+    wrapped, forward = FUNCTIONS[name][0], getattr(forward_kernels, name)
+    assert inspect.signature(wrapped) == inspect.signature(forward)
+    assert wrapped.__doc__ == forward.__doc__
+    x, w = inputs(0, (M, K), (G, K, N))
+    ws = (w,) if name == "gmm" else (w, w)
+    gs = GS_CASES["ragged_tail"]
+    kw = dict(block_sizes=BS, backend="tpu", interpret=True)
+    np.testing.assert_array_equal(wrapped(x, *ws, gs, **kw), forward(x, *ws, gs, **kw))

@@ -4,7 +4,8 @@ Each entry validates its shapes and block sizes, pads the rows to a multiple of 
 group metadata and calls the backend's kernel (`gmm_tpu` for Mosaic, `gmm_gpu` for Triton).
 Rows sorted by group; only local groups `[group_offset, group_offset + L)` are computed, where
 `L = rhs.shape[0]`; every other row comes out as zeros without being read. No gradients here:
-`gmm_ops.py` wires them.
+`differentiable.py` wraps `gmm` and `swiglu` in `jax.custom_vjp`, which takes every argument by
+position, so their arguments are positional-or-keyword (none keyword-only).
 """
 
 from __future__ import annotations
@@ -88,7 +89,6 @@ def gmm(
     lhs_MxK: jax.Array,
     rhs_GxKxN: jax.Array,
     group_sizes: jax.Array,
-    *,
     group_offset: jax.Array | int = 0,
     transpose_rhs: bool = False,
     block_sizes: BlockSizes | None = None,
@@ -108,7 +108,9 @@ def gmm(
       interpret: run the kernel in the Pallas interpreter (CPU tests).
 
     Returns:
-      `[M, N]` in `lhs.dtype`, float32 accumulation; zeros outside the local groups.
+      `[M, N]` in `lhs.dtype`, float32 accumulation; zeros outside the local groups. Through
+      `pallas_kernels.gmm` (this function under `jax.custom_vjp`) differentiable in `lhs` and
+      `rhs`.
 
     Example:
       >>> x = jnp.ones((4, 128)); w = jnp.ones((2, 128, 128))
@@ -174,15 +176,34 @@ def swiglu_bwd_epilogue(gate: jax.Array, up: jax.Array, dh: jax.Array) -> tuple[
 
 
 def swiglu(
-    x_MxD: jax.Array, w_gate: jax.Array, w_up: jax.Array, group_sizes: jax.Array, **kw
+    x_MxD: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    group_sizes: jax.Array,
+    group_offset: jax.Array | int = 0,
+    block_sizes: BlockSizes | None = None,
+    backend: str | None = None,
+    interpret: bool = False,
 ) -> jax.Array:
-    """Fused SwiGLU expert input: `silu(x @ w_gate[g]) * (x @ w_up[g])`, `[M, F]`.
+    """Fused SwiGLU expert input: `silu(x @ w_gate[g]) * (x @ w_up[g])`.
 
     Both projections accumulate side by side in one kernel and only `h` is stored: the two
-    `[M, F]` pre-activations never reach memory. `w_gate`, `w_up`: `[L, D, F]`; keyword arguments
-    as in `gmm`.
+    `[M, F]` pre-activations never reach memory.
+
+    Args:
+      x_MxD: `[M, D]` rows sorted by group.
+      w_gate, w_up: `[L, D, F]` local experts' gate and up projections.
+      group_sizes: `[G]` int32 rows per group.
+      group_offset, block_sizes, backend, interpret: as in `gmm`.
+
+    Returns:
+      `[M, F]` in `x.dtype`; zeros outside the local groups. Through `pallas_kernels.swiglu`
+      differentiable in `x` and both weights.
     """
-    return grouped(x_MxD, (w_gate, w_up), group_sizes, epilogue=swiglu_epilogue, **kw)[0]
+    return grouped(
+        x_MxD, (w_gate, w_up), group_sizes, epilogue=swiglu_epilogue, group_offset=group_offset,
+        block_sizes=block_sizes, backend=backend, interpret=interpret,
+    )[0]  # fmt: skip
 
 
 def swiglu_bwd(
