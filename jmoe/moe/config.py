@@ -114,7 +114,7 @@ class MoEConfig:
                 "jmoe.TopK(k=2), jmoe.NullExperts(num_null=8, k=4) or jmoe.TopP(p=0.4)"
             )
         try:
-            self.router.check(self.num_experts, self.chain_steps)
+            self.router.check_layer(self.num_experts, self.chain_steps)
         except ValueError as e:
             raise ValueError(f"MoEConfig.router: {e}") from None
         _check_choice("activation", self.activation, tuple(ACTIVATIONS))

@@ -92,7 +92,7 @@ class Router:
         """The prefix of this router's error messages: its class name."""
         return type(self).__name__
 
-    def check(self, num_experts: int, chain_steps: int) -> None:
+    def check_layer(self, num_experts: int, chain_steps: int) -> None:
         """Raises a ValueError unless the router fits a layer of `num_experts` experts and
         `chain_steps` chained routers. Field-only checks run at construction."""
 

@@ -32,7 +32,7 @@ class BudgetedRouter(Router):
     def __post_init__(self):
         check("budget_rate", self.budget_rate, self.budget_rate >= 0, "a number >= 0", self.owner)
 
-    def check(self, num_experts: int, chain_steps: int) -> None:
+    def check_layer(self, num_experts: int, chain_steps: int) -> None:
         if self.target_active_experts is None:
             return
         most = self.slots(num_experts) * chain_steps
@@ -90,10 +90,10 @@ class NullExperts(BudgetedRouter):
         check("k", self.k, self.k >= 1, "an integer >= 1", self.owner)
         check_choice("null_balance", self.null_balance, losses.NULL_BALANCES, self.owner)
 
-    def check(self, num_experts: int, chain_steps: int) -> None:
+    def check_layer(self, num_experts: int, chain_steps: int) -> None:
         total = num_experts + self.num_null
         check("k", self.k, self.k <= total, f"at most num_experts + num_null={total}", self.owner)
-        super().check(num_experts, chain_steps)
+        super().check_layer(num_experts, chain_steps)
 
     def num_outputs(self, num_experts: int) -> int:
         return num_experts + self.num_null
@@ -143,7 +143,7 @@ class TopP(BudgetedRouter):
         )
         check_choice("boundary", self.boundary, routing.TOP_P_BOUNDARIES, self.owner)
 
-    def check(self, num_experts: int, chain_steps: int) -> None:
+    def check_layer(self, num_experts: int, chain_steps: int) -> None:
         check(
             "max_k",
             self.max_k,
@@ -151,7 +151,7 @@ class TopP(BudgetedRouter):
             f"None or in [1, num_experts={num_experts}]",
             self.owner,
         )
-        super().check(num_experts, chain_steps)
+        super().check_layer(num_experts, chain_steps)
 
     def slots(self, num_experts: int) -> int:
         return self.max_k or num_experts

@@ -48,7 +48,7 @@ class TopK(Router):
         for name in ("bias_update_rate", "seq_balance_coef"):
             check(name, getattr(self, name), getattr(self, name) >= 0, "a number >= 0", self.owner)
 
-    def check(self, num_experts: int, chain_steps: int) -> None:
+    def check_layer(self, num_experts: int, chain_steps: int) -> None:
         check("k", self.k, self.k <= num_experts, f"at most num_experts={num_experts}", self.owner)
         try:
             routing.check_groups(num_experts, self.k, self.n_groups, self.top_groups)
