@@ -6,11 +6,13 @@ from jmoe.kernels.activations import ACTIVATIONS
 from jmoe.kernels.api import expert_mlp, gating_implementation, grouped_matmul
 from jmoe.kernels.pallas import top_k_gating as pallas_top_k_gating
 from jmoe.kernels.registry import IMPLEMENTATIONS, PALLAS_DEFAULT_BACKENDS
+from pallas_kernels.common import check_groups  # the group-limited selection rule, kernel and XLA
 
 __all__ = [
     "ACTIVATIONS",
     "IMPLEMENTATIONS",
     "PALLAS_DEFAULT_BACKENDS",
+    "check_groups",
     "expert_mlp",
     "gating_implementation",
     "grouped_matmul",

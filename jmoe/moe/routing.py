@@ -13,6 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jmoe.kernels import check_groups
+
 SCORES = ("softmax", "sigmoid")
 
 
@@ -53,28 +55,6 @@ def scores(logits_TxE: jax.Array, score: str) -> jax.Array:
     if score == "sigmoid":
         return jax.nn.sigmoid(logits_TxE)
     raise ValueError(f"score={score!r} is not a router score; use one of {SCORES}")
-
-
-def check_groups(num_experts: int, k: int, n_groups: int | None, top_groups: int | None) -> None:
-    """Raises a ValueError naming the values unless `n_groups` / `top_groups` (both None: no
-    group limit) is a valid group-limited selection of `k` of `num_experts` experts."""
-    if n_groups is None and top_groups is None:
-        return
-    if n_groups is None or top_groups is None:
-        raise ValueError(
-            f"group-limited selection needs both n_groups and top_groups (or neither), got "
-            f"{n_groups=}, {top_groups=}"
-        )
-    if n_groups < 1 or num_experts % n_groups:
-        raise ValueError(f"n_groups={n_groups} must divide num_experts={num_experts}")
-    if not 1 <= top_groups <= n_groups:
-        raise ValueError(f"top_groups={top_groups} must be in [1, n_groups={n_groups}]")
-    eligible = top_groups * (num_experts // n_groups)
-    if k > eligible:
-        raise ValueError(
-            f"k={k} exceeds the {eligible} experts of top_groups={top_groups} groups of "
-            f"{num_experts // n_groups}; raise top_groups or lower k"
-        )
 
 
 def _group_limited(sel_TxE: jax.Array, k: int, n_groups: int, top_groups: int) -> jax.Array:

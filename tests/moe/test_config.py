@@ -97,97 +97,32 @@ def test_good_values_construct():
 # ---------------------------------------------------------------------------------- capacity
 
 
+def _cap(cf, e, k, **kw):
+    return dict(capacity_factor=cf, num_experts=e, router=jmoe.TopK(k=k), **kw)
+
+
+NO_K = dict(capacity_includes_k=False)
+
+
 @pytest.mark.parametrize(
     "kwargs,tokens,want",
     [
         # Megatron default: ceil(CF * k * T / E)
-        (dict(capacity_factor=1.25, num_experts=8, router=jmoe.TopK(k=2)), 64, 20),  # 20.0 exactly
-        (dict(capacity_factor=1.25, num_experts=8, router=jmoe.TopK(k=2)), 100, 32),  # 31.25 -> 32
-        (dict(capacity_factor=1.0, num_experts=8, router=jmoe.TopK(k=2)), 20, 5),  # 5.0
-        (dict(capacity_factor=1.0, num_experts=4, router=jmoe.TopK(k=1)), 6, 2),  # 1.5 -> 2
+        (_cap(1.25, 8, 2), 64, 20),  # 20.0 exactly
+        (_cap(1.25, 8, 2), 100, 32),  # 31.25 -> 32
+        (_cap(1.0, 8, 2), 20, 5),  # 5.0
+        (_cap(1.0, 4, 1), 6, 2),  # 1.5 -> 2
         # floor / round, MTF / flaxformer parity (no k)
-        (
-            dict(
-                capacity_factor=1.25,
-                num_experts=8,
-                capacity_includes_k=False,
-                capacity_rounding="floor",
-                router=jmoe.TopK(k=2),
-            ),
-            100,
-            15,
-        ),  # 15.625 -> 15
-        (
-            dict(
-                capacity_factor=1.25,
-                num_experts=8,
-                capacity_includes_k=False,
-                capacity_rounding="round",
-                router=jmoe.TopK(k=2),
-            ),
-            100,
-            16,
-        ),  # 15.625 -> 16
-        (
-            dict(
-                capacity_factor=1.25,
-                num_experts=8,
-                capacity_includes_k=False,
-                capacity_rounding="round",
-                router=jmoe.TopK(k=2),
-            ),
-            84,
-            13,
-        ),  # 13.125 -> 13
-        (
-            dict(
-                capacity_factor=1.25,
-                num_experts=8,
-                capacity_includes_k=False,
-                router=jmoe.TopK(k=2),
-            ),
-            100,
-            16,
-        ),
-        (
-            dict(
-                capacity_factor=1.25,
-                num_experts=8,
-                capacity_rounding="floor",
-                router=jmoe.TopK(k=2),
-            ),
-            100,
-            31,
-        ),
+        (_cap(1.25, 8, 2, capacity_rounding="floor", **NO_K), 100, 15),  # 15.625 -> 15
+        (_cap(1.25, 8, 2, capacity_rounding="round", **NO_K), 100, 16),  # 15.625 -> 16
+        (_cap(1.25, 8, 2, capacity_rounding="round", **NO_K), 84, 13),  # 13.125 -> 13
+        (_cap(1.25, 8, 2, **NO_K), 100, 16),
+        (_cap(1.25, 8, 2, capacity_rounding="floor"), 100, 31),
         # min_capacity
-        (
-            dict(capacity_factor=1.0, num_experts=8, min_capacity=4, router=jmoe.TopK(k=1)),
-            16,
-            4,
-        ),  # 2 -> 4
-        (
-            dict(capacity_factor=1.0, num_experts=8, min_capacity=4, router=jmoe.TopK(k=1)),
-            64,
-            8,
-        ),  # 8 > 4
-        (
-            dict(
-                capacity_factor=0.5,
-                num_experts=8,
-                capacity_rounding="floor",
-                min_capacity=1,
-                router=jmoe.TopK(k=1),
-            ),
-            8,
-            1,
-        ),  # 0 -> 1
-        (
-            dict(
-                capacity_factor=0.5, num_experts=8, capacity_rounding="floor", router=jmoe.TopK(k=1)
-            ),
-            8,
-            0,
-        ),
+        (_cap(1.0, 8, 1, min_capacity=4), 16, 4),  # 2 -> 4
+        (_cap(1.0, 8, 1, min_capacity=4), 64, 8),  # 8 > 4
+        (_cap(0.5, 8, 1, capacity_rounding="floor", min_capacity=1), 8, 1),  # 0 -> 1
+        (_cap(0.5, 8, 1, capacity_rounding="floor"), 8, 0),
     ],
 )
 def test_capacity_values(kwargs, tokens, want):

@@ -9,6 +9,7 @@ import typing
 import jax
 import jax.numpy as jnp
 
+from jmoe.kernels import check_groups
 from jmoe.moe import gating, losses, routing
 from jmoe.moe.routers.base import Router, register_router
 from jmoe.validation import check, check_choice
@@ -51,7 +52,7 @@ class TopK(Router):
     def check_layer(self, num_experts: int, chain_steps: int) -> None:
         check("k", self.k, self.k <= num_experts, f"at most num_experts={num_experts}", self.owner)
         try:
-            routing.check_groups(num_experts, self.k, self.n_groups, self.top_groups)
+            check_groups(num_experts, self.k, self.n_groups, self.top_groups)
         except ValueError as e:
             raise ValueError(f"{self.owner}: {e}") from None
 
