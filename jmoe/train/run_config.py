@@ -48,8 +48,7 @@ def load_config(
     """
     tree = config_to_dict(Config())
     if path is not None:
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
+        loaded = _read_yaml(path)
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of config sections, got {loaded!r}")
         _merge(tree, loaded, Config, prefix="")
@@ -66,6 +65,21 @@ def load_config(
             nested = {part: nested}
         _merge(tree, nested, Config, prefix="")
     return config_from_dict(tree)
+
+
+def _read_yaml(path: str | os.PathLike):
+    """The YAML document at `path` ({} when empty); a syntax error names the file, line and
+    column."""
+    with open(path) as f:
+        try:
+            return yaml.safe_load(f) or {}
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+            what = ": ".join(part for part in (e.context, e.problem) if part)
+            raise ValueError(f"{os.fspath(path)}{where}: YAML syntax error: {what}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{os.fspath(path)}: YAML syntax error: {e}") from None
 
 
 def config_to_dict(config) -> dict:
