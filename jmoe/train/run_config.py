@@ -17,8 +17,10 @@ import yaml
 from jmoe.train.config import Config
 
 # Keys that may differ between a run and its resumption: they change how long it runs or how it
-# reports, not what it computes.
-RESUMABLE_KEYS = (  # not train.steps: it is the cosine schedule's length
+# reports, not what it computes. train.steps moves the end of the run; the learning-rate schedule
+# keeps the length the run directory started with (jmoe.train.trainer.learning_rate_schedule).
+RESUMABLE_KEYS = (
+    "train.steps",
     "train.log_every",
     "train.eval_every",
     "train.checkpoint_every",
@@ -26,6 +28,7 @@ RESUMABLE_KEYS = (  # not train.steps: it is the cosine schedule's length
     "train.max_bad_steps",
     "train.progress",
     "train.plot",
+    "train.wandb_project",
 )
 
 
