@@ -33,7 +33,8 @@ PER_LAYER_STATS = ("tokens_per_expert", "active_experts", "dropped_fraction", "r
 
 def step_record(step: int, metrics: dict, lr: float, tokens_per_s: float | None, config: Config):
     """The metrics.jsonl line of a training step: scalars, per-MoE-layer stats and MFU
-    (`bad_steps` > 0 marks a skipped non-finite step)."""
+    (`bad_steps` > 0 marks a skipped non-finite step; no throughput yet: tokens/s and MFU
+    None)."""
     record = {"step": step, "lr": lr, "tokens_per_s": tokens_per_s}
     for key, value in metrics.items():
         if key in PER_LAYER_STATS or np.ndim(value) == 0:
@@ -41,7 +42,7 @@ def step_record(step: int, metrics: dict, lr: float, tokens_per_s: float | None,
     active = metrics.get("active_experts")
     flops = flops_per_token(config.model, config.data.seq_len, active_experts=active)
     record["flops_per_token"] = flops
-    record["mfu"] = report.mfu(flops, tokens_per_s or 0.0, jax.devices())
+    record["mfu"] = report.mfu(flops, tokens_per_s, jax.devices()) if tokens_per_s else None
     return record
 
 

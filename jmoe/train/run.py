@@ -215,7 +215,7 @@ class _Session:
                     if progress is None:  # it compiled: leave it out of the throughput
                         self.say(f"step {step} took {seconds:.1f} s (compiling)")
                         enabled = train_cfg.progress and multihost.is_chief()
-                        progress = report.Progress(train_cfg.steps, start_step, enabled)
+                        progress = report.Progress(train_cfg.steps, step, enabled)
                     else:
                         throughput.add(seconds)
                     final["skipped_steps"] += bad_steps > 0
