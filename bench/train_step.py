@@ -27,6 +27,7 @@ from results_io import write_results
 from jmoe.lm.model import Transformer
 from jmoe.train import data, trainer
 from jmoe.train.config import Config
+from jmoe.train.run import train_and_evaluate
 from jmoe.train.run_config import load_config
 
 # Routing changes on top of the tiny config.
@@ -117,7 +118,7 @@ def bench(runs: int, steps: int, warmup: int) -> list[dict]:
 def default_run() -> dict:
     """Times `train_and_evaluate` of the default config in a fresh directory."""
     start = time.perf_counter()
-    final = trainer.train_and_evaluate(load_config(), tempfile.mkdtemp())
+    final = train_and_evaluate(load_config(), tempfile.mkdtemp())
     return {**final, "wall_time_s": time.perf_counter() - start}
 
 

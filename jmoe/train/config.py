@@ -85,7 +85,9 @@ class TrainConfig:
       max_to_keep: checkpoints kept.
       max_bad_steps: stop after this many non-finite steps in a row (each one is skipped).
       progress: show a progress bar.
-      plot: write `report.png` (loss curves, expert-load heatmap) at the end.
+      plot: write `report.png` (losses, learning rate, expert load) at the end.
+      wandb_project: also log to this Weights & Biases project (needs `pip install wandb`);
+        None logs to `metrics.jsonl` and TensorBoard only.
     """
 
     steps: int = 500
@@ -106,6 +108,7 @@ class TrainConfig:
     max_bad_steps: int = 10
     progress: bool = True
     plot: bool = True
+    wandb_project: str | None = None
 
     def __post_init__(self):
         owner = "TrainConfig"
@@ -139,6 +142,13 @@ class TrainConfig:
         )
         _check(
             "max_bad_steps", self.max_bad_steps, self.max_bad_steps >= 1, "an integer >= 1", owner
+        )
+        _check(
+            "wandb_project",
+            self.wandb_project,
+            self.wandb_project is None or bool(self.wandb_project.strip()),
+            "None (no Weights & Biases) or a project name",
+            owner,
         )
 
 

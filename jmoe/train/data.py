@@ -17,23 +17,27 @@ exactly:
   batch = next(it)  # {"inputs": [16, 128] int32, "targets": [16, 128] int32, "mask": [16, 128]}
 
 Every process tokenises the whole document list in memory (4 bytes per token): right for the
-embedded corpus and user corpora up to a few hundred million tokens.
+embedded corpus and user corpora up to a few hundred million tokens. Text that is not valid UTF-8
+is read with each undecodable byte replaced by U+FFFD; `read_corpus` counts them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import hashlib
 import json
 import os
 import pathlib
+import re
 import sysconfig
 from collections.abc import Iterator, Sequence
 
 import grain
 import numpy as np
 
+from jmoe.train.errors import MissingInputError, UserError
 from jmoe.train.tokenizer import Tokenizer
 
 STDLIB = "stdlib"
@@ -43,9 +47,34 @@ STDLIB_SKIP_DIRS = frozenset(
 )
 _SOURCE_HELP = "'stdlib', a text file, a directory, a glob or a .jsonl file with a 'text' field"
 _BINARY_PROBE_BYTES = 8192
+# Lone surrogates: what `surrogateescape` decodes an invalid UTF-8 byte to, and what a JSON
+# string may escape; no tokenizer can encode them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """The documents of a data source and what reading them found.
+
+    Attributes:
+      documents: the non-empty documents, in a deterministic order.
+      files: files read (including skipped binary ones).
+      bytes: UTF-8 bytes of the documents.
+      replaced: undecodable bytes (and lone surrogates of `.jsonl` strings) replaced by U+FFFD.
+    """
+
+    documents: list[str]
+    files: int
+    bytes: int
+    replaced: int
 
 
 def load_documents(source: str, max_bytes: int | None = None) -> list[str]:
+    """The documents of a source, in a deterministic order (`read_corpus(...).documents`)."""
+    return read_corpus(source, max_bytes).documents
+
+
+def read_corpus(source: str, max_bytes: int | None = None) -> Corpus:
     """Reads the documents of a source, in a deterministic order.
 
     Args:
@@ -53,17 +82,18 @@ def load_documents(source: str, max_bytes: int | None = None) -> list[str]:
         file (one document), a directory (every non-hidden file below it, sorted by path), a glob
         (`**` allowed; matched directories are expanded) or a `.jsonl` file (one document per
         line's "text" field). Files with a NUL byte in their first 8 KiB are skipped as binary;
-        undecodable UTF-8 is replaced.
+        each undecodable UTF-8 byte becomes U+FFFD (counted in `Corpus.replaced`).
       max_bytes: stop after this many UTF-8 bytes (the last document is cut); None reads all.
 
     Returns:
-      The non-empty documents.
+      The `Corpus`: its non-empty documents, file count, size and replaced bytes.
     """
     if max_bytes is not None and max_bytes < 1:
-        raise ValueError(f"{max_bytes=} must be None (all) or >= 1")
+        raise UserError(f"{max_bytes=} must be None (all) or >= 1")
     files = _stdlib_files() if source == STDLIB else _source_files(source)
-    docs, budget = [], max_bytes
-    for text in _texts(files):
+    docs, budget, replaced = [], max_bytes, 0
+    for text, text_replaced in _texts(files):
+        replaced += text_replaced
         if budget is not None:
             encoded = text.encode("utf-8")
             if len(encoded) >= budget:
@@ -73,8 +103,11 @@ def load_documents(source: str, max_bytes: int | None = None) -> list[str]:
         docs.append(text)
     docs = [doc for doc in docs if doc]
     if not docs:
-        raise ValueError(f"data source {source!r} ({len(files)} files) holds no text")
-    return docs
+        raise UserError(
+            f"data source {source!r} ({len(files)} files) holds no text; use {_SOURCE_HELP}"
+        )
+    size = sum(len(doc.encode("utf-8")) for doc in docs)
+    return Corpus(documents=docs, files=len(files), bytes=size, replaced=replaced)
 
 
 def split_documents(
@@ -185,7 +218,7 @@ def make_iterator(
     global_batch = batch_size * shard_count
     needed = global_batch if num_epochs is None else 1  # finite passes pad the last batch
     if len(windows_WxS1) < needed:
-        raise ValueError(
+        raise UserError(
             f"the {len(docs)} documents pack into {len(windows_WxS1)} sequences of {seq_len + 1} "
             f"tokens, fewer than {needed} ({batch_size=} x "
             f"{shard_count=}); add text (data.source, data.max_bytes; data.eval_fraction for the "
@@ -198,7 +231,10 @@ def make_iterator(
     if num_epochs is not None:
         padded = -(-len(order) // global_batch) * global_batch
         order = grain.MapDataset.range(padded).map(functools.partial(_index_or_pad, order))
-    batches = order.batch(batch_size)[shard_index::shard_count]
+    # drop_remainder keeps the length an exact integer (grain computes ceil(len / batch) in floats,
+    # which overflows for an endless stream and batch_size 1); a finite pass is padded to whole
+    # global batches above, so nothing is dropped.
+    batches = order.batch(batch_size, drop_remainder=True)[shard_index::shard_count]
     batches = batches.map(functools.partial(_gather, windows_WxS1))
     read_options = grain.ReadOptions(num_threads=min(prefetch, 1), prefetch_buffer_size=prefetch)
     return iter(batches.to_iter_dataset(read_options))
@@ -249,14 +285,14 @@ def _source_files(source: str) -> list[pathlib.Path]:
     if any(char in source for char in "*?["):
         matches = sorted(pathlib.Path(match) for match in glob.glob(expanded, recursive=True))
         if not matches:
-            raise FileNotFoundError(f"data source glob {source!r} matched no files")
+            raise MissingInputError(f"data source glob {source!r} matched no files")
         return [file for match in matches for file in _files_under(match)]
     path = pathlib.Path(expanded)
     if not path.exists():
-        raise FileNotFoundError(f"data source {source!r} does not exist; use {_SOURCE_HELP}")
+        raise MissingInputError(f"data source {source!r} does not exist; use {_SOURCE_HELP}")
     files = _files_under(path)
     if not files:
-        raise ValueError(f"data source directory {source!r} holds no files")
+        raise UserError(f"data source directory {source!r} holds no files")
     return files
 
 
@@ -269,39 +305,49 @@ def _files_under(path: pathlib.Path) -> list[pathlib.Path]:
     return sorted(visible)
 
 
-def _texts(files: Sequence[pathlib.Path]) -> Iterator[str]:
-    """The documents of each file in turn, lazily (stops reading when the caller stops)."""
+def _texts(files: Sequence[pathlib.Path]) -> Iterator[tuple[str, int]]:
+    """`(document, replaced characters)` of each file in turn, lazily (reading stops when the
+    caller stops)."""
     for path in files:
         if path.suffix == ".jsonl":
             yield from _jsonl_texts(path)
             continue
         data = path.read_bytes()
         if b"\0" not in data[:_BINARY_PROBE_BYTES]:
-            yield data.decode("utf-8", errors="replace")
+            yield _replace_surrogates(data.decode("utf-8", errors="surrogateescape"))
 
 
-def _jsonl_texts(path: pathlib.Path) -> Iterator[str]:
-    with path.open(encoding="utf-8", errors="replace") as lines:
+def _replace_surrogates(text: str) -> tuple[str, int]:
+    """`text` with every lone surrogate (an undecodable byte's stand-in) replaced by U+FFFD, and
+    how many there were."""
+    return _SURROGATE.subn("\ufffd", text)
+
+
+def _jsonl_texts(path: pathlib.Path) -> Iterator[tuple[str, int]]:
+    with path.open(encoding="utf-8", errors="surrogateescape") as lines:
         for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number} is not valid JSON ({error})") from None
+                raise UserError(f"{path}:{line_number} is not valid JSON ({error})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(
+                raise UserError(
                     f"{path}:{line_number} has no string 'text' field (a .jsonl source needs "
                     'one JSON object per line like {"text": "..."})'
                 )
-            # JSON may escape lone surrogates, which no tokenizer can encode: replace them.
-            yield record["text"].encode("utf-8", errors="replace").decode("utf-8")
+            # Undecodable bytes and lone surrogates escaped in the JSON both end up here.
+            yield _replace_surrogates(record["text"])
 
 
 def _split_text(text: str, eval_fraction: float) -> tuple[list[str], list[str]]:
     """Cuts one document at the line boundary nearest to `(1 - eval_fraction)` of its length."""
     if len(text) < 2:
-        raise ValueError(f"a single document of {len(text)} characters cannot be split")
+        raise UserError(
+            f"a single document of {len(text)} characters cannot be split into training and "
+            "held-out text: add text (data.source, data.max_bytes)"
+        )
     target = min(max(round(len(text) * (1 - eval_fraction)), 1), len(text) - 1)
     line_starts = (text.rfind("\n", 0, target) + 1, text.find("\n", target) + 1)
     cuts = [start for start in line_starts if 0 < start < len(text)] or [target]

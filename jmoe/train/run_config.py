@@ -19,8 +19,10 @@ from jmoe.moe.routers import ROUTERS, Router, router_from_dict, router_to_dict
 from jmoe.train.config import Config
 
 # Keys that may differ between a run and its resumption: they change how long it runs or how it
-# reports, not what it computes.
-RESUMABLE_KEYS = (  # not train.steps: it is the cosine schedule's length
+# reports, not what it computes. train.steps moves the end of the run; the learning-rate schedule
+# keeps the length the run directory started with (jmoe.train.trainer.learning_rate_schedule).
+RESUMABLE_KEYS = (
+    "train.steps",
     "train.log_every",
     "train.eval_every",
     "train.checkpoint_every",
@@ -28,6 +30,7 @@ RESUMABLE_KEYS = (  # not train.steps: it is the cosine schedule's length
     "train.max_bad_steps",
     "train.progress",
     "train.plot",
+    "train.wandb_project",
 )
 
 
@@ -50,8 +53,7 @@ def load_config(
     """
     tree = config_to_dict(Config())
     if path is not None:
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
+        loaded = _read_yaml(path)
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of config sections, got {loaded!r}")
         _merge(tree, loaded, Config, prefix="")
@@ -68,6 +70,21 @@ def load_config(
             nested = {part: nested}
         _merge(tree, nested, Config, prefix="")
     return config_from_dict(tree)
+
+
+def _read_yaml(path: str | os.PathLike):
+    """The YAML document at `path` ({} when empty); a syntax error names the file, line and
+    column."""
+    with open(path) as f:
+        try:
+            return yaml.safe_load(f) or {}
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+            what = ": ".join(part for part in (e.context, e.problem) if part)
+            raise ValueError(f"{os.fspath(path)}{where}: YAML syntax error: {what}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{os.fspath(path)}: YAML syntax error: {e}") from None
 
 
 def config_to_dict(config) -> dict:

@@ -22,12 +22,15 @@ from typing import Protocol, runtime_checkable
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from jmoe.train.errors import MissingInputError, UserError
+
 EOS = "<|endoftext|>"
+RESERVED = "<|reserved_{}|>"  # fills a BPE vocabulary that ran out of merges
 HF_FILE = "tokenizer.json"
 BYTE_FILE = "byte_tokenizer.json"
 # End-of-text names tried, in order, when loading a user tokenizer.json.
 EOS_CANDIDATES = (EOS, "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>", "[SEP]")
-_BPE_CACHE_VERSION = "bpe-v1"
+_BPE_CACHE_VERSION = "bpe-v2"
 
 
 @runtime_checkable
@@ -84,7 +87,7 @@ class HFTokenizer:
             eos_id = tokenizer.token_to_id(name)
             if eos_id is not None:
                 return cls(tokenizer, eos_id)
-        raise ValueError(
+        raise UserError(
             f"{path} has none of the end-of-text tokens {EOS_CANDIDATES}; add one of them to "
             "its added_tokens"
         )
@@ -113,7 +116,8 @@ def train_bpe(
     *,
     max_bytes: int | None = 16_000_000,
 ) -> HFTokenizer:
-    """Trains a byte-level BPE (GPT-2 pre-tokenisation, `EOS` as its only special token).
+    """Trains a byte-level BPE of exactly `vocab_size` symbols (GPT-2 pre-tokenisation, `EOS`
+    as its end-of-text token).
 
     Deterministic: the same texts and size give the same vocabulary and merges. With `cache_dir`
     the result is stored as `bpe-{vocab_size}-{hash}.json`, keyed by a hash of (texts,
@@ -121,8 +125,9 @@ def train_bpe(
 
     Args:
       texts: training documents (pass only what should be learned from, e.g. the train split).
-      vocab_size: total symbols including the 256 byte symbols and `EOS`; the result has fewer
-        only when the texts hold too few distinct pairs to merge.
+      vocab_size: total symbols including the 256 byte symbols and `EOS`. When the texts hold
+        too few distinct pairs to merge that far, the rest are reserved special tokens
+        (`RESERVED`), which text only encodes to when it spells them out.
       cache_dir: optional directory of trained tokenizers.
       max_bytes: learn from the leading texts up to this many UTF-8 bytes (the text that
         crosses the limit included) so training stays within seconds; None uses all.
@@ -132,7 +137,10 @@ def train_bpe(
     """
     min_size = len(pre_tokenizers.ByteLevel.alphabet()) + 1
     if vocab_size < min_size:
-        raise ValueError(f"{vocab_size=} is below {min_size} (256 byte symbols + end-of-text)")
+        raise UserError(
+            f"{vocab_size=} is below {min_size} (256 byte symbols + end-of-text): set "
+            f"model.vocab_size={min_size} or more"
+        )
     texts = _leading_texts(texts, max_bytes)
     cache_path = None
     if cache_dir is not None:
@@ -155,6 +163,8 @@ def train_bpe(
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer, length=len(texts))
+    missing = vocab_size - tokenizer.get_vocab_size(with_added_tokens=True)
+    tokenizer.add_special_tokens([RESERVED.format(i) for i in range(missing)])
     result = HFTokenizer(tokenizer, tokenizer.token_to_id(EOS))
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,10 +200,10 @@ def load_tokenizer(path: str | pathlib.Path) -> ByteTokenizer | HFTokenizer:
         if (path / BYTE_FILE).exists():
             return ByteTokenizer()
         if not (path / HF_FILE).exists():
-            raise FileNotFoundError(f"{path} holds neither {HF_FILE} nor {BYTE_FILE}")
+            raise MissingInputError(f"{path} holds neither {HF_FILE} nor {BYTE_FILE}")
         path = path / HF_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {str(path)!r} does not exist")
+        raise MissingInputError(f"tokenizer {str(path)!r} does not exist")
     if path.name == BYTE_FILE:
         return ByteTokenizer()
     return HFTokenizer.from_file(path)
@@ -223,7 +233,7 @@ def make_tokenizer(
             raise ValueError("tokenizer 'bpe' needs a vocab_size")
         return train_bpe(texts, vocab_size, cache_dir)
     if not pathlib.Path(kind).expanduser().exists():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"tokenizer={kind!r} is neither 'byte', 'bpe' nor an existing tokenizer.json or "
             "saved tokenizer directory"
         )

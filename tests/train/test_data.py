@@ -1,6 +1,7 @@
 """Data pipeline: sources and their errors, the split, packing vs a loop reference, shuffling,
 per-process shards, iterator state, the unigram baseline."""
 
+import codecs
 import json
 import math
 import pathlib
@@ -65,17 +66,59 @@ def test_file_directory_glob_and_jsonl_sources(tmp_path):
     (tmp_path / "sub" / "blob.bin").write_bytes(b"\x00\x01binary")
     (tmp_path / ".hidden").write_text("never read")
     (tmp_path / "empty.txt").write_text("")
-    records = [{"text": "json one"}, {"text": "json two\ud800", "id": 2}]
+    records = [{"text": "json one"}, {"text": "json two\ud800", "id": 2}]  # a lone surrogate
     lines = [json.dumps(records[0]), "", json.dumps(records[1])]
     (tmp_path / "sub" / "c.jsonl").write_text("\n".join(lines) + "\n")
 
     assert data.load_documents(str(tmp_path / "one.txt")) == ["first file\n"]
-    everything = ["first file\n", "json one", "json two?", "second ✓\n"]  # lone surrogate
+    everything = ["first file\n", "json one", "json two\ufffd", "second ✓\n"]
     assert data.load_documents(str(tmp_path)) == everything
     assert data.load_documents(str(tmp_path / "**" / "*.txt")) == ["first file\n", "second ✓\n"]
     assert data.load_documents(str(tmp_path / "s*")) == everything[1:]
     assert data.load_documents(str(tmp_path / "sub" / "c.jsonl")) == everything[1:3]
     assert data.load_documents(str(tmp_path), max_bytes=15) == ["first file\n", "json"]
+
+
+def _undecodable_bytes(data: bytes) -> int:
+    """Reference count of the bytes that are not part of valid UTF-8: Python's decoder reports
+    each invalid stretch to an error handler, which counts its length."""
+    counted = []
+
+    def count(error):
+        counted.append(error.end - error.start)
+        return "", error.end
+
+    codecs.register_error("count_undecodable_bytes", count)
+    data.decode("utf-8", errors="count_undecodable_bytes")
+    return sum(counted)
+
+
+def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
+    rng = np.random.default_rng(0)
+    pieces = [b"plain ascii\n", "ünïcödé ✓ 🙂\n".encode(), b"\xff\xfe latin-1 caf\xe9\n"]
+    pieces += [b"cut \xe2\x9c", b" lone continuation \x80\x80 and \xc3(\n"]
+    pieces += [bytes(rng.integers(1, 256, size=64, dtype=np.uint8))]
+    for i, piece in enumerate(pieces):
+        (tmp_path / f"{i}.txt").write_bytes(piece)
+    corpus = data.read_corpus(str(tmp_path))
+    expected = [piece.decode("utf-8", errors="replace") for piece in pieces]
+    assert corpus.replaced == sum(_undecodable_bytes(piece) for piece in pieces) > 10
+    assert corpus.files == len(pieces)
+    assert corpus.bytes == sum(len(doc.encode()) for doc in corpus.documents)
+    for got, want in zip(corpus.documents, expected, strict=True):
+        # One U+FFFD per undecodable byte (Python's "replace" may merge a cut sequence into one).
+        assert got.replace("\ufffd", "") == want.replace("\ufffd", "")
+        assert got.count("\ufffd") >= want.count("\ufffd")
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    (clean / "a.txt").write_text("all valid ✓\n")
+    assert data.read_corpus(str(clean)).replaced == 0
+    jsonl = tmp_path / "j" / "records.jsonl"
+    jsonl.parent.mkdir()
+    jsonl.write_bytes(b'{"text": "bad \xff byte"}\n{"text": "escaped \\ud800 surrogate"}\n')
+    corpus = data.read_corpus(str(jsonl))
+    assert corpus.documents == ["bad \ufffd byte", "escaped \ufffd surrogate"]
+    assert corpus.replaced == 2
 
 
 def test_source_errors_name_the_source(tmp_path):
@@ -178,9 +221,10 @@ def test_shuffle_is_a_seeded_permutation_per_epoch():
     assert not np.array_equal(other_first, first)
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
 @pytest.mark.parametrize("num_epochs", [1, None])
-def test_shards_are_disjoint_slices_of_the_global_batch(num_epochs):
-    seq_len, batch_size, shard_count = 8, 3, 3
+def test_shards_are_disjoint_slices_of_the_global_batch(num_epochs, batch_size):
+    seq_len, shard_count = 8, 3
     kwargs = dict(seq_len=seq_len, seed=7, num_epochs=num_epochs)
     n_steps = 6 if num_epochs is None else None
     global_it = data.make_iterator(DOCS, BYTE, batch_size=batch_size * shard_count, **kwargs)
@@ -208,9 +252,9 @@ def test_shards_are_disjoint_slices_of_the_global_batch(num_epochs):
         assert len(rows) == len(reference)
 
 
-@pytest.mark.parametrize("prefetch", [0, 2])
-def test_iterator_state_restores_exactly(prefetch):
-    kwargs = dict(seq_len=8, batch_size=4, seed=3, prefetch=prefetch)
+@pytest.mark.parametrize("prefetch,batch_size", [(0, 4), (2, 4), (2, 1)])
+def test_iterator_state_restores_exactly(prefetch, batch_size):
+    kwargs = dict(seq_len=8, batch_size=batch_size, seed=3, prefetch=prefetch)
     it = data.make_iterator(DOCS, BYTE, **kwargs)
     _take(it, 11)  # past the end of the first epoch
     state = it.get_state()

@@ -68,6 +68,25 @@ def test_unknown_key_names_key_allowed_and_closest(override, named, closest):
     assert repr(named) in msg and repr(closest) in msg and "allowed keys" in msg, msg
 
 
+@pytest.mark.parametrize(
+    "text,where,problem",
+    [
+        ("model:\n  d_model: 64\n  moe: {d_ff: 1\ntrain:\n  steps: 3\n", ":4:6:", "expected ','"),
+        ("model:\n  d_model: 64\n\tsteps: 3\n", ":3:1:", "found character '\\t'"),
+        ("train: [1, 2\n", ":2:1:", "expected ',' or ']'"),
+    ],
+    ids=["flow-mapping", "tab", "unclosed-list"],
+)
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path, text, where, problem):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}{where} YAML syntax error"), message
+    assert problem in message and "\n" not in message
+
+
 def test_unknown_key_in_yaml_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  step: 3\n")

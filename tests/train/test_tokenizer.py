@@ -80,6 +80,21 @@ def test_bpe_is_deterministic(bpe, tmp_path):
     assert other_size.tokenizer.to_str() != bpe.tokenizer.to_str()
 
 
+def test_bpe_has_exactly_vocab_size_symbols_when_merges_run_out():
+    text = "hello world, hello there"  # a few dozen distinct pairs, far fewer than 512 merges
+    bpe = train_bpe([text], vocab_size=512)
+    assert bpe.vocab_size == bpe.tokenizer.get_vocab_size(with_added_tokens=True) == 512
+    vocab = bpe.tokenizer.get_vocab(with_added_tokens=True)
+    reserved = sorted(i for name, i in vocab.items() if name.startswith("<|reserved_"))
+    learned = 512 - len(reserved)
+    assert reserved == list(range(learned, 512)) and 257 < learned < 300
+    for sample in [text, *SAMPLES]:
+        ids = bpe.encode(sample)
+        assert max(ids, default=0) < learned  # text never encodes to a reserved symbol
+        assert bpe.decode(ids) == sample
+    assert train_bpe(CORPUS, vocab_size=320).tokenizer.token_to_id("<|reserved_0|>") is None
+
+
 def test_bpe_learns_from_the_leading_max_bytes():
     limit = len(CORPUS[0].encode()) + 1  # reached inside the second text
     capped = train_bpe(CORPUS, vocab_size=300, max_bytes=limit)
