@@ -3,7 +3,7 @@
 A `MeshConfig(data, fsdp, expert, tensor)` becomes a `jax.sharding.Mesh` over every device of
 every process, with `Auto` axis types (GSPMD propagates shardings; `jax.make_mesh` would default to
 `Explicit`). Tokens are split over `BATCH_AXES` (the `expert` axis holds different tokens too: the
-all-to-all of `jmoe.expert_parallel` exchanges them); experts over `expert`; large weights over
+all-to-all of `jmoe.moe.expert_parallel` exchanges them); experts over `expert`; large weights over
 `fsdp` (gathered before use, gradients reduce-scattered); the expert hidden width over `tensor`.
 """
 

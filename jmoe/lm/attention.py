@@ -119,7 +119,7 @@ class Attention(nn.Module):
         """Attention output `[B, S, D]` (in `dtype`) and the updated cache.
 
         Without a cache, token s attends to tokens 0..s of its own row (`positions_BxS` only
-        rotates). With a cache (`[B, M, G, A]` arrays, see `jmoe.model.init_cache`) the new keys
+        rotates). With a cache (`[B, M, G, A]` arrays, see `jmoe.lm.model.init_cache`) the new keys
         and values are written at `positions_BxS` and a token at position p attends to cache
         entries 0..p, so each row of a batch may be at a different position.
         """
