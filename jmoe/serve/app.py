@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import functools
 import secrets
+import signal
+import threading
 import time
 import uuid
 
@@ -265,4 +267,16 @@ def serve(
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout
     )
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    if threading.current_thread() is not threading.main_thread():
+        server.run()  # no signal handling off the main thread
+        return
+    # uvicorn re-raises the signal after its graceful shutdown, under the handlers it found;
+    # no-op ones make that re-raise harmless, so `serve` returns and the process exits with 0.
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in signals}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -27,7 +27,6 @@ from jmoe.lm.param_layout import moe_layers
 from jmoe.moe.routing import Routing
 from jmoe.serve import sampling
 
-
 _LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 _lowerings = {"count": 0, "listening": False}
 

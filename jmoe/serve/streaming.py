@@ -26,7 +26,7 @@ class Submission:
       engine: the running engine.
       prompts: token ids per prompt (checked by the engine).
       params: their sampling parameters.
-      on_done: called on the event loop with each `Completion`.
+      on_done: called with each `Completion` (on the engine's thread; thread-safe please).
     """
 
     def __init__(
@@ -38,9 +38,11 @@ class Submission:
     ):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Update]] = asyncio.Queue()
-        self.engine, self.on_done, self.pending = engine, on_done, len(prompts)
+        self.engine, self.pending = engine, len(prompts)
 
-        def push(index: int, update: Update) -> None:
+        def push(index: int, update: Update) -> None:  # on the engine's thread
+            if update.completion is not None:
+                on_done(update.completion)  # even after the client left
             loop.call_soon_threadsafe(self.queue.put_nowait, (index, update))
 
         listeners = [functools.partial(push, i) for i in range(len(prompts))]
@@ -51,7 +53,6 @@ class Submission:
         index, update = await asyncio.wait_for(self.queue.get(), timeout)
         if update.completion is not None:
             self.pending -= 1
-            self.on_done(update.completion)
         return index, update
 
     async def collect(self, is_disconnected: Callable) -> list[Completion] | None:

@@ -37,7 +37,7 @@ TINY = [
 ]
 TOKENIZER_VOCAB = 257
 SLOTS = 4
-MAX_QUEUE = 6
+MAX_QUEUE = 16
 API_KEY = "test-key"
 
 
