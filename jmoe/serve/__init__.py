@@ -1,7 +1,7 @@
 """Serving: a continuous-batching generation engine and its OpenAI-compatible HTTP app."""
 
-from jmoe.serve.batching import ClosedError, Completion, QueueFullError, TokenLogprob, Update
 from jmoe.serve.engine import Engine, prompt_buckets
+from jmoe.serve.outputs import ClosedError, Completion, QueueFullError, TokenLogprob, Update
 from jmoe.serve.runs import Run, load_run
 from jmoe.serve.sampling import InvalidRequestError, SamplingParams
 

@@ -26,10 +26,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from jmoe.serve import protocol
-from jmoe.serve.batching import ClosedError, Completion, QueueFullError
 from jmoe.serve.chat import ChatTemplateError, render_chat, special_token_text
 from jmoe.serve.engine import Engine
 from jmoe.serve.metrics import ServerMetrics
+from jmoe.serve.outputs import ClosedError, Completion, QueueFullError
 from jmoe.serve.protocol import APIError
 from jmoe.serve.sampling import InvalidRequestError, SamplingParams
 from jmoe.serve.streaming import Submission, stream_chat, stream_completions

@@ -4,8 +4,9 @@ and leave the moment they finish.
 Each `Scheduler.step()` first admits waiting requests into free slots (one prefill each, which
 also draws their first token), then runs one decode step over all slots. A finished request
 frees its slot at once, so a long request never holds short ones back, and a new one joins
-between two decode steps. Prompts are padded to a few bucket lengths, so nothing recompiles
-once every bucket has run.
+between two decode steps. Prompts are padded to a few bucket lengths and a decode step reads
+the cache up to the bucket above its furthest row, so nothing recompiles once every bucket has
+run.
 
 Requests report progress through an optional listener, called on the scheduler's thread with
 each `Update` (new text and tokens, and the final `Completion`).
@@ -23,72 +24,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jmoe.serve.outputs import ClosedError, Completion, QueueFullError, TokenLogprob, Update
 from jmoe.serve.sampling import SamplingParams
 from jmoe.serve.steps import ModelSteps
 from jmoe.serve.text import TextStream
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue has no room for the request(s)."""
-
-
-class ClosedError(RuntimeError):
-    """The scheduler is shutting down and accepts no new requests."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenLogprob:
-    """A token's log-probability under the model and the most likely alternatives."""
-
-    token_id: int
-    logprob: float | None  # None for a prompt's first token (nothing predicts it)
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Completion:
-    """A finished request.
-
-    Attributes:
-      text: the generated text (cut before a stop string).
-      token_ids: the generated ids (the stop token or the one that completed a stop string
-        included).
-      finish_reason: "stop" (stop token or string), "length" (max_tokens), "cancelled" or
-        "error" (the model step failed; see `error`).
-      prompt_ids: the prompt's ids.
-      logprobs: per generated token, when requested (`SamplingParams.logprobs`).
-      prompt_logprobs: per prompt token, when requested with `echo`.
-      active_experts: mean experts run per MoE layer for the tokens that produced the
-        generated ones (the last prompt token, then each fed-back token).
-      prompt_active_experts: the same mean over the prompt tokens.
-      time_to_first_token, latency: seconds from submission (None if never reached).
-      error: what failed, with finish reason "error".
-    """
-
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str
-    prompt_ids: tuple[int, ...]
-    logprobs: tuple[TokenLogprob, ...] | None
-    prompt_logprobs: tuple[TokenLogprob, ...] | None
-    active_experts: float | None
-    prompt_active_experts: float | None
-    time_to_first_token: float | None
-    latency: float
-    error: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Update:
-    """Progress of one request: newly final text and tokens, and the result once finished
-    (the first update of a scored prompt carries the prompt's log-probabilities)."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    logprobs: tuple[TokenLogprob, ...]
-    completion: Completion | None = None
-    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
-
 
 _ids = itertools.count()
 
@@ -155,6 +94,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.tokens_generated = 0
         self.decode_steps = 0
+        # the last decode step: its seconds, busy rows and (layer, expert) weight sets read
+        self.last_decode: dict[str, float] = {}
         self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)
 
     # ------------------------------------------------------------------------- the queue
@@ -272,9 +213,17 @@ class Scheduler:
             rows["counter"][slot] = len(request.output_ids)
             for key, value in request.sampling_row().items():
                 rows[key][slot] = value
-        out = self.steps.decode(tokens, positions, rows)
+        length = next(b for b in self.buckets if b > positions.max())
+        start = time.perf_counter()
+        out = self.steps.decode(tokens, positions, rows, length)
+        now = time.perf_counter()
         self.decode_steps += 1
-        self._recent.append((time.perf_counter(), int(rows["active"].sum())))
+        self.last_decode = dict(
+            seconds=now - start,
+            rows=int(rows["active"].sum()),
+            experts_read=int(out["experts_read"]),
+        )
+        self._recent.append((now, self.last_decode["rows"]))
         for slot, request in enumerate(self.slots):
             if request is not None:
                 self._accept(request, out, slot)

@@ -20,7 +20,8 @@ import numpy as np
 
 from jmoe.lm.config import ModelConfig
 from jmoe.lm.param_layout import unstack_layers
-from jmoe.serve.batching import Completion, Request, Scheduler, Update
+from jmoe.serve.batching import Request, Scheduler
+from jmoe.serve.outputs import Completion, Update
 from jmoe.serve.runs import load_run
 from jmoe.serve.sampling import InvalidRequestError, SamplingParams
 from jmoe.serve.steps import ModelSteps
@@ -219,18 +220,18 @@ class Engine:
     # ---------------------------------------------------------------------- lifecycle
 
     def warmup(self, scoring: bool = False) -> None:
-        """Compiles the decode step and every prompt bucket's prefill (before any request
-        runs; `scoring` also compiles the prompt log-probability prefills)."""
+        """Compiles the prefill and the decode step of every bucket length (before any request
+        runs; `scoring` also compiles the prefills that score the prompt)."""
         if self.scheduler.has_work():
             raise RuntimeError("warmup must run before any request is submitted")
         row = Request([0], SamplingParams(), self.tokenizer).sampling_row()
-        for bucket in self.buckets:
-            for prompt_logprobs in (False, True) if scoring else (False,):
-                self.steps.prefill(0, [0], bucket, row, prompt_logprobs)
         s = self.num_slots
         rows = {k: np.full(s, v) for k, v in row.items()}
         rows.update(active=np.zeros(s, bool), counter=np.zeros(s, np.int32))
-        self.steps.decode(np.zeros(s, np.int32), np.zeros(s, np.int32), rows)
+        for bucket in self.buckets:
+            for prompt_logprobs in (False, True) if scoring else (False,):
+                self.steps.prefill(0, [0], bucket, row, prompt_logprobs)
+            self.steps.decode(np.zeros(s, np.int32), np.zeros(s, np.int32), rows, bucket)
 
     def start(self) -> None:
         """Runs the scheduler in a background thread (requests from `submit` then proceed)."""

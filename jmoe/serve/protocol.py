@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from jmoe.serve.batching import Completion, TokenLogprob
+from jmoe.serve.outputs import Completion, TokenLogprob
 from jmoe.serve.sampling import MAX_LOGPROBS
 
 PromptField = str | list[str] | list[int] | list[list[int]]

@@ -8,8 +8,9 @@ nothing recompiles (`compilations` counts every compilation in the process).
   `Transformer.decode` into a fresh `[L, 1, P, G, A]` cache that is copied into the slot's
   first P positions (the padded tail holds garbage that decoding overwrites before any query
   can see it); the last real position's logits give the first generated token.
-- `decode`: one token per slot at that slot's own position. Empty slots run too (the shape is
-  fixed) with their tokens masked out of the MoE statistics.
+- `decode`: one token per slot at that slot's own position, attending over the first L cache
+  positions, L a bucket above every busy slot's position (short contexts read a short cache).
+  Empty slots run too (the shape is fixed) with their tokens masked out of the MoE statistics.
 
 Both report, per token, the experts each MoE layer ran for it (from the `Routing`s the MoE
 layers sow under "intermediates"), averaged over the MoE layers.
@@ -75,7 +76,7 @@ class ModelSteps:
         self.variables = jax.device_put(variables, device)
         self.cache = jax.device_put(init_cache(config, num_slots), device)
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=1, static_argnums=3)
-        self._decode = jax.jit(self._decode_fn, donate_argnums=1)
+        self._decode = jax.jit(self._decode_fn, donate_argnums=1, static_argnums=5)
 
     # ---------------------------------------------------------------------------- host side
 
@@ -109,7 +110,7 @@ class ModelSteps:
         return jax.device_get(out)
 
     def decode(
-        self, tokens: np.ndarray, positions: np.ndarray, rows: dict
+        self, tokens: np.ndarray, positions: np.ndarray, rows: dict, length: int
     ) -> dict[str, np.ndarray]:
         """One decode step of every slot.
 
@@ -117,13 +118,15 @@ class ModelSteps:
           tokens, positions: `[slots]` int32 last token and its position per slot.
           rows: `[slots]` arrays `active` (bool), `temperature`, `top_k`, `top_p`, `seed`,
             `counter` (index of the token being drawn in its request).
+          length: attend over the first `length` cache positions only (above every position;
+            one compile per length, so the caller picks from a few buckets).
 
         Returns:
           NumPy arrays `[slots]`: `token`, `logprob`, `active_experts`; `[slots, N]`: `top_ids`,
           `top_logprobs`; and `experts_read`, the distinct (layer, expert) weight sets the step
           ran (every row counts: empty slots are computed too).
         """
-        self.cache, out = self._decode(self.variables, self.cache, tokens, positions, rows)
+        self.cache, out = self._decode(self.variables, self.cache, tokens, positions, rows, length)
         return jax.device_get(out)
 
     # -------------------------------------------------------------------------- device side
@@ -192,10 +195,16 @@ class ModelSteps:
             )
         return cache, out
 
-    def _decode_fn(self, variables, cache, tokens_S, positions_S, rows):
-        logits_Sx1xV, cache, routings = self._apply(
-            variables, tokens_S[:, None], positions_S[:, None], cache, rows["active"][:, None]
+    def _decode_fn(self, variables, cache, tokens_S, positions_S, rows, length):
+        # Attention reads the first `length` positions; the rest of the cache is untouched.
+        view = {name: c[:, :, :length] for name, c in cache.items()}
+        logits_Sx1xV, view, routings = self._apply(
+            variables, tokens_S[:, None], positions_S[:, None], view, rows["active"][:, None]
         )
+        cache = {
+            name: jax.lax.dynamic_update_slice(cache[name], view[name], (0, 0, 0, 0, 0))
+            for name in cache
+        }
         out = self._next_token(logits_Sx1xV[:, 0], rows)
         out["active_experts"] = self._active_experts(routings, (self.num_slots, 1))[:, 0]
         num_experts = self.config.moe.num_experts

@@ -14,8 +14,8 @@ import json
 from collections.abc import AsyncIterator, Callable
 
 from jmoe.serve import protocol
-from jmoe.serve.batching import Completion, Update
 from jmoe.serve.engine import Engine
+from jmoe.serve.outputs import Completion, Update
 from jmoe.serve.sampling import SamplingParams
 
 
