@@ -4,9 +4,9 @@ and leave the moment they finish.
 Each `Scheduler.step()` first admits waiting requests into free slots (one prefill each, which
 also draws their first token), then runs one decode step over all slots. A finished request
 frees its slot at once, so a long request never holds short ones back, and a new one joins
-between two decode steps. Prompts are padded to a few bucket lengths and a decode step reads
-the cache up to the bucket above its furthest row, so nothing recompiles once every bucket has
-run.
+between two decode steps. Prompts are padded to a few bucket lengths, a decode step reads the
+cache up to the bucket above its furthest row, and a lone request decodes its own slot only, so
+nothing recompiles once each of these shapes has run (`Engine.warmup`).
 
 Requests report progress through an optional listener, called on the scheduler's thread with
 each `Update` (new text and tokens, and the final `Completion`).
@@ -78,13 +78,22 @@ class Scheduler:
       steps: the compiled model steps (owns the KV cache of `steps.num_slots` rows).
       tokenizer: decodes generated ids; its `eos_id` ends a completion.
       buckets: ascending prompt bucket lengths; the last is the longest prompt.
+      cache_buckets: ascending cache lengths a decode step may read; the last is the context.
       max_queue: most requests waiting for a slot (`submit` raises `QueueFullError` beyond).
     """
 
-    def __init__(self, steps: ModelSteps, tokenizer, buckets: tuple[int, ...], max_queue: int):
+    def __init__(
+        self,
+        steps: ModelSteps,
+        tokenizer,
+        buckets: tuple[int, ...],
+        cache_buckets: tuple[int, ...],
+        max_queue: int,
+    ):
         self.steps = steps
         self.tokenizer = tokenizer
         self.buckets = buckets
+        self.cache_buckets = cache_buckets
         self.max_queue = max_queue
         self.slots: list[Request | None] = [None] * steps.num_slots
         self._waiting: collections.deque[Request] = collections.deque()
@@ -194,39 +203,37 @@ class Scheduler:
         self._accept(request, out, None, scored)
 
     def _decode(self) -> None:
-        s = self.steps.num_slots
-        tokens, positions = np.zeros(s, np.int32), np.zeros(s, np.int32)
+        busy = [slot for slot, request in enumerate(self.slots) if request is not None]
+        # one running request decodes its slot alone; otherwise every slot runs
+        first, n = (busy[0], 1) if len(busy) == 1 else (0, self.steps.num_slots)
+        tokens, positions = np.zeros(n, np.int32), np.zeros(n, np.int32)
         rows = dict(
-            active=np.zeros(s, bool),
-            temperature=np.zeros(s, np.float32),
-            top_k=np.zeros(s, np.int32),
-            top_p=np.ones(s, np.float32),
-            seed=np.zeros(s, np.uint32),
-            counter=np.zeros(s, np.int32),
+            active=np.zeros(n, bool),
+            temperature=np.zeros(n, np.float32),
+            top_k=np.zeros(n, np.int32),
+            top_p=np.ones(n, np.float32),
+            seed=np.zeros(n, np.uint32),
+            counter=np.zeros(n, np.int32),
         )
-        for slot, request in enumerate(self.slots):
-            if request is None:
-                continue
-            tokens[slot] = request.output_ids[-1]
-            positions[slot] = len(request.prompt_ids) + len(request.output_ids) - 1
-            rows["active"][slot] = True
-            rows["counter"][slot] = len(request.output_ids)
+        for slot in busy:
+            request, row = self.slots[slot], slot - first
+            tokens[row] = request.output_ids[-1]
+            positions[row] = len(request.prompt_ids) + len(request.output_ids) - 1
+            rows["active"][row] = True
+            rows["counter"][row] = len(request.output_ids)
             for key, value in request.sampling_row().items():
-                rows[key][slot] = value
-        length = next(b for b in self.buckets if b > positions.max())
+                rows[key][row] = value
+        length = next(b for b in self.cache_buckets if b > positions.max())
         start = time.perf_counter()
-        out = self.steps.decode(tokens, positions, rows, length)
+        out = self.steps.decode(tokens, positions, rows, length, first)
         now = time.perf_counter()
         self.decode_steps += 1
         self.last_decode = dict(
-            seconds=now - start,
-            rows=int(rows["active"].sum()),
-            experts_read=int(out["experts_read"]),
+            seconds=now - start, rows=len(busy), experts_read=int(out["experts_read"])
         )
-        self._recent.append((now, self.last_decode["rows"]))
-        for slot, request in enumerate(self.slots):
-            if request is not None:
-                self._accept(request, out, slot)
+        self._recent.append((now, len(busy)))
+        for slot in busy:
+            self._accept(self.slots[slot], out, slot - first)
 
     def _accept(self, request: Request, out: dict, row: int | None, scored=None) -> None:
         """Appends the token drawn for `request` (row `row` of a decode step, or a prefill

@@ -50,6 +50,8 @@ class Engine:
       name: the model id reported by the server.
       chat_template: a Jinja chat template (Hugging Face format), or None.
       smallest_bucket: the shortest padded prompt length.
+      smallest_cache: the shortest cache length a decode step reads (then doubling up to the
+        context: longer contexts cost more attention, more lengths more compilations).
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class Engine:
         name: str = "jmoe",
         chat_template: str | None = None,
         smallest_bucket: int = 16,
+        smallest_cache: int = 64,
     ):
         config = getattr(config, "model", config)
         if not isinstance(config, ModelConfig):
@@ -80,7 +83,10 @@ class Engine:
         self.max_seq_len = config.max_seq_len
         self.steps = ModelSteps(serving, variables, num_slots, self.vocab_size)
         self.buckets = prompt_buckets(config.max_seq_len, smallest_bucket)
-        self.scheduler = Scheduler(self.steps, tokenizer, self.buckets, max_queue)
+        self.cache_buckets = prompt_buckets(config.max_seq_len, smallest_cache)
+        self.scheduler = Scheduler(
+            self.steps, tokenizer, self.buckets, self.cache_buckets, max_queue
+        )
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, **kwargs) -> Engine:
@@ -220,8 +226,9 @@ class Engine:
     # ---------------------------------------------------------------------- lifecycle
 
     def warmup(self, scoring: bool = False) -> None:
-        """Compiles the prefill and the decode step of every bucket length (before any request
-        runs; `scoring` also compiles the prefills that score the prompt)."""
+        """Compiles the prefill of every prompt bucket and the decode steps of every cache
+        length (before any request runs; `scoring` also compiles the prefills that score the
+        prompt)."""
         if self.scheduler.has_work():
             raise RuntimeError("warmup must run before any request is submitted")
         row = Request([0], SamplingParams(), self.tokenizer).sampling_row()
@@ -231,7 +238,10 @@ class Engine:
         for bucket in self.buckets:
             for prompt_logprobs in (False, True) if scoring else (False,):
                 self.steps.prefill(0, [0], bucket, row, prompt_logprobs)
-            self.steps.decode(np.zeros(s, np.int32), np.zeros(s, np.int32), rows, bucket)
+        for length in self.cache_buckets:
+            for n in {1, s}:  # a lone request, and every slot
+                rows_n = {k: v[:n] for k, v in rows.items()}
+                self.steps.decode(np.zeros(n, np.int32), np.zeros(n, np.int32), rows_n, length)
 
     def start(self) -> None:
         """Runs the scheduler in a background thread (requests from `submit` then proceed)."""

@@ -10,7 +10,8 @@ nothing recompiles (`compilations` counts every compilation in the process).
   can see it); the last real position's logits give the first generated token.
 - `decode`: one token per slot at that slot's own position, attending over the first L cache
   positions, L a bucket above every busy slot's position (short contexts read a short cache).
-  Empty slots run too (the shape is fixed) with their tokens masked out of the MoE statistics.
+  Either every slot runs (idle ones too, the shape being fixed, with their tokens masked out of
+  the MoE statistics) or, when one request is running, its slot alone.
 
 Both report, per token, the experts each MoE layer ran for it (from the `Routing`s the MoE
 layers sow under "intermediates"), averaged over the MoE layers.
@@ -76,7 +77,7 @@ class ModelSteps:
         self.variables = jax.device_put(variables, device)
         self.cache = jax.device_put(init_cache(config, num_slots), device)
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=1, static_argnums=3)
-        self._decode = jax.jit(self._decode_fn, donate_argnums=1, static_argnums=5)
+        self._decode = jax.jit(self._decode_fn, donate_argnums=1, static_argnums=3)
 
     # ---------------------------------------------------------------------------- host side
 
@@ -110,23 +111,28 @@ class ModelSteps:
         return jax.device_get(out)
 
     def decode(
-        self, tokens: np.ndarray, positions: np.ndarray, rows: dict, length: int
+        self, tokens: np.ndarray, positions: np.ndarray, rows: dict, length: int, first: int = 0
     ) -> dict[str, np.ndarray]:
-        """One decode step of every slot.
+        """One decode step of the n slots `first .. first + n - 1` (n from the arrays' length:
+        every slot, or a single one whose cache row alone is read and written).
 
         Args:
-          tokens, positions: `[slots]` int32 last token and its position per slot.
-          rows: `[slots]` arrays `active` (bool), `temperature`, `top_k`, `top_p`, `seed`,
+          tokens, positions: `[n]` int32 last token and its position per slot.
+          rows: `[n]` arrays `active` (bool), `temperature`, `top_k`, `top_p`, `seed`,
             `counter` (index of the token being drawn in its request).
           length: attend over the first `length` cache positions only (above every position;
-            one compile per length, so the caller picks from a few buckets).
+            one compile per length and n, so the caller picks from a few buckets).
+          first: the first slot.
 
         Returns:
-          NumPy arrays `[slots]`: `token`, `logprob`, `active_experts`; `[slots, N]`: `top_ids`,
+          NumPy arrays `[n]`: `token`, `logprob`, `active_experts`; `[n, N]`: `top_ids`,
           `top_logprobs`; and `experts_read`, the distinct (layer, expert) weight sets the step
-          ran (every row counts: empty slots are computed too).
+          ran (every row counts: idle slots are computed too).
         """
-        self.cache, out = self._decode(self.variables, self.cache, tokens, positions, rows, length)
+        first = jnp.int32(first)
+        self.cache, out = self._decode(
+            self.variables, self.cache, (first, tokens, positions, rows), length
+        )
         return jax.device_get(out)
 
     # -------------------------------------------------------------------------- device side
@@ -195,18 +201,20 @@ class ModelSteps:
             )
         return cache, out
 
-    def _decode_fn(self, variables, cache, tokens_S, positions_S, rows, length):
-        # Attention reads the first `length` positions; the rest of the cache is untouched.
-        view = {name: c[:, :, :length] for name, c in cache.items()}
+    def _decode_fn(self, variables, cache, inputs, length):
+        first, tokens_S, positions_S, rows = inputs
+        # The step reads and writes the cache rows of its slots, positions 0..length-1 only.
+        layers, s = cache["k"].shape[0], tokens_S.shape[0]
+        corner, size = (0, first, 0, 0, 0), (layers, s, length, *cache["k"].shape[3:])
+        view = {name: jax.lax.dynamic_slice(c, corner, size) for name, c in cache.items()}
         logits_Sx1xV, view, routings = self._apply(
             variables, tokens_S[:, None], positions_S[:, None], view, rows["active"][:, None]
         )
         cache = {
-            name: jax.lax.dynamic_update_slice(cache[name], view[name], (0, 0, 0, 0, 0))
-            for name in cache
+            name: jax.lax.dynamic_update_slice(cache[name], view[name], corner) for name in cache
         }
         out = self._next_token(logits_Sx1xV[:, 0], rows)
-        out["active_experts"] = self._active_experts(routings, (self.num_slots, 1))[:, 0]
+        out["active_experts"] = self._active_experts(routings, (s, 1))[:, 0]
         num_experts = self.config.moe.num_experts
         out["experts_read"] = sum(
             jnp.sum(
