@@ -1,6 +1,6 @@
 """Serving: a continuous-batching generation engine and its OpenAI-compatible HTTP app."""
 
-from jmoe.serve.engine import Engine, prompt_buckets
+from jmoe.serve.engine import Engine
 from jmoe.serve.outputs import ClosedError, Completion, QueueFullError, TokenLogprob, Update
 from jmoe.serve.runs import Run, load_run
 from jmoe.serve.sampling import InvalidRequestError, SamplingParams
@@ -16,5 +16,4 @@ __all__ = [
     "TokenLogprob",
     "Update",
     "load_run",
-    "prompt_buckets",
 ]

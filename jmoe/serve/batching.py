@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import secrets
 import threading
 import time
@@ -29,14 +28,11 @@ from jmoe.serve.sampling import SamplingParams
 from jmoe.serve.steps import ModelSteps
 from jmoe.serve.text import TextStream
 
-_ids = itertools.count()
-
 
 class Request:
-    """One generation request inside the scheduler (create through `Scheduler.submit`)."""
+    """One generation request and its progress (made and queued by `Engine.submit`)."""
 
     def __init__(self, prompt_ids, params: SamplingParams, tokenizer, listener=None):
-        self.id = next(_ids)
         self.prompt_ids = tuple(prompt_ids)
         self.params = params
         self.seed = params.seed if params.seed is not None else secrets.randbits(32)
@@ -101,8 +97,6 @@ class Scheduler:
         self._accepting = True
         self._running = False
         self._thread: threading.Thread | None = None
-        self.tokens_generated = 0
-        self.decode_steps = 0
         # the last decode step: its seconds, busy rows and (layer, expert) weight sets read
         self.last_decode: dict[str, float] = {}
         self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)
@@ -227,7 +221,6 @@ class Scheduler:
         start = time.perf_counter()
         out = self.steps.decode(tokens, positions, rows, length, first)
         now = time.perf_counter()
-        self.decode_steps += 1
         self.last_decode = dict(
             seconds=now - start, rows=len(busy), experts_read=int(out["experts_read"])
         )
@@ -244,7 +237,6 @@ class Scheduler:
             request.first_token_at = time.perf_counter()
         request.output_ids.append(token)
         request.active_sum += float(pick(out["active_experts"]))
-        self.tokens_generated += 1
         logprobs = ()
         if request.params.logprobs is not None:
             top = _top(pick(out["top_ids"]), pick(out["top_logprobs"]), request.params.logprobs)

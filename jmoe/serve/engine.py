@@ -29,13 +29,13 @@ from jmoe.serve.steps import ModelSteps
 Prompt = str | Sequence[int]
 
 
-def prompt_buckets(max_seq_len: int, smallest: int = 16) -> tuple[int, ...]:
-    """Padded prompt lengths: powers of two from `smallest`, then `max_seq_len` itself."""
+def length_buckets(max_len: int, smallest: int) -> tuple[int, ...]:
+    """Padded lengths: powers of two from `smallest` below `max_len`, then `max_len` itself."""
     buckets, b = [], smallest
-    while b < max_seq_len:
+    while b < max_len:
         buckets.append(b)
         b *= 2
-    return (*buckets, max_seq_len)
+    return (*buckets, max_len)
 
 
 class Engine:
@@ -82,8 +82,8 @@ class Engine:
         self.vocab_size = min(tokenizer.vocab_size, config.vocab_size)
         self.max_seq_len = config.max_seq_len
         self.steps = ModelSteps(serving, variables, num_slots, self.vocab_size)
-        self.buckets = prompt_buckets(config.max_seq_len, smallest_bucket)
-        self.cache_buckets = prompt_buckets(config.max_seq_len, smallest_cache)
+        self.buckets = length_buckets(config.max_seq_len, smallest_bucket)
+        self.cache_buckets = length_buckets(config.max_seq_len, smallest_cache)
         self.scheduler = Scheduler(
             self.steps, tokenizer, self.buckets, self.cache_buckets, max_queue
         )

@@ -35,7 +35,7 @@ class Run:
     Attributes:
       name: the directory's name (the served model id).
       config: the run's `Config`.
-      variables: `{"params": ..., "moe_state": ...}` of the newest checkpoint.
+      variables: `{"params": ..., "moe_state": ...}` of the newest checkpoint (NumPy arrays).
       tokenizer: the run's tokenizer (`jmoe.train.tokenizer`).
       step: the checkpoint's training step.
       chat_template: the tokenizer's Jinja chat template, or None.
@@ -102,14 +102,7 @@ def restore_variables(config: Config, checkpoints: pathlib.Path, step: int) -> d
     """The `params` and `moe_state` of checkpoint `step`, shaped like the model's own."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     abstract = jax.eval_shape(Transformer(config.model).init, jax.random.key(0), tokens)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {
-        name: jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-            abstract.get(name, {}),
-        )
-        for name in ("params", "moe_state")
-    }
+    target = {name: abstract.get(name, {}) for name in ("params", "moe_state")}  # host arrays
     restore = ocp.args.PyTreeRestore(
         item=target,
         restore_args=ocp.checkpoint_utils.construct_restore_args(target),

@@ -171,7 +171,16 @@ def sample(
       `[B]` int32 token ids.
     """
     keys_B = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seed_B, counter_B)
-    filtered_BxV = filtered_logits(logits_BxV, temperature_B, top_k_B, top_p_B)
+    # the sort behind top-k / top-p runs only when some row asks for them
+    limited = jnp.any((top_k_B > 0) | (top_p_B < 1))
+    filtered_BxV = jax.lax.cond(
+        limited,
+        lambda: filtered_logits(logits_BxV, temperature_B, top_k_B, top_p_B),
+        lambda: (
+            logits_BxV.astype(jnp.float32)
+            / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+        ),
+    )
     drawn_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BxV)
     greedy_B = jnp.argmax(logits_BxV, axis=-1)
     return jnp.where(temperature_B > 0, drawn_B, greedy_B).astype(jnp.int32)

@@ -1,8 +1,8 @@
-"""The compiled model steps of the engine: prefill one prompt into a slot, decode every slot.
+"""The compiled model steps of the engine: prefill one prompt into a slot, decode the slots.
 
 The KV cache `[L, slots, M, G, A]` stays on the device; each call donates it and gets it back
-updated. Shapes are fixed per slot count and prompt bucket, so after one call of each shape
-nothing recompiles (`compilations` counts every compilation in the process).
+updated. Shapes are fixed per prompt bucket, cache length and row count, so after one call of
+each nothing recompiles (`compilations` counts every compilation in the process).
 
 - `prefill`: one prompt, right-padded to its bucket length P, runs through
   `Transformer.decode` into a fresh `[L, 1, P, G, A]` cache that is copied into the slot's
