@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
+import socket
 import statistics
 import sys
 import threading
@@ -190,13 +191,14 @@ async def _load(url, jobs, concurrent: bool) -> tuple[list[dict], float]:
 
 def load_test(engine: Engine, clients: int, max_tokens: int) -> dict:
     """N concurrent streaming clients vs one at a time, over real HTTP on localhost."""
-    config = uvicorn.Config(create_app(engine), host="127.0.0.1", port=0, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     jobs = [(p, max_tokens) for p in prompts(clients, 32, engine.tokenizer)]
     asyncio.run(_load(url, jobs[:2], True))  # warm the HTTP path
     before = compilations()
