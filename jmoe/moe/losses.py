@@ -165,6 +165,8 @@ def sequence_balance(
       token_mask: optional `[T]` bool, False for padding tokens.
     """
     t, k = routing.expert_ids.shape
+    if t == 0:  # no tokens, no sequences
+        return jnp.zeros((), jnp.float32)
     if t % seq_len:
         raise ValueError(f"sequence_balance: tokens T={t} is not a multiple of {seq_len=}")
     b = t // seq_len

@@ -312,6 +312,15 @@ def test_sequence_balance_leaves_all_padding_sequences_out():
     np.testing.assert_allclose(got, ref.ref_sequence_balance(probs, k, e, length, mask), rtol=1e-6)
 
 
+def test_losses_of_zero_tokens_are_zero():
+    r = _routing(np.zeros((0, 2), int), np.zeros((0, 4)))
+    for seq_len in (0, 3):  # a [1, 0, D] or a [0, 3, D] input
+        assert float(losses.sequence_balance(r, num_experts=4, seq_len=seq_len)) == 0.0
+    assert float(losses.load_balance(r, num_experts=4)) == 0.0
+    assert float(losses.router_z_loss(r.logits)) == 0.0
+    assert float(losses.routing_entropy(r.probs)) == 0.0
+
+
 def test_sequence_balance_rejects_ragged_sequences():
     r = _routing(np.zeros((6, 1), int), np.full((6, 2), 0.5))
     with pytest.raises(ValueError, match="seq_len=4"):

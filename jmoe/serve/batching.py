@@ -1,0 +1,348 @@
+"""Continuous batching: requests wait in a queue, take one of a fixed number of decode slots,
+and leave the moment they finish.
+
+Each `Scheduler.step()` first admits waiting requests into free slots (one prefill each, which
+also draws their first token), then runs one decode step over all slots. A finished request
+frees its slot at once, so a long request never holds short ones back, and a new one joins
+between two decode steps. Prompts are padded to a few bucket lengths, a decode step reads the
+cache up to the bucket above its furthest row, and a lone request decodes its own slot only, so
+nothing recompiles once each of these shapes has run (`Engine.warmup`).
+
+Requests report progress through an optional listener, called on the scheduler's thread with
+each `Update` (new text and tokens, and the final `Completion`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import secrets
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from jmoe.serve.outputs import ClosedError, Completion, QueueFullError, TokenLogprob, Update
+from jmoe.serve.sampling import SamplingParams
+from jmoe.serve.steps import ModelSteps
+from jmoe.serve.text import TextStream
+
+
+class Request:
+    """One generation request and its progress (made and queued by `Engine.submit`)."""
+
+    def __init__(self, prompt_ids, params: SamplingParams, tokenizer, listener=None):
+        self.prompt_ids = tuple(prompt_ids)
+        self.params = params
+        self.seed = params.seed if params.seed is not None else secrets.randbits(32)
+        self.listener: Callable[[Update], None] | None = listener
+        self.stream = TextStream(tokenizer, params.stop)
+        self.stop_ids = {tokenizer.eos_id, *params.stop_token_ids}
+        self.output_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob] | None = None
+        self.active_sum = 0.0
+        self.prompt_active: float | None = None
+        self.slot: int | None = None
+        self.cancelled = False
+        self.error: str | None = None
+        self.completion: Completion | None = None
+        self.done = threading.Event()
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    def sampling_row(self) -> dict:
+        """This request's sampling parameters as the arrays of one batch row."""
+        p = self.params
+        return dict(
+            temperature=np.float32(p.temperature),
+            top_k=np.int32(p.top_k or 0),
+            top_p=np.float32(p.top_p),
+            seed=np.uint32(self.seed),
+        )
+
+
+def _top(ids, logprobs, n: int) -> tuple[tuple[int, float], ...]:
+    return tuple((int(i), float(lp)) for i, lp in zip(ids[:n], logprobs[:n], strict=True))
+
+
+class Scheduler:
+    """Queue, slots and the step loop (see the module docstring).
+
+    Args:
+      steps: the compiled model steps (owns the KV cache of `steps.num_slots` rows).
+      tokenizer: decodes generated ids; its `eos_id` ends a completion.
+      buckets: ascending prompt bucket lengths; the last is the longest prompt.
+      cache_buckets: ascending cache lengths a decode step may read; the last is the context.
+      max_queue: most requests waiting for a slot (`submit` raises `QueueFullError` beyond).
+    """
+
+    def __init__(
+        self,
+        steps: ModelSteps,
+        tokenizer,
+        buckets: tuple[int, ...],
+        cache_buckets: tuple[int, ...],
+        max_queue: int,
+    ):
+        self.steps = steps
+        self.tokenizer = tokenizer
+        self.buckets = buckets
+        self.cache_buckets = cache_buckets
+        self.max_queue = max_queue
+        self.slots: list[Request | None] = [None] * steps.num_slots
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._wakeup = threading.Condition()
+        self._accepting = True
+        self._running = False
+        self._thread: threading.Thread | None = None
+        # the last decode step: its seconds, busy rows and (layer, expert) weight sets read
+        self.last_decode: dict[str, float] = {}
+        self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)
+
+    # ------------------------------------------------------------------------- the queue
+
+    def submit(self, requests: list[Request], limit: bool = True) -> None:
+        """Queues `requests` together (all or none); `limit=False` ignores `max_queue`."""
+        with self._wakeup:
+            if not self._accepting:
+                raise ClosedError("the server is shutting down and accepts no new requests")
+            if limit and len(self._waiting) + len(requests) > self.max_queue:
+                raise QueueFullError(
+                    f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue}); "
+                    "retry later"
+                )
+            self._waiting.extend(requests)
+            self._wakeup.notify()
+
+    def cancel(self, request: Request) -> None:
+        """Ends `request` (its slot is freed before the next decode step)."""
+        request.cancelled = True
+        with self._wakeup:
+            self._wakeup.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active_slots(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Generated tokens per second over the last `window` seconds of decoding."""
+        now = time.perf_counter()
+        recent = [(t, n) for t, n in list(self._recent) if now - t <= window]
+        if len(recent) < 2:
+            return 0.0
+        return sum(n for _, n in recent[1:]) / max(recent[-1][0] - recent[0][0], 1e-9)
+
+    @property
+    def running(self) -> bool:
+        """Whether the background step loop runs."""
+        return self._thread is not None
+
+    def has_work(self) -> bool:
+        return bool(self._waiting) or self.active_slots > 0
+
+    # -------------------------------------------------------------------------- stepping
+
+    def step(self) -> None:
+        """Drops cancelled requests, admits waiting ones into free slots, then runs one decode
+        step."""
+        with self._wakeup:
+            cancelled = [r for r in self._waiting if r.cancelled]
+            for request in cancelled:
+                self._waiting.remove(request)
+        cancelled += [r for r in self.slots if r is not None and r.cancelled]
+        for request in cancelled:
+            self._finish(request, "cancelled")
+        while None in self.slots:
+            with self._wakeup:
+                if not self._waiting:
+                    break
+                request = self._waiting.popleft()
+            self._admit(request, self.slots.index(None))
+        if self.active_slots:
+            self._decode()
+
+    def _admit(self, request: Request, slot: int) -> None:
+        params = request.params
+        scoring = params.echo and params.logprobs is not None
+        if params.max_tokens == 0 and not scoring:
+            self._finish(request, "length")
+            return
+        request.slot, self.slots[slot] = slot, request
+        n = len(request.prompt_ids)
+        bucket = next(b for b in self.buckets if b >= n)
+        out = self.steps.prefill(
+            slot, list(request.prompt_ids), bucket, request.sampling_row(), scoring
+        )
+        request.prompt_active = float(out["prompt_active_experts"])
+        if scoring:
+            first = TokenLogprob(request.prompt_ids[0], None)
+            request.prompt_logprobs = [first] + [
+                TokenLogprob(
+                    request.prompt_ids[i],
+                    float(out["prompt_logprobs"][i]),
+                    _top(out["prompt_top_ids"][i], out["prompt_top_logprobs"][i], params.logprobs),
+                )
+                for i in range(1, n)
+            ]
+        scored = tuple(request.prompt_logprobs) if scoring else None
+        if params.max_tokens == 0:
+            self._finish(request, "length", Update("", (), (), prompt_logprobs=scored))
+            return
+        self._accept(request, out, None, scored)
+
+    def _decode(self) -> None:
+        busy = [slot for slot, request in enumerate(self.slots) if request is not None]
+        # one running request decodes its slot alone; otherwise every slot runs
+        first, n = (busy[0], 1) if len(busy) == 1 else (0, self.steps.num_slots)
+        tokens, positions = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        rows = dict(
+            active=np.zeros(n, bool),
+            temperature=np.zeros(n, np.float32),
+            top_k=np.zeros(n, np.int32),
+            top_p=np.ones(n, np.float32),
+            seed=np.zeros(n, np.uint32),
+            counter=np.zeros(n, np.int32),
+        )
+        for slot in busy:
+            request, row = self.slots[slot], slot - first
+            tokens[row] = request.output_ids[-1]
+            positions[row] = len(request.prompt_ids) + len(request.output_ids) - 1
+            rows["active"][row] = True
+            rows["counter"][row] = len(request.output_ids)
+            for key, value in request.sampling_row().items():
+                rows[key][row] = value
+        length = next(b for b in self.cache_buckets if b > positions.max())
+        start = time.perf_counter()
+        out = self.steps.decode(tokens, positions, rows, length, first)
+        now = time.perf_counter()
+        self.last_decode = dict(
+            seconds=now - start, rows=len(busy), experts_read=int(out["experts_read"])
+        )
+        self._recent.append((now, len(busy)))
+        for slot in busy:
+            self._accept(self.slots[slot], out, slot - first)
+
+    def _accept(self, request: Request, out: dict, row: int | None, scored=None) -> None:
+        """Appends the token drawn for `request` (row `row` of a decode step, or a prefill
+        with the prompt's log-probabilities `scored`)."""
+        pick = (lambda a: a) if row is None else (lambda a: a[row])
+        token = int(pick(out["token"]))
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
+        request.output_ids.append(token)
+        request.active_sum += float(pick(out["active_experts"]))
+        logprobs = ()
+        if request.params.logprobs is not None:
+            top = _top(pick(out["top_ids"]), pick(out["top_logprobs"]), request.params.logprobs)
+            logprobs = (TokenLogprob(token, float(pick(out["logprob"])), top),)
+            request.logprobs.extend(logprobs)
+        text, reason = "", None
+        if token in request.stop_ids:
+            reason = "stop"
+        else:
+            text, stopped = request.stream.push(token)
+            reason = "stop" if stopped else None
+        if reason is None and len(request.output_ids) >= request.params.max_tokens:
+            reason = "length"
+        update = Update(text, (token,), logprobs, prompt_logprobs=scored)
+        if reason is None:
+            self._notify(request, update)
+        else:
+            self._finish(request, reason, update)
+
+    def _finish(self, request: Request, reason: str, last: Update | None = None) -> None:
+        if request.slot is not None:
+            self.slots[request.slot] = None
+            request.slot = None
+        now = time.perf_counter()
+        n = len(request.output_ids)
+        completion = Completion(
+            text=request.stream.text,
+            token_ids=tuple(request.output_ids),
+            finish_reason=reason,
+            prompt_ids=request.prompt_ids,
+            logprobs=tuple(request.logprobs) if request.params.logprobs is not None else None,
+            prompt_logprobs=(
+                tuple(request.prompt_logprobs) if request.prompt_logprobs is not None else None
+            ),
+            active_experts=request.active_sum / n if n else None,
+            prompt_active_experts=request.prompt_active,
+            time_to_first_token=(
+                request.first_token_at - request.submitted_at if request.first_token_at else None
+            ),
+            latency=now - request.submitted_at,
+            error=request.error,
+        )
+        rest = request.stream.finish()
+        last = last or Update("", (), ())
+        request.completion = completion
+        self._notify(
+            request, dataclasses.replace(last, text=last.text + rest, completion=completion)
+        )
+        request.done.set()
+
+    def _notify(self, request: Request, update: Update) -> None:
+        if request.listener is None:
+            return
+        try:
+            request.listener(update)
+        except Exception:  # a listener that fails (say, its client left) ends its request only
+            request.cancelled = True
+
+    # ------------------------------------------------------------------------ the loop
+
+    def run_until_idle(self) -> None:
+        """Steps in the calling thread until no request waits or runs."""
+        while self.has_work():
+            self.step()
+
+    def start(self) -> None:
+        """Runs the step loop in a background thread (for a server)."""
+        if self._thread is not None:
+            return
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="jmoe-scheduler", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wakeup:
+                while self._running and not self.has_work():
+                    self._wakeup.wait()
+                if not self._running and not self.has_work():
+                    return
+            try:
+                self.step()
+            except Exception as e:  # the step failed: end every request with the error
+                self.fail_all(e)
+
+    def fail_all(self, error: Exception) -> None:
+        """Ends every waiting and running request with finish reason "error"."""
+        with self._wakeup:
+            failed = [*self._waiting, *filter(None, self.slots)]
+            self._waiting.clear()
+        for request in failed:
+            request.error = f"{type(error).__name__}: {error}"
+            self._finish(request, "error")
+
+    def stop(self, cancel: bool = False) -> None:
+        """Stops accepting requests; finishes (or, with `cancel`, cancels) the ones in flight
+        and waits for the loop to end."""
+        with self._wakeup:
+            self._accepting = False
+            self._running = False
+            if cancel:
+                for request in [*self._waiting, *filter(None, self.slots)]:
+                    request.cancelled = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        elif cancel:
+            self.run_until_idle()

@@ -1,0 +1,78 @@
+"""Serves a trained jmoe model: `python serve.py --run runs/tiny [--host H] [--port P]`.
+
+Loads the newest checkpoint of a `train.py` run directory (its config.yaml, tokenizer/ and
+checkpoints/) and serves an OpenAI-compatible HTTP API on 127.0.0.1:8000 (`/v1/completions`,
+`/v1/chat/completions`, `/v1/models`, `/health`, `/metrics`); the model id is the run
+directory's name. With `--prompt TEXT` it prints one completion (greedy unless `--temperature`
+is given) and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+
+from jmoe.serve.app import serve
+from jmoe.serve.engine import Engine
+from jmoe.serve.sampling import InvalidRequestError
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="a train.py run directory, e.g. runs/tiny")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("JMOE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $JMOE_API_KEY, else none)",
+    )
+    parser.add_argument("--slots", type=int, default=16, help="requests decoded together")
+    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests (then 429)")
+    parser.add_argument("--max-prompt-tokens", type=int, help="longest prompt (default: context)")
+    parser.add_argument(
+        "--max-tokens-limit", type=int, help="largest max_tokens (default: context)"
+    )
+    parser.add_argument("--prompt", help="print one completion of this text and exit")
+    parser.add_argument("--max-tokens", type=int, default=64, help="with --prompt")
+    parser.add_argument("--temperature", type=float, default=0.0, help="with --prompt (0: greedy)")
+    args = parser.parse_args(argv)
+    for name in ("port", "slots", "max_queue", "max_prompt_tokens", "max_tokens_limit"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "max_queue" else 1):
+            parser.error(f"--{name.replace('_', '-')}={value} must be positive")
+    try:
+        engine = Engine.from_run(args.run, num_slots=args.slots, max_queue=args.max_queue)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if args.prompt is not None:
+        try:
+            [completion] = engine.generate(
+                args.prompt, max_tokens=args.max_tokens, temperature=args.temperature
+            )
+        except InvalidRequestError as e:
+            sys.exit(f"error: {e}")
+        print(completion.text, flush=True)
+        return
+    kinds = sorted({d.device_kind for d in jax.devices()})
+    print(
+        f"jax {jax.__version__} on {', '.join(kinds)}: serving {engine.name!r} "
+        f"({engine.num_slots} slots, context {engine.max_seq_len}); compiling...",
+        flush=True,
+    )
+    engine.warmup()
+    serve(
+        engine,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+    )
+
+
+if __name__ == "__main__":
+    main()
