@@ -100,6 +100,8 @@ def make_plan(routing: Routing, num_experts: int, max_rows: int | None = None) -
 
 def permute(x_TxD: jax.Array, plan: DispatchPlan) -> jax.Array:
     """Token rows to slot rows sorted by expert: `[T, D] -> [R, D]`."""
+    if x_TxD.shape[0] == 0:  # no tokens, no slots
+        return jnp.zeros((plan.sort_order.shape[0], x_TxD.shape[1]), x_TxD.dtype)
     k = plan.slot_to_row.shape[0] // x_TxD.shape[0]
     return gather_slots(x_TxD, plan.sort_order, plan.slot_to_row, k)
 
@@ -110,7 +112,8 @@ def combine(y_RxD: jax.Array, plan: DispatchPlan, weights_TxK: jax.Array) -> jax
     Accumulates in float32 and returns `y_RxD.dtype`; slots with weight 0 add nothing.
     """
     t, k = weights_TxK.shape
-    y_TxKxD = permute_rows(y_RxD, plan.slot_to_row, plan.sort_order).reshape(t, k, -1)
+    y_MxD = permute_rows(y_RxD, plan.slot_to_row, plan.sort_order)
+    y_TxKxD = y_MxD.reshape(t, k, y_RxD.shape[-1])
     y_TxD = jnp.einsum(
         "tkd,tk->td", y_TxKxD, weights_TxK.astype(y_RxD.dtype), preferred_element_type=jnp.float32
     )

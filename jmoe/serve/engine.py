@@ -72,9 +72,17 @@ class Engine:
             raise TypeError(f"Engine needs a ModelConfig (or a run Config), got {type(config)}")
         if num_slots < 1 or max_queue < 0:
             raise ValueError(f"{num_slots=} must be >= 1 and {max_queue=} >= 0")
+        if not config.moe.router.token_choice:
+            raise ValueError(
+                f"router kind {config.moe.router.kind!r} is not causal (a token's experts depend "
+                "on the other tokens of the batch), so it cannot generate text; serve a "
+                "token-choice router"
+            )
         if config.scan_layers:  # the unrolled layout lets each MoE layer's routing be read
             variables = {k: unstack_layers(config, v) for k, v in variables.items()}
-        serving = dataclasses.replace(config, scan_layers=False, remat="none")
+        # Serving is dropless: with a capacity, a token's output would depend on its batch.
+        moe = dataclasses.replace(config.moe, capacity_factor=None, eval_capacity_factor=None)
+        serving = dataclasses.replace(config, scan_layers=False, remat="none", moe=moe)
         self.config = serving
         self.tokenizer = tokenizer
         self.name = name

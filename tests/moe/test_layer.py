@@ -346,3 +346,17 @@ def test_routing_is_returned_as_an_intermediate():
     np.testing.assert_array_equal(first.expert_ids, expected.expert_ids)
     assert second.expert_ids.shape == (3, 2)
     np.testing.assert_array_equal(y, jmoe.MoE(cfg).apply(variables, x)[0])
+
+
+@pytest.mark.parametrize(
+    "router",
+    [jmoe.TopK(k=2), jmoe.NullExperts(num_null=2, k=2), jmoe.TopP(max_k=3)],
+    ids=lambda r: r.kind,
+)
+def test_zero_tokens_give_an_empty_output_and_finite_stats(router):
+    cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=4, router=router, num_shared=1)
+    variables = jmoe.MoE(cfg).init(jax.random.key(0), jnp.ones((1, 3, D)))
+    y, stats = jmoe.MoE(cfg).apply(variables, jnp.ones((1, 0, D)))
+    assert y.shape == (1, 0, D)
+    assert all(bool(jnp.all(jnp.isfinite(v))) for v in stats.values())
+    assert float(stats["active_experts"]) == 0.0

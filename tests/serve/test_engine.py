@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import SLOTS, TOKENIZER_VOCAB
 
+import jmoe
 from jmoe.lm.param_layout import stack_layers
 from jmoe.serve import Engine, InvalidRequestError, SamplingParams
 from jmoe.serve.steps import compilations
@@ -162,3 +163,10 @@ def test_from_run_names_what_is_missing(tmp_path):
         Engine.from_run(tmp_path / "partial")
     message = str(info.value)
     assert "config.yaml" in message and "checkpoint" in message and "tokenizer" not in message
+
+
+def test_a_non_causal_router_is_refused_and_serving_is_dropless(engine):
+    moe = dataclasses.replace(engine.config.moe, router=jmoe.ExpertChoice(allow_noncausal=True))
+    with pytest.raises(ValueError, match="'expert_choice' is not causal"):
+        Engine(dataclasses.replace(engine.config, moe=moe), {}, tokenizer=None)
+    assert engine.config.moe.capacity_factor is None

@@ -4,6 +4,8 @@ errors."""
 
 import concurrent.futures
 import json
+import pathlib
+import re
 import time
 
 import httpx
@@ -219,3 +221,17 @@ def test_chat_applies_the_template(client, engine, monkeypatch):
         model=engine.name, messages=messages, max_tokens=5, temperature=0, stream=True
     )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want.text
+
+
+def test_the_readme_client_example_runs_against_a_server(server, engine):
+    """The README's openai example, pointed at this test's server, model and key."""
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    (block,) = [
+        b for b in re.findall(r"^```python\n(.*?)^```", readme, re.M | re.S) if "openai" in b
+    ]
+    block = block.replace("http://127.0.0.1:8000/v1", f"{server.url}/v1")
+    block = block.replace('api_key="unused"', f"api_key={API_KEY!r}")
+    block = block.replace('model="tiny"', f"model={engine.name!r}")
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["out"].choices[0].text and "jmoe" in namespace["out"].model_extra
