@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import typing
 
 from jmoe import validation
 from jmoe.kernels import ACTIVATIONS, IMPLEMENTATIONS
@@ -23,27 +24,6 @@ CHAIN_RESIDUALS = ("prenorm", "coe")
 
 _check = functools.partial(validation.check, owner="MoEConfig")
 _check_choice = functools.partial(validation.check_choice, owner="MoEConfig")
-
-# Flat fields of earlier versions, now fields of a router object: old key -> new spelling.
-MOVED_FIELDS = {
-    "top_k": "router.k (router: {kind: top_k, k: 2})",
-    "score": "router.score (router: {kind: top_k, score: sigmoid})",
-    "normalize": "router.normalize",
-    "renorm_when_k1": "router.renorm_when_k1",
-    "scale": "router.scale",
-    "n_groups": "router.n_groups",
-    "top_groups": "router.top_groups",
-    "bias_update_rate": "router.bias_update_rate",
-    "seq_balance_coef": "router.seq_balance_coef",
-    "num_null": "router.num_null (router: {kind: null_experts, num_null: 8, k: 4})",
-    "null_balance": "router.null_balance (router: {kind: null_experts, ...})",
-    "top_p": "router.p (router: {kind: top_p, p: 0.4})",
-    "max_k": "router.max_k (router: {kind: top_p, ...})",
-    "top_p_boundary": "router.boundary (router: {kind: top_p, ...})",
-    "allow_noncausal": "router.allow_noncausal (router: {kind: expert_choice, ...})",
-    "target_active_experts": "router.target_active_experts (null_experts or top_p routers)",
-    "budget_rate": "router.budget_rate (null_experts or top_p routers)",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +60,28 @@ class MoEConfig:
       dtype: compute dtype of the experts (the router always runs in float32).
       param_dtype: parameter dtype.
     """
+
+    # Flat fields of earlier versions, now fields of a router object: old key -> new spelling
+    # (the config loader names the new spelling when it meets an old key).
+    MOVED_FIELDS: typing.ClassVar[dict[str, str]] = {
+        "top_k": "router.k (router: {kind: top_k, k: 2})",
+        "score": "router.score (router: {kind: top_k, score: sigmoid})",
+        "normalize": "router.normalize",
+        "renorm_when_k1": "router.renorm_when_k1",
+        "scale": "router.scale",
+        "n_groups": "router.n_groups",
+        "top_groups": "router.top_groups",
+        "bias_update_rate": "router.bias_update_rate",
+        "seq_balance_coef": "router.seq_balance_coef",
+        "num_null": "router.num_null (router: {kind: null_experts, num_null: 8, k: 4})",
+        "null_balance": "router.null_balance (router: {kind: null_experts, ...})",
+        "top_p": "router.p (router: {kind: top_p, p: 0.4})",
+        "max_k": "router.max_k (router: {kind: top_p, ...})",
+        "top_p_boundary": "router.boundary (router: {kind: top_p, ...})",
+        "allow_noncausal": "router.allow_noncausal (router: {kind: expert_choice, ...})",
+        "target_active_experts": "router.target_active_experts (null_experts or top_p routers)",
+        "budget_rate": "router.budget_rate (null_experts or top_p routers)",
+    }
 
     d_model: int = 256
     d_ff: int = 512

@@ -14,7 +14,6 @@ import typing
 
 import yaml
 
-from jmoe.moe.config import MOVED_FIELDS, MoEConfig
 from jmoe.moe.routers import ROUTERS, Router, router_from_dict, router_to_dict
 from jmoe.train.config import Config
 
@@ -165,7 +164,7 @@ def _merge(tree: dict, update: dict, cls: type, prefix: str) -> None:
 
 
 def _unknown_key(cls: type, key: str, path: str, prefix: str, allowed: list[str]) -> str:
-    moved = MOVED_FIELDS.get(key) if cls is MoEConfig else None
+    moved = getattr(cls, "MOVED_FIELDS", {}).get(key)
     if moved is not None:
         return f"config key {path!r} has moved: use {prefix}{moved}"
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
