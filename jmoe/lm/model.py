@@ -357,8 +357,8 @@ def update_moe_state(config: ModelConfig, moe_state: dict, stats: dict[str, jax.
       moe_state: `variables["moe_state"]` (either layer layout).
       stats: the model stats of the step (global over the batch).
     """
-    if not config.moe.router.init_state(config.moe.num_experts, config.moe.chain_steps):
-        return moe_state  # a router without state variables (top-p or null experts, no budget)
+    if not moe_state:  # routers without state variables (top-p or null experts, no budget)
+        return moe_state
     locations = layer_locations(config, config.scan_layers)
     state = jax.tree.map(lambda a: a, moe_state)  # a fresh nested dict to write into
     for row, layer in enumerate(moe_layers(config)):
