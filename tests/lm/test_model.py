@@ -12,7 +12,7 @@ from model_reference import ref_transformer
 import jmoe
 from jmoe.lm.config import ModelConfig
 from jmoe.lm.model import Transformer, flops_per_token, init_cache, update_moe_state
-from jmoe.lm.param_layout import layer_segments, stack_layers, unstack_layers
+from jmoe.lm.param_layout import LayerKind, layer_segments, stack_layers, unstack_layers
 from jmoe.moe.config import MoEConfig
 
 B, S, V = 2, 6, 32
@@ -202,7 +202,8 @@ def test_scan_with_remat_matches_unrolled():
     )
     variables = _init(cfg, bias_scale=0.05)
     scan_cfg = dataclasses.replace(cfg, scan_layers=True, remat="dots")
-    assert layer_segments(cfg) == [(0, 1, (False,)), (1, 2, (True, False))]
+    dense, moe = LayerKind(moe=False), LayerKind(moe=True)
+    assert layer_segments(cfg) == [(0, 1, (dense,)), (1, 2, (moe, dense))]
     scanned = {k: stack_layers(cfg, v) for k, v in variables.items()}
     assert set(scanned["params"]) == {"embed", "final_norm", "stacks_0", "stacks_1"}
     assert scanned["params"]["stacks_1"]["block_0"]["moe"]["router"]["kernel"].shape == (2, 16, 4)
