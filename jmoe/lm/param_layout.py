@@ -61,8 +61,11 @@ def layer_segments(config: ModelConfig) -> list[tuple[int, int, tuple[LayerKind,
 
 
 def _unit_size(kinds: list[LayerKind], period: int) -> int:
-    """The smallest multiple of `period` that `kinds` repeat with (its whole length if none)."""
+    """The smallest multiple of `period` that `kinds` repeat with, longer ones only where they
+    repeat at least twice (else the whole length: one unit)."""
     for size in range(period, len(kinds), period):
+        if size > period and 2 * size > len(kinds):
+            break
         if all(kind == kinds[i % size] for i, kind in enumerate(kinds)):
             return size
     return len(kinds)
