@@ -400,7 +400,8 @@ def flops_per_token(config: ModelConfig, seq_len: int, active_experts=None) -> f
     The weight term counts the attention projections, dense FFNs, routers, the routed experts
     actually computed, shared experts and the output projection (the embedding lookup is not a
     matmul); the attention term is the PaLM count of the score and value matmuls over all S
-    positions (the causal mask is not subtracted).
+    positions (the causal mask is not subtracted). With `config.mla` the projections are MLA's
+    and A is the mean of its query/key and value head widths (the expanded training form).
 
     Args:
       config: the model config.
@@ -415,12 +416,16 @@ def flops_per_token(config: ModelConfig, seq_len: int, active_experts=None) -> f
     if active_experts is None:
         active_experts = moe.expected_active_experts
     active_L = np.broadcast_to(np.asarray(active_experts, np.float64), (n_moe,))
+    attention_weights = d * a * (2 * h + 2 * g)
+    if config.mla is not None:
+        attention_weights = config.mla.weights(d, h)
+        a = (config.mla.qk_head_dim + config.mla.v_head_dim) / 2
     matrices = mlp_matrix_count(moe.activation)
     shared = moe.chain_steps * d * (matrices * moe.shared_width + int(moe.shared_gate))
     moe_weights = n_moe * (moe.chain_steps * d * moe.num_router_outputs + shared)
     moe_weights += matrices * d * moe.d_ff * float(active_L.sum())
     weights = (
-        config.n_layers * d * a * (2 * h + 2 * g)
+        config.n_layers * attention_weights
         + (config.n_layers - n_moe) * 3 * d * config.d_ff
         + moe_weights
         + d * config.vocab_size

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from mla_reference import ref_yarn
 from model_reference import ref_rope
 
 from jmoe.lm.rope import (
@@ -14,27 +15,6 @@ from jmoe.lm.rope import (
     rope,
     yarn_mscale,
 )
-
-
-def ref_yarn(dim, theta, factor, length, beta_fast=32.0, beta_slow=1.0, truncate=True):
-    """YaRN's frequencies in float64, written from the method's description.
-
-    Frequency i turns `length * f_i / (2 pi)` times over the pretraining context. Solving
-    `turns(i) = beta` for i gives the bounds of a linear ramp in i: below the `beta_fast` bound
-    the frequency is kept, above the `beta_slow` bound it is divided by `factor`.
-    """
-    base = theta ** (-2.0 * np.arange(dim // 2) / dim)
-
-    def index_turning(beta):
-        return np.log(length / (2 * np.pi * beta)) / np.log(theta) * dim / 2
-
-    low, high = index_turning(beta_fast), index_turning(beta_slow)
-    if truncate:
-        low, high = np.floor(low), np.ceil(high)
-    low, high = max(low, 0.0), min(high, dim - 1.0)
-    width = high - low if high != low else 1e-3
-    interpolated_share = np.clip((np.arange(dim // 2) - low) / width, 0, 1)
-    return base * (1 - interpolated_share) + base / factor * interpolated_share
 
 
 @pytest.mark.parametrize(
