@@ -123,8 +123,43 @@ def write_latent_cache(cache: MLACache, latent_BxSxR, k_rope_BxSxP, positions_Bx
 
 
 def _softmax(scores_BxHxSxT: jax.Array, visible_BxSxT: jax.Array) -> jax.Array:
-    visible = visible_BxSxT[:, None]
-    return jax.nn.softmax(jnp.where(visible, scores_BxHxSxT, jnp.finfo(jnp.float32).min), axis=-1)
+    """Float32 softmax over the visible keys (each query sees at least one)."""
+    scores_BxHxSxT = jnp.where(visible_BxSxT[:, None], scores_BxHxSxT, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores_BxHxSxT, axis=-1)
+
+
+def attend_expanded(
+    q_nope_BxSxHxN, q_rope_BxSxHxP, latent_BxTxR, k_rope_BxTxP, kv_b_RxHxC, visible_BxSxT, scale
+) -> jax.Array:
+    """MLA with keys and values expanded from the latents: `[B, S, H, W]` in the latents' dtype.
+
+    `kv_b_RxHxC` holds per head the key part (`C[:N]`) and the value part (`C[N:]`).
+    """
+    n = q_nope_BxSxHxN.shape[-1]
+    kv_BxTxHxC = jnp.einsum("btr,rhc->bthc", latent_BxTxR, kv_b_RxHxC)
+    k_nope_BxTxHxN, v_BxTxHxW = kv_BxTxHxC[..., :n], kv_BxTxHxC[..., n:]
+    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+    scores_BxHxSxT = f32("bshn,bthn->bhst", q_nope_BxSxHxN, k_nope_BxTxHxN)
+    scores_BxHxSxT += f32("bshp,btp->bhst", q_rope_BxSxHxP, k_rope_BxTxP)
+    probs = _softmax(scores_BxHxSxT * scale, visible_BxSxT).astype(v_BxTxHxW.dtype)
+    return jnp.einsum("bhst,bthw->bshw", probs, v_BxTxHxW)
+
+
+def attend_absorbed(
+    q_nope_BxSxHxN, q_rope_BxSxHxP, latent_BxTxR, k_rope_BxTxP, kv_b_RxHxC, visible_BxSxT, scale
+) -> jax.Array:
+    """`attend_expanded` computed on the latents themselves, never building a per-position key
+    or value (the decode form: T cached positions, few queries)."""
+    n = q_nope_BxSxHxN.shape[-1]
+    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+    # 1. The key part of kv_b moves onto the query: q_N . (W_kb c) = (W_kb^T q_N) . c.
+    q_latent_BxSxHxR = jnp.einsum("bshn,rhn->bshr", q_nope_BxSxHxN, kv_b_RxHxC[..., :n])
+    scores_BxHxSxT = f32("bshr,btr->bhst", q_latent_BxSxHxR, latent_BxTxR)
+    scores_BxHxSxT += f32("bshp,btp->bhst", q_rope_BxSxHxP, k_rope_BxTxP)
+    probs = _softmax(scores_BxHxSxT * scale, visible_BxSxT).astype(latent_BxTxR.dtype)
+    # 2. The value part applies after the weighted sum: sum_t p_t W_vb c_t = W_vb sum_t p_t c_t.
+    context_BxSxHxR = jnp.einsum("bhst,btr->bshr", probs, latent_BxTxR)
+    return jnp.einsum("bshr,rhw->bshw", context_BxSxHxR, kv_b_RxHxC[..., n:])
 
 
 class MLA(nn.Module):
@@ -177,42 +212,31 @@ class MLA(nn.Module):
         else:
             q_BxSxL = norm(name="q_a_norm")(dense(cfg.q_lora_rank, name="q_a")(x_BxSxD))
             q_BxSxHxQ = dense((h, cfg.qk_head_dim), name="q_b")(q_BxSxL.astype(self.dtype))
-        q_nope_BxSxHxN, q_rope_BxSxHxP = jnp.split(q_BxSxHxQ, [n], axis=-1)
+        q_nope_BxSxHxN, q_rope_BxSxHxP = q_BxSxHxQ[..., :n], q_BxSxHxQ[..., n:]
         q_rope_BxSxHxP = rope(q_rope_BxSxHxP, positions_BxS, self.rope_theta, self.rope_scaling)
         kv_BxSxC = dense(r + p, name="kv_a")(x_BxSxD)
         latent_BxSxR = norm(name="kv_a_norm")(kv_BxSxC[..., :r]).astype(self.dtype)
-        k_rope_BxSx1xP = rope(
+        k_rope_BxSxP = rope(
             kv_BxSxC[..., None, r:], positions_BxS, self.rope_theta, self.rope_scaling
-        )
+        )[:, :, 0]
         kv_b_RxHxC = _Kernel((r, h, n + w), self.param_dtype, name="kv_b")().astype(self.dtype)
         scale = cfg.qk_head_dim**-0.5
         if self.rope_scaling is not None:
             scale *= self.rope_scaling.softmax_scale_factor
-        f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
         if cache is None:
-            kv_BxSxHxC = jnp.einsum("bsr,rhc->bshc", latent_BxSxR, kv_b_RxHxC)
-            k_nope_BxSxHxN, v_BxSxHxW = jnp.split(kv_BxSxHxC, [n], axis=-1)
-            scores_BxHxSxT = f32("bshn,bthn->bhst", q_nope_BxSxHxN, k_nope_BxSxHxN) + f32(
-                "bshp,btp->bhst", q_rope_BxSxHxP, k_rope_BxSx1xP[:, :, 0]
-            )
             s = x_BxSxD.shape[1]
-            probs = _softmax(scores_BxHxSxT * scale, jnp.tril(jnp.ones((s, s), bool))[None])
-            out_BxSxHxW = jnp.einsum("bhst,bthw->bshw", probs.astype(self.dtype), v_BxSxHxW)
+            visible_BxSxT = jnp.tril(jnp.ones((s, s), bool))[None]
+            out_BxSxHxW = attend_expanded(
+                q_nope_BxSxHxN, q_rope_BxSxHxP, latent_BxSxR, k_rope_BxSxP, kv_b_RxHxC,
+                visible_BxSxT, scale,
+            )  # fmt: skip
         else:
-            cache = write_latent_cache(cache, latent_BxSxR, k_rope_BxSx1xP[:, :, 0], positions_BxS)
-            latent_BxMxR = cache["latent"].astype(self.dtype)
-            k_rope_BxMxP = cache["k_rope"].astype(self.dtype)
-            # 1. Absorb the key part of kv_b into the query: q_N . (W_kb c) = (W_kb^T q_N) . c.
-            q_latent_BxSxHxR = jnp.einsum("bshn,rhn->bshr", q_nope_BxSxHxN, kv_b_RxHxC[..., :n])
-            scores_BxHxSxM = f32("bshr,bmr->bhsm", q_latent_BxSxHxR, latent_BxMxR) + f32(
-                "bshp,bmp->bhsm", q_rope_BxSxHxP, k_rope_BxMxP
-            )
-            m = latent_BxMxR.shape[1]
+            cache = write_latent_cache(cache, latent_BxSxR, k_rope_BxSxP, positions_BxS)
+            m = cache["latent"].shape[1]
             visible_BxSxM = jnp.arange(m)[None, None, :] <= positions_BxS[:, :, None]
-            probs = _softmax(scores_BxHxSxM * scale, visible_BxSxM).astype(self.dtype)
-            # 2. ... and its value part after the weighted sum:
-            # sum_t p_t W_vb c_t = W_vb sum_t p_t c_t.
-            context_BxSxHxR = jnp.einsum("bhsm,bmr->bshr", probs, latent_BxMxR)
-            out_BxSxHxW = jnp.einsum("bshr,rhw->bshw", context_BxSxHxR, kv_b_RxHxC[..., n:])
+            out_BxSxHxW = attend_absorbed(
+                q_nope_BxSxHxN, q_rope_BxSxHxP, cache["latent"].astype(self.dtype),
+                cache["k_rope"].astype(self.dtype), kv_b_RxHxC, visible_BxSxM, scale,
+            )  # fmt: skip
         o = dense(x_BxSxD.shape[-1], axis=(-2, -1), name="o")
         return o(out_BxSxHxW), cache
