@@ -1,9 +1,11 @@
 """Decoder-only transformer LM with MoE feed-forward layers (Flax Linen).
 
-Training / eval forward (logits float32):
+Training / eval forward (logits float32; with packed documents, `segment_ids_BxS` keeps each
+token inside its document and restarts positions there):
 
     logits_BxSxV, stats = Transformer(cfg).apply(
-        variables, tokens_BxS, deterministic=False, token_mask_BxS=mask, rngs={"jitter": key})
+        variables, tokens_BxS, deterministic=False, token_mask_BxS=mask,
+        segment_ids_BxS=segments, rngs={"jitter": key})
 
 Incremental decoding with an explicit KV cache (`init_cache`): a prefill of the prompt and then
 one token at a time give the same logits as the full forward (for dropless MoE layers). Each row
@@ -42,6 +44,7 @@ import numpy as np
 
 from jmoe.lm.attention import Attention, segment_positions
 from jmoe.lm.config import ModelConfig
+from jmoe.lm.mla import MLA
 from jmoe.lm.param_layout import LayerKind, layer_locations, layer_segments, moe_layers
 from jmoe.moe.layer import MoE, SharedMLP, update_state
 from jmoe.moe.stats import mlp_matrix_count
@@ -72,23 +75,36 @@ class Block(nn.Module):
         norm = functools.partial(
             nn.RMSNorm, cfg.norm_eps, dtype=jnp.float32, param_dtype=param_dtype
         )
-        attn = Attention(
-            cfg.n_heads,
-            cfg.kv_heads,
-            cfg.dim_per_head,
-            cfg.rope_theta,
-            cfg.qk_norm,
-            cfg.qkv_bias,
-            cfg.norm_eps,
-            dtype,
-            param_dtype,
-            qk_norm_scope=cfg.qk_norm_scope,
-            o_bias=cfg.o_bias,
-            attention_sinks=cfg.attention_sinks,
-            sliding_window=self.window,
-            attention_impl=cfg.attention_impl,
-            name="attn",
-        )
+        if cfg.mla is not None:
+            attn = MLA(
+                cfg.mla,
+                cfg.n_heads,
+                cfg.rope_theta,
+                cfg.rope_scaling,
+                cfg.norm_eps,
+                dtype,
+                param_dtype,
+                name="attn",
+            )
+        else:
+            attn = Attention(
+                cfg.n_heads,
+                cfg.kv_heads,
+                cfg.dim_per_head,
+                cfg.rope_theta,
+                cfg.qk_norm,
+                cfg.qkv_bias,
+                cfg.norm_eps,
+                dtype,
+                param_dtype,
+                qk_norm_scope=cfg.qk_norm_scope,
+                rope_scaling=cfg.rope_scaling,
+                o_bias=cfg.o_bias,
+                attention_sinks=cfg.attention_sinks,
+                sliding_window=self.window,
+                attention_impl=cfg.attention_impl,
+                name="attn",
+            )
         h_BxSxD = norm(name="attn_norm")(x_BxSxD)
         a_BxSxD, cache = attn(h_BxSxD, positions_BxS, cache, segment_ids_BxS)
         x_BxSxD = x_BxSxD + a_BxSxD.astype(jnp.float32)
@@ -373,10 +389,17 @@ def init_cache(
       dtype: cache dtype (default `config.dtype`).
 
     Returns:
-      `{"k": [L, B, M, G, A], "v": [L, B, M, G, A]}` zeros.
+      `{"k": [L, B, M, G, A], "v": [L, B, M, G, A]}` zeros, or with `config.mla` the compressed
+      `{"latent": [L, B, M, kv_lora_rank], "k_rope": [L, B, M, qk_rope_head_dim]}`.
     """
     max_len = config.max_seq_len if max_len is None else max_len
     dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+    if config.mla is not None:
+        rows = (config.n_layers, batch_size, max_len)
+        return {
+            "latent": jnp.zeros((*rows, config.mla.kv_lora_rank), dtype),
+            "k_rope": jnp.zeros((*rows, config.mla.qk_rope_head_dim), dtype),
+        }
     shape = (config.n_layers, batch_size, max_len, config.kv_heads, config.dim_per_head)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
@@ -414,7 +437,8 @@ def flops_per_token(config: ModelConfig, seq_len: int, active_experts=None) -> f
     The weight term counts the attention projections, dense FFNs, routers, the routed experts
     actually computed, shared experts and the output projection (the embedding lookup is not a
     matmul); the attention term is the PaLM count of the score and value matmuls over all S
-    positions (the causal mask is not subtracted).
+    positions (the causal mask is not subtracted). With `config.mla` the projections are MLA's
+    and A is the mean of its query/key and value head widths (the expanded training form).
 
     Args:
       config: the model config.
@@ -429,12 +453,16 @@ def flops_per_token(config: ModelConfig, seq_len: int, active_experts=None) -> f
     if active_experts is None:
         active_experts = moe.expected_active_experts
     active_L = np.broadcast_to(np.asarray(active_experts, np.float64), (n_moe,))
+    attention_weights = d * a * (2 * h + 2 * g)
+    if config.mla is not None:
+        attention_weights = config.mla.weights(d, h)
+        a = (config.mla.qk_head_dim + config.mla.v_head_dim) / 2
     matrices = mlp_matrix_count(moe.activation)
     shared = moe.chain_steps * d * (matrices * moe.shared_width + int(moe.shared_gate))
     moe_weights = n_moe * (moe.chain_steps * d * moe.num_router_outputs + shared)
     moe_weights += matrices * d * moe.d_ff * float(active_L.sum())
     weights = (
-        config.n_layers * d * a * (2 * h + 2 * g)
+        config.n_layers * attention_weights
         + (config.n_layers - n_moe) * 3 * d * config.d_ff
         + moe_weights
         + d * config.vocab_size

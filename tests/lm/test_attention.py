@@ -14,13 +14,13 @@ from jmoe.lm.attention import (
     Attention,
     attend,
     dot_product_attend,
-    rope,
     same_segment,
     segment_positions,
     visible_keys,
     write_cache,
 )
 from jmoe.lm.config import ModelConfig
+from jmoe.lm.rope import rope
 
 B, S, D = 2, 5, 16
 

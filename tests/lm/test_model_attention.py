@@ -12,6 +12,7 @@ from model_reference import ref_transformer
 from test_model import _apply, _config, _grads, _init, _tokens
 
 from jmoe.lm.config import ModelConfig
+from jmoe.lm.mla import MLAConfig
 from jmoe.lm.model import Transformer
 from jmoe.lm.param_layout import LayerKind, layer_segments, stack_layers, unstack_layers
 from jmoe.train import data, trainer
@@ -127,3 +128,21 @@ def test_packed_window_loss_is_the_sum_of_document_losses():
     changed_logits, _ = _apply(cfg, variables, changed, segment_ids_BxS=segments)
     np.testing.assert_array_equal(changed_logits[~first], packed_logits[~first])
     assert not np.allclose(changed_logits[first], packed_logits[first])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(attention_sinks=True), dict(mla=MLAConfig(8, 4, 6, 5))],
+    ids=["gqa_sinks", "mla"],
+)
+def test_packed_documents_equal_documents_alone(overrides):
+    """Two documents packed in one row give the logits of each document run alone."""
+    cfg = _config(n_layers=2, **overrides)
+    variables = _init(cfg, bias_scale=0.05)
+    tokens = _tokens(12)
+    segments = np.array([[0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1]])
+    packed, _ = _apply(cfg, variables, tokens, segment_ids_BxS=segments)
+    for b, cut in enumerate((4, 2)):
+        for cols in (slice(0, cut), slice(cut, None)):
+            alone, _ = _apply(cfg, variables, tokens[b : b + 1, cols])
+            np.testing.assert_allclose(packed[b, cols], alone[0], atol=1e-5)
