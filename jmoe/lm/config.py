@@ -91,7 +91,7 @@ class ModelConfig:
         _check(
             "head_dim",
             self.head_dim,
-            self.head_dim is not None or self.d_model % self.n_heads == 0,
+            self.head_dim is not None or self.mla is not None or self.d_model % self.n_heads == 0,
             f"set explicitly when d_model={self.d_model} is not a multiple of "
             f"n_heads={self.n_heads}",
             owner,
@@ -119,6 +119,15 @@ class ModelConfig:
                 value,
                 value is None or isinstance(value, kind),
                 f"None or a {kind.__name__}",
+                owner,
+            )
+        for name in ("qk_norm", "qkv_bias"):
+            value = getattr(self, name)
+            _check(
+                name,
+                value,
+                self.mla is None or not value,
+                "False with mla (multi-head latent attention normalises its latents instead)",
                 owner,
             )
         if not isinstance(self.moe, MoEConfig):
