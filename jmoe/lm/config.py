@@ -103,6 +103,15 @@ class ModelConfig:
             "None or an even integer >= 2 (RoPE rotates pairs)",
             owner,
         )
+        for name in ("qk_norm", "qkv_bias"):
+            value = getattr(self, name)
+            _check(
+                name,
+                value,
+                self.mla is None or not value,
+                "False with mla (multi-head latent attention normalises its latents instead)",
+                owner,
+            )
         _check("rope_theta", self.rope_theta, self.rope_theta > 0, "a number > 0", owner)
         _check("norm_eps", self.norm_eps, self.norm_eps > 0, "a number > 0", owner)
         for name in ("first_dense_layers", "moe_every"):
@@ -119,15 +128,6 @@ class ModelConfig:
                 value,
                 value is None or isinstance(value, kind),
                 f"None or a {kind.__name__}",
-                owner,
-            )
-        for name in ("qk_norm", "qkv_bias"):
-            value = getattr(self, name)
-            _check(
-                name,
-                value,
-                self.mla is None or not value,
-                "False with mla (multi-head latent attention normalises its latents instead)",
                 owner,
             )
         if not isinstance(self.moe, MoEConfig):
