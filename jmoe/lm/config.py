@@ -106,7 +106,7 @@ class ModelConfig:
         _check(
             "head_dim",
             self.head_dim,
-            self.head_dim is not None or self.d_model % self.n_heads == 0,
+            self.head_dim is not None or self.mla is not None or self.d_model % self.n_heads == 0,
             f"set explicitly when d_model={self.d_model} is not a multiple of "
             f"n_heads={self.n_heads}",
             owner,
@@ -118,6 +118,15 @@ class ModelConfig:
             "None or an even integer >= 2 (RoPE rotates pairs)",
             owner,
         )
+        for name in ("qk_norm", "qkv_bias"):
+            value = getattr(self, name)
+            _check(
+                name,
+                value,
+                self.mla is None or not value,
+                "False with mla (multi-head latent attention normalises its latents instead)",
+                owner,
+            )
         _check("rope_theta", self.rope_theta, self.rope_theta > 0, "a number > 0", owner)
         _check("norm_eps", self.norm_eps, self.norm_eps > 0, "a number > 0", owner)
         for name in ("first_dense_layers", "moe_every"):

@@ -230,6 +230,16 @@ def test_config_errors(fields, fragment):
         MLAConfig(**{**base, **fields})
 
 
+def test_model_config_checks_with_mla():
+    with pytest.raises(ValueError, match="ModelConfig.qk_norm=True is invalid: must be False with"):
+        _model_config(qk_norm=True)
+    with pytest.raises(
+        ValueError, match="ModelConfig.qkv_bias=True is invalid: must be False with"
+    ):
+        _model_config(qkv_bias=True)
+    assert _model_config(d_model=18).mla is not None  # heads need not divide d_model
+
+
 def test_model_config_refuses_plain_dicts_for_sections():
     with pytest.raises(ValueError, match="ModelConfig.mla=.* must be None or a MLAConfig"):
         _model_config(mla={"kv_lora_rank": 8})

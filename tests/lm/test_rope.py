@@ -3,11 +3,13 @@ layout's permutation."""
 
 import math
 
+import jax
 import numpy as np
 import pytest
-from mla_reference import ref_yarn
+from mla_reference import ref_rotate, ref_yarn
 from model_reference import ref_rope
 
+from jmoe.lm.attention import Attention
 from jmoe.lm.rope import (
     YarnScaling,
     interleaved_to_half_permutation,
@@ -156,3 +158,31 @@ def test_bad_values_are_refused():
     ]:
         with pytest.raises(ValueError, match=fragment):
             YarnScaling(**{"factor": 4.0, "original_max_position_embeddings": 64, **fields})
+
+
+def test_attention_rotates_with_yarn():
+    """Grouped-query attention passes its `rope_scaling` on: head by head, the output is softmax
+    attention over queries and keys turned by YaRN's frequencies and scaled by its factor."""
+    rng = np.random.default_rng(5)
+    h, g, a, d, s = 4, 2, 8, 12, 5
+    scaling = YarnScaling(8.0, 16, beta_fast=4.0, beta_slow=1.0)
+    module = Attention(h, g, a, 100.0, rope_scaling=scaling)
+    x = rng.standard_normal((1, s, d)).astype(np.float32)
+    positions = np.arange(s)[None] + 30
+    shapes = jax.eval_shape(module.init, jax.random.key(0), x, positions)["params"]
+    params = jax.tree.map(
+        lambda leaf: 0.3 * rng.standard_normal(leaf.shape).astype(np.float32), shapes
+    )
+    out, _ = jax.jit(module.apply)({"params": params}, x, positions)
+    w = {n: np.asarray(params[n]["kernel"], np.float64) for n in ("q", "k", "v", "o")}
+    freq = ref_yarn(a, 100.0, 8.0, 16, 4.0, 1.0)
+    magnitude = 0.1 * math.log(8.0) + 1
+    want = np.zeros((s, d))
+    for head in range(h):
+        kv = head // (h // g)
+        q = ref_rotate(x[0] @ w["q"][:, head], positions[0], freq, magnitude)
+        k = ref_rotate(x[0] @ w["k"][:, kv], positions[0], freq, magnitude)
+        scores = np.where(np.tri(s, dtype=bool), q @ k.T / np.sqrt(a), -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        want += (probs / probs.sum(-1, keepdims=True)) @ (x[0] @ w["v"][:, kv]) @ w["o"][head]
+    np.testing.assert_allclose(np.asarray(out[0]), want, atol=2e-4, rtol=2e-4)

@@ -212,6 +212,7 @@ def test_preset_routing_features():
         return load_config(os.path.join(os.path.dirname(PRESETS[0]), name)).model
 
     ds = preset("deepseek_v3_style.yaml")
+    assert ds.mla == MLAConfig(512, 128, 64, 128)
     assert (
         ds.moe.router.score,
         ds.moe.router.n_groups,
