@@ -168,14 +168,18 @@ class ModelConfig:
             "logits)",
             owner,
         )
-        if self.mla is not None:
+        for name, off in (
+            ("attention_sinks", not self.attention_sinks),
+            ("o_bias", not self.o_bias),
+            ("layer_types", self.layer_types is None),
+            ("attention_impl", self.attention_impl != "dot_product"),
+        ):
             _check(
-                "mla",
-                "set",
-                not (self.attention_sinks or self.o_bias or self.attention_impl == "dot_product")
-                and self.layer_types is None,
-                "None with attention_sinks, o_bias, layer_types or attention_impl='dot_product' "
-                "(multi-head latent attention has none of them)",
+                name,
+                getattr(self, name),
+                self.mla is None or off,
+                "left at its default with mla (multi-head latent attention has no sinks, output "
+                "bias or sliding layers, and runs the plain path)",
                 owner,
             )
         if self.layer_types is None:

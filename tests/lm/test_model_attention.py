@@ -75,7 +75,8 @@ def test_scan_of_alternating_layer_types_matches_unrolled():
         (dict(layer_types=(FULL, "local", FULL), sliding_window=4), "n_layers=3 entries"),
         (dict(sliding_window=0), "sliding_window=0 is invalid"),
         (dict(attention_impl="flash"), "attention_impl='flash' is invalid"),
-        (dict(mla=MLAConfig(8, 4, 6, 5), attention_sinks=True), "ModelConfig.mla="),
+        (dict(mla=MLAConfig(8, 4, 6, 5), attention_sinks=True), "attention_sinks=True is invalid"),
+        (dict(mla=MLAConfig(8, 4, 6, 5), attention_impl="dot_product"), "default with mla"),
     ],
 )
 def test_attention_config_errors(overrides, match):
