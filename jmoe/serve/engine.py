@@ -44,7 +44,7 @@ class Engine:
     Args:
       config: the model's `ModelConfig` (or a run's `Config`, whose `model` is used).
       variables: `{"params": ..., "moe_state": ...}` in the config's layer layout.
-      tokenizer: a `jmoe.train.tokenizer.Tokenizer` (its `eos_id` ends a completion).
+      tokenizer: a `jmoe.train.tokenizer.Tokenizer` (its `eos_ids` end a completion).
       num_slots: requests decoded together.
       max_queue: most requests waiting for a slot (`submit` raises `QueueFullError` beyond).
       name: the model id reported by the server.
@@ -115,9 +115,11 @@ class Engine:
     # ---------------------------------------------------------------------- requests
 
     def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a text prompt (ids are passed through and checked by `check`)."""
+        """Token ids of a text prompt, with the special tokens its tokenizer adds to prompts
+        (`encode_prompt`: a Hugging Face checkpoint's leading BOS); ids are passed through and
+        checked by `check`."""
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode_prompt(prompt)
         return [int(i) for i in prompt]
 
     def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
