@@ -1,0 +1,222 @@
+"""What the decoder families share: the checked reading of `config.json` and the tensor rules
+of the Llama-style skeleton (embedding, attention, norms, dense MLP, output head)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from jmoe.convert import rules
+from jmoe.convert.errors import CheckpointError
+from jmoe.lm.config import ModelConfig
+
+# Fields that never change the forward pass: bookkeeping, token ids, training-only knobs.
+BENIGN_FIELDS = frozenset(
+    {
+        "architectures",
+        "model_type",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "_name_or_path",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "use_cache",
+        "initializer_range",
+        "attention_dropout",
+        "output_router_logits",
+        "router_aux_loss_coef",
+        "router_jitter_noise",
+        "return_dict",
+        "output_attentions",
+        "output_hidden_states",
+        "id2label",
+        "label2id",
+    }
+)
+
+
+class HFConfig:
+    """`config.json` read field by field: every field must be taken, checked or benign.
+
+    `check_all_used()` then refuses any field nobody read, since an unknown field may change
+    the math (a new RoPE variant, a different activation...).
+    """
+
+    def __init__(self, fields: dict, source: str = "config.json"):
+        self.fields, self.source, self._used = dict(fields), source, set(BENIGN_FIELDS)
+
+    def get(self, name: str, default=None):
+        self._used.add(name)
+        value = self.fields.get(name, default)
+        return default if value is None else value
+
+    def require(self, name: str, allowed: tuple, default=None, why: str = "") -> object:
+        """The field's value, which must be in `allowed` (a missing field counts as `default`)."""
+        value = self.get(name, default)
+        if value not in allowed:
+            raise CheckpointError(
+                f"{self.source}: unsupported {name}={value!r}: supported {allowed}"
+                + (f" ({why})" if why else "")
+            )
+        return value
+
+    def check_all_used(self, model_type: str) -> None:
+        unknown = sorted(set(self.fields) - self._used)
+        if unknown:
+            listed = ", ".join(f"{k}={self.fields[k]!r}" for k in unknown)
+            raise CheckpointError(
+                f"{self.source}: unknown config field(s) for model_type {model_type!r}: {listed}; "
+                "they may change the model's math, so the checkpoint is refused"
+            )
+
+
+def rope_theta(hf: HFConfig, default: float = 10000.0) -> float:
+    """The RoPE base from `rope_parameters` (transformers 5) or `rope_theta` / `rope_scaling`
+    (older files); only the default (unscaled) RoPE is supported."""
+    params = dict(hf.get("rope_parameters", {}) or {})
+    legacy_scaling = hf.get("rope_scaling")
+    if legacy_scaling:
+        params = {**dict(legacy_scaling), **params}
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    if rope_type != "default":
+        raise CheckpointError(
+            f"{hf.source}: unsupported rope_parameters.rope_type={rope_type!r}: supported "
+            "('default',)"
+        )
+    theta = params.pop("rope_theta", None)
+    if theta is None:
+        theta = hf.get("rope_theta", default)
+    if params:
+        raise CheckpointError(f"{hf.source}: unsupported rope_parameters fields {params}")
+    return float(theta)
+
+
+def check_silu(hf: HFConfig, name: str = "hidden_act") -> None:
+    hf.require(name, ("silu",), "silu", "jmoe's SwiGLU uses SiLU")
+
+
+def llama_fields(hf: HFConfig) -> dict:
+    """`ModelConfig` fields every family spells the same way."""
+    d_model, n_heads = hf.get("hidden_size"), hf.get("num_attention_heads")
+    head_dim = hf.get("head_dim")
+    return dict(
+        vocab_size=hf.get("vocab_size"),
+        d_model=d_model,
+        n_layers=hf.get("num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads", n_heads),
+        head_dim=None if head_dim in (None, d_model // n_heads) else head_dim,
+        max_seq_len=hf.get("max_position_embeddings"),
+        rope_theta=rope_theta(hf),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def llama_hf_fields(cfg: ModelConfig) -> dict:
+    """The inverse of `llama_fields`."""
+    return dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.dim_per_head,
+        max_position_embeddings=cfg.max_seq_len,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        hidden_act="silu",
+        dtype=cfg.param_dtype,
+    )
+
+
+def layer_path(i: int, *names: str, collection: str = "params") -> rules.Path:
+    return (collection, f"layers_{i}", *names)
+
+
+def expert_paths(i: int) -> tuple[rules.Path, ...]:
+    """The routed experts' `w_gate, w_up, w_down` of MoE layer `i`."""
+    return tuple(layer_path(i, "moe", "experts", w) for w in ("w_gate", "w_up", "w_down"))
+
+
+def attention_rules(cfg: ModelConfig, i: int) -> list[rules.Rule]:
+    """q/k/v/o projections, their biases (`qkv_bias`) and qk-norm scales of layer `i`."""
+    d, h, g, a = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+    hf = f"model.layers.{i}.self_attn"
+    out = [
+        rules.linear(layer_path(i, "attn", "q", "kernel"), f"{hf}.q_proj.weight", (d, h, a)),
+        rules.linear(layer_path(i, "attn", "k", "kernel"), f"{hf}.k_proj.weight", (d, g, a)),
+        rules.linear(layer_path(i, "attn", "v", "kernel"), f"{hf}.v_proj.weight", (d, g, a)),
+        rules.linear(layer_path(i, "attn", "o", "kernel"), f"{hf}.o_proj.weight", (h, a, d), 2),
+    ]
+    if cfg.qkv_bias:
+        for n, heads in (("q", h), ("k", g), ("v", g)):
+            bias = layer_path(i, "attn", n, "bias")
+            out.append(rules.copy(bias, f"{hf}.{n}_proj.bias", (heads * a,), (heads, a)))
+    if cfg.qk_norm:
+        for n, heads in (("q", h), ("k", g)):
+            shape = (a,) if cfg.qk_norm_scope == "head" else (heads, a)
+            out.append(
+                rules.copy(
+                    layer_path(i, "attn", f"{n}_norm", "scale"),
+                    f"{hf}.{n}_norm.weight",
+                    (a,) if cfg.qk_norm_scope == "head" else (heads * a,),
+                    shape,
+                )
+            )
+    return out
+
+
+def dense_mlp_rules(cfg: ModelConfig, path: rules.Path, hf: str, d_ff: int) -> list[rules.Rule]:
+    """A SwiGLU MLP (`{hf}.gate_proj / up_proj / down_proj`) as `path/{w_gate,w_up,w_down}`."""
+    d = cfg.d_model
+    return [
+        rules.linear((*path, "w_gate"), f"{hf}.gate_proj.weight", (d, d_ff)),
+        rules.linear((*path, "w_up"), f"{hf}.up_proj.weight", (d, d_ff)),
+        rules.linear((*path, "w_down"), f"{hf}.down_proj.weight", (d_ff, d)),
+    ]
+
+
+def decoder_rules(
+    cfg: ModelConfig, moe_rules: Callable[[int], list[rules.Rule]]
+) -> list[rules.Rule]:
+    """Every rule of a pre-norm decoder whose MoE layers `moe_rules(i)` maps."""
+    d, v = cfg.d_model, cfg.vocab_size
+    out = [rules.copy(("params", "embed", "embedding"), "model.embed_tokens.weight", (v, d))]
+    for i in range(cfg.n_layers):
+        hf = f"model.layers.{i}"
+        out.append(
+            rules.copy(layer_path(i, "attn_norm", "scale"), f"{hf}.input_layernorm.weight", (d,))
+        )
+        out += attention_rules(cfg, i)
+        out.append(
+            rules.copy(
+                layer_path(i, "ffn_norm", "scale"), f"{hf}.post_attention_layernorm.weight", (d,)
+            )
+        )
+        if cfg.is_moe_layer(i):
+            out += moe_rules(i)
+        else:
+            out += dense_mlp_rules(cfg, layer_path(i, "mlp"), f"{hf}.mlp", cfg.d_ff)
+    out.append(rules.copy(("params", "final_norm", "scale"), "model.norm.weight", (d,)))
+    if not cfg.tie_embeddings:
+        out.append(rules.linear(("params", "lm_head", "kernel"), "lm_head.weight", (d, v)))
+    return out
+
+
+def sparse_layout(hf: HFConfig, n_layers: int) -> dict:
+    """`first_dense_layers` / `moe_every` from Qwen's `decoder_sparse_step` and
+    `mlp_only_layers` (layer i is sparse when `(i + 1) % step == 0` and i is not listed)."""
+    step = hf.get("decoder_sparse_step", 1)
+    dense_only = sorted(hf.get("mlp_only_layers", []) or [])
+    first_dense = step - 1
+    # 1. Listed dense layers are supported when they are a prefix 0..n-1 (first dense layers).
+    if dense_only and (step != 1 or dense_only != list(range(len(dense_only)))):
+        raise CheckpointError(
+            f"{hf.source}: unsupported mlp_only_layers={dense_only} with "
+            f"decoder_sparse_step={step}: supported are leading layers 0..n-1 with step 1"
+        )
+    first_dense = max(first_dense, len(dense_only))
+    return dict(first_dense_layers=min(first_dense, n_layers), moe_every=step)

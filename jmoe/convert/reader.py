@@ -1,0 +1,109 @@
+"""Lazy reading of a Hugging Face checkpoint directory: `config.json` and safetensors files.
+
+A directory holds `config.json` and either one `model.safetensors` or shards listed by
+`model.safetensors.index.json` (`weight_map`: tensor name -> file). Tensors are read one at a
+time with `safetensors.safe_open` (memory-mapped), so a checkpoint larger than host memory can
+be converted tensor by tensor. The reader records which tensors were read, so the caller can
+refuse a checkpoint with tensors left over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from safetensors import safe_open
+
+from jmoe.convert.errors import CheckpointError
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class HFCheckpoint:
+    """A local Hugging Face model directory, read lazily.
+
+    Attributes:
+      path: the directory.
+      config: the parsed `config.json`.
+      weight_map: tensor name -> file name (relative to `path`).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isdir(self.path):
+            raise CheckpointError(f"{self.path!r} is not a directory: pass a local HF model dir")
+        self.config = json.loads(self._read_text(CONFIG_FILE))
+        self.weight_map = self._weight_map()
+        self._handles: dict[str, object] = {}
+        self._used: set[str] = set()
+
+    def _read_text(self, name: str) -> str:
+        file = os.path.join(self.path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"missing file {file!r}: a HF model directory needs {name}")
+        with open(file) as f:
+            return f.read()
+
+    def _weight_map(self) -> dict[str, str]:
+        if os.path.isfile(os.path.join(self.path, INDEX_FILE)):
+            index = json.loads(self._read_text(INDEX_FILE))
+            weight_map = dict(index.get("weight_map", {}))
+            for file in sorted(set(weight_map.values())):
+                if not os.path.isfile(os.path.join(self.path, file)):
+                    raise CheckpointError(
+                        f"missing file {os.path.join(self.path, file)!r}, listed in {INDEX_FILE}"
+                    )
+            return weight_map
+        if not os.path.isfile(os.path.join(self.path, SINGLE_FILE)):
+            raise CheckpointError(
+                f"missing file: {self.path!r} has neither {SINGLE_FILE} nor {INDEX_FILE}"
+            )
+        with safe_open(os.path.join(self.path, SINGLE_FILE), framework="numpy") as f:
+            return dict.fromkeys(f.keys(), SINGLE_FILE)
+
+    def _handle(self, file: str):
+        if file not in self._handles:
+            self._handles[file] = safe_open(os.path.join(self.path, file), framework="numpy")
+        return self._handles[file]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of tensor `name` (without reading its data)."""
+        self._require(name)
+        return tuple(self._handle(self.weight_map[name]).get_slice(name).get_shape())
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """Tensor `name` as a NumPy array (bfloat16 / float8 via `ml_dtypes`), marked as used.
+
+        Raises:
+          CheckpointError: the tensor is missing, or its shape is not `shape` (when given).
+        """
+        self._require(name)
+        file = self.weight_map[name]
+        if shape is not None and (found := self.shape(name)) != tuple(shape):
+            raise CheckpointError(
+                f"tensor {name!r} in {file!r} has shape {found}, expected {tuple(shape)}"
+            )
+        self._used.add(name)
+        return self._handle(file).get_tensor(name)
+
+    def skip(self, name: str) -> None:
+        """Marks `name` as deliberately not converted."""
+        self._used.add(name)
+
+    def _require(self, name: str) -> None:
+        if name not in self.weight_map:
+            where = INDEX_FILE if len(set(self.weight_map.values())) > 1 else SINGLE_FILE
+            raise CheckpointError(f"missing tensor {name!r}: not in {self.path}/{where}")
+
+    def unused(self) -> list[str]:
+        """Tensor names never read or skipped, sorted."""
+        return sorted(set(self.weight_map) - self._used)
+
+    def close(self) -> None:
+        self._handles.clear()

@@ -1,0 +1,137 @@
+"""`jmoe.convert.from_hf` against transformers' own logits (tests/fixtures/hf/*/reference.npz,
+written by tests/fixtures/hf/make_fixtures.py): the full forward, cached decode, both expert
+layouts, the scanned layout and a mesh."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jmoe.convert import from_hf
+from jmoe.lm.model import Transformer, init_cache
+
+FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "hf"
+FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
+TOL = 1e-4
+
+
+def fixture(family):
+    path = FIXTURES / family
+    if not (path / "config.json").exists():
+        pytest.skip(f"no fixture {path}: run tests/fixtures/hf/make_fixtures.py {family}")
+    return path, dict(np.load(path / "reference.npz"))
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    cache = {}
+
+    def load(family, **kwargs):
+        key = (family, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = from_hf(fixture(family)[0], **kwargs)
+        return cache[key]
+
+    return load
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_matches_transformers(family, loaded):
+    _, ref = fixture(family)
+    config, variables = loaded(family)
+    logits, _ = Transformer(config).apply(variables, jnp.asarray(ref["input_ids"]))
+    np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=TOL, rtol=0)
+
+
+def cached_decode(config, variables, ref):
+    """Prefill of the prompt then one greedy token at a time, as the reference was made."""
+    model, prompt = Transformer(config), jnp.asarray(ref["input_ids"][:, : ref["prompt_len"]])
+    b, p = prompt.shape
+    cache = init_cache(config, b, p + ref["decode_ids"].shape[1])
+    positions = jnp.broadcast_to(jnp.arange(p), (b, p))
+    step = jax.jit(lambda t, pos, c: model.apply(variables, t, pos, c, method=model.decode))
+    logits, cache = step(prompt, positions, cache)
+    out = [logits[:, -1]]
+    for j in range(ref["decode_ids"].shape[1]):
+        token = jnp.asarray(ref["decode_ids"][:, j : j + 1])
+        logits, cache = step(token, jnp.full((b, 1), p + j), cache)
+        out.append(logits[:, -1])
+    return np.stack(out, axis=1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decode_matches_transformers(family, loaded):
+    _, ref = fixture(family)
+    config, variables = loaded(family)
+    logits = cached_decode(config, variables, ref)
+    np.testing.assert_allclose(logits, ref["decode_logits"], atol=TOL)
+    # the greedy tokens the reference fed are the argmax of the logits before them
+    assert (ref["decode_logits"][:, :-1].argmax(-1) == ref["decode_ids"]).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_expert_layouts_import_identically(family, loaded):
+    fused_dir, _ = fixture(family)
+    per_expert_dir = FIXTURES / f"{family}_per_expert"
+    fused_config, fused = loaded(family)
+    config, per_expert = from_hf(per_expert_dir)
+    assert config == fused_config
+    jax.tree.map(np.testing.assert_array_equal, per_expert, fused)
+
+
+def test_scanned_layout_gives_the_same_logits(loaded):
+    _, ref = fixture("qwen3_moe")  # dense and MoE layers alternate: two kinds of scan units
+    config, variables = loaded("qwen3_moe")
+    scan_config, scanned = loaded("qwen3_moe", scan_layers=True)
+    assert scan_config.scan_layers and "stacks_0" in scanned["params"]
+    tokens = jnp.asarray(ref["input_ids"])
+    expected, _ = Transformer(config).apply(variables, tokens)
+    logits, _ = Transformer(scan_config).apply(scanned, tokens)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=1e-5)
+
+
+def test_dtype_casts_every_parameter(loaded):
+    config, variables = loaded("mixtral", dtype="bfloat16")
+    assert config.dtype == config.param_dtype == "bfloat16"
+    assert {a.dtype for a in jax.tree.leaves(variables["params"])} == {jnp.dtype("bfloat16")}
+    _, reference = loaded("mixtral")
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(a, b.astype(jnp.bfloat16)),
+        variables["params"],
+        reference["params"],
+    )
+
+
+MESH_SCRIPT = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, numpy as np
+from jmoe import sharding
+from jmoe.convert import from_hf
+from jmoe.lm.model import Transformer
+mesh = sharding.make_mesh(sharding.MeshConfig(data=2, expert=2, tensor=2))
+ref = np.load("{path}/reference.npz")
+for scan in (False, True):
+    config, variables = from_hf("{path}", mesh=mesh, scan_layers=scan)
+    want = sharding.param_shardings(variables, mesh)
+    for leaf, target in zip(jax.tree.leaves(variables), jax.tree.leaves(want)):
+        assert leaf.sharding.is_equivalent_to(target, leaf.ndim), (leaf.sharding, target)
+    logits, _ = Transformer(config).apply(variables, ref["input_ids"])
+    np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol={tol})
+print("mesh: ok")
+"""
+
+
+def test_loads_onto_a_mesh_with_the_parameter_shardings():
+    path, _ = fixture("mixtral")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    script = MESH_SCRIPT.format(path=path, tol=TOL)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and "mesh: ok" in result.stdout, result.stderr[-3000:]
