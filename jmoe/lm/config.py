@@ -43,6 +43,8 @@ class ModelConfig:
       scan_layers: `nn.scan` over identical layers (faster compiles for deep models).
       remat: rematerialisation of each block: "none", "full" or "dots" (save matmul outputs).
       dtype, param_dtype: compute and parameter dtypes (attention softmax and norms in float32).
+      init_from: a Hugging Face checkpoint directory a training run starts from; the fields that
+        shape the weights then come from its config.json (`jmoe.train.init_from`).
     """
 
     vocab_size: int = 512
@@ -66,6 +68,7 @@ class ModelConfig:
     remat: str = "none"
     dtype: str = "float32"
     param_dtype: str = "float32"
+    init_from: str | None = None
 
     def __post_init__(self):
         owner = "ModelConfig"
@@ -104,6 +107,13 @@ class ModelConfig:
         _check_choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES, owner)
         _check_choice("dtype", self.dtype, DTYPES, owner)
         _check_choice("param_dtype", self.param_dtype, DTYPES, owner)
+        _check(
+            "init_from",
+            self.init_from,
+            self.init_from is None or bool(str(self.init_from).strip()),
+            "None or a Hugging Face checkpoint directory",
+            owner,
+        )
         if not isinstance(self.moe, MoEConfig):
             raise ValueError(f"ModelConfig.moe must be a MoEConfig, got {type(self.moe)}")
         if self.moe.d_model != self.d_model:

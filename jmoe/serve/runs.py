@@ -86,7 +86,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
             + "; ".join(missing)
             + ". Train one with `python train.py --workdir DIR` (it writes all of these)"
         )
-    config = load_config(root / CONFIG_FILE)
+    config = load_config(root / CONFIG_FILE, resolve_init_from=False)
     step = _latest_step(root / CHECKPOINT_DIR)
     return Run(
         name=root.resolve().name,
