@@ -206,17 +206,41 @@ def decoder_rules(
     return out
 
 
+def routed_moe_rules(cfg: ModelConfig, i: int) -> list[rules.Rule]:
+    """Router `mlp.gate.weight` and the routed experts `mlp.experts` of MoE layer `i`."""
+    d, e, f = cfg.d_model, cfg.moe.num_experts, cfg.moe.d_ff
+    hf = f"model.layers.{i}.mlp"
+    router = layer_path(i, "moe", "router", "kernel")
+    return [
+        rules.linear(router, f"{hf}.gate.weight", (d, e)),
+        rules.Experts(expert_paths(i), f"{hf}.experts", e, d, f),
+    ]
+
+
 def sparse_layout(hf: HFConfig, n_layers: int) -> dict:
-    """`first_dense_layers` / `moe_every` from Qwen's `decoder_sparse_step` and
-    `mlp_only_layers` (layer i is sparse when `(i + 1) % step == 0` and i is not listed)."""
+    """`first_dense_layers` / `moe_every` from Qwen's `decoder_sparse_step` s and
+    `mlp_only_layers` (layer i is sparse when `(i + 1) % s == 0` and i is not listed)."""
     step = hf.get("decoder_sparse_step", 1)
-    dense_only = sorted(hf.get("mlp_only_layers", []) or [])
-    first_dense = step - 1
-    # 1. Listed dense layers are supported when they are a prefix 0..n-1 (first dense layers).
-    if dense_only and (step != 1 or dense_only != list(range(len(dense_only)))):
+    dense_only = set(hf.get("mlp_only_layers", []) or [])
+    sparse = [i for i in range(n_layers) if i not in dense_only and (i + 1) % step == 0]
+    first = sparse[0] if sparse else n_layers
+    if sparse != list(range(first, n_layers, step)):
         raise CheckpointError(
-            f"{hf.source}: unsupported mlp_only_layers={dense_only} with "
-            f"decoder_sparse_step={step}: supported are leading layers 0..n-1 with step 1"
+            f"{hf.source}: unsupported mlp_only_layers={sorted(dense_only)} with "
+            f"decoder_sparse_step={step}: the sparse layers {sparse} are not every {step}-th "
+            "layer from the first one"
         )
-    first_dense = max(first_dense, len(dense_only))
-    return dict(first_dense_layers=min(first_dense, n_layers), moe_every=step)
+    return dict(first_dense_layers=first, moe_every=step)
+
+
+def sparse_layout_fields(cfg: ModelConfig) -> dict:
+    """The inverse of `sparse_layout`: `decoder_sparse_step` and `mlp_only_layers`."""
+    step, first = cfg.moe_every, cfg.first_dense_layers
+    # 1. HF's sparse layers are i = s-1, 2s-1, ...; jmoe's first one must be among them.
+    if step == 0 or (first + 1) % step:
+        raise CheckpointError(
+            f"ModelConfig first_dense_layers={first}, moe_every={step} has no Qwen MoE "
+            "equivalent: the first MoE layer i must satisfy (i + 1) % moe_every == 0"
+        )
+    mlp_only = [i for i in range(first) if (i + 1) % step == 0]
+    return dict(decoder_sparse_step=step, mlp_only_layers=mlp_only)
