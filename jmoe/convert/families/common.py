@@ -8,6 +8,7 @@ from collections.abc import Callable
 from jmoe.convert import rules
 from jmoe.convert.errors import CheckpointError
 from jmoe.lm.config import ModelConfig
+from jmoe.moe.routers import TopK
 
 # Fields that never change the forward pass: bookkeeping, token ids, training-only knobs.
 BENIGN_FIELDS = frozenset(
@@ -90,6 +91,21 @@ def rope_theta(hf: HFConfig, default: float = 10000.0) -> float:
     if params:
         raise CheckpointError(f"{hf.source}: unsupported rope_parameters fields {params}")
     return float(theta)
+
+
+def softmax_top_k(cfg: ModelConfig) -> bool:
+    """Whether the MoE layers are a plain softmax top-k over SwiGLU experts (no groups, no
+    scaling, one chain step): what Mixtral, OLMoE and the Qwen MoEs compute."""
+    router, moe = cfg.moe.router, cfg.moe
+    return (
+        isinstance(router, TopK)
+        and router.score == "softmax"
+        and router.scale == 1.0
+        and router.n_groups is None
+        and moe.chain_steps == 1
+        and moe.activation == "swiglu"
+        and moe.chain_residual == "prenorm"
+    )
 
 
 def check_silu(hf: HFConfig, name: str = "hidden_act") -> None:

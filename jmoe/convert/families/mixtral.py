@@ -44,7 +44,8 @@ class Mixtral(Family):
 
     def matches(self, cfg):
         plain = not (cfg.qk_norm or cfg.qkv_bias or cfg.moe.shared_width)
-        return plain and cfg.first_dense_layers == 0 and cfg.moe_every == 1
+        layout = cfg.first_dense_layers == 0 and cfg.moe_every == 1
+        return plain and layout and common.softmax_top_k(cfg) and cfg.moe.router.normalize
 
     def rules(self, cfg, ckpt):
         d, e, f = cfg.d_model, cfg.moe.num_experts, cfg.moe.d_ff

@@ -48,7 +48,13 @@ class Olmoe(Family):
         )
 
     def matches(self, cfg):
-        return cfg.qk_norm and cfg.qk_norm_scope == "projection"
+        projection = cfg.qk_norm and cfg.qk_norm_scope == "projection"
+        return (
+            projection
+            and not cfg.qkv_bias
+            and cfg.moe.shared_width == 0
+            and common.softmax_top_k(cfg)
+        )
 
     def rules(self, cfg, ckpt):
         return common.decoder_rules(cfg, lambda i: common.routed_moe_rules(cfg, i))

@@ -85,9 +85,11 @@ class QwenMoe(Family):
         return out
 
     def matches(self, cfg):
-        if cfg.qk_norm:
-            return cfg.qk_norm_scope == "head"
-        return cfg.qkv_bias or cfg.moe.shared_width > 0 or cfg.moe_every != 1
+        if not common.softmax_top_k(cfg):
+            return False
+        if cfg.qk_norm:  # Qwen3-MoE
+            return cfg.qk_norm_scope == "head" and cfg.moe.shared_width == 0
+        return cfg.moe.shared_width == 0 or cfg.moe.shared_gate  # Qwen2-MoE
 
     def rules(self, cfg, ckpt):
         d = cfg.d_model
