@@ -29,6 +29,7 @@ class HFCheckpoint:
       path: the directory.
       config: the parsed `config.json`.
       weight_map: tensor name -> file name (relative to `path`).
+      listing: the file that lists the tensors (the index, or the single safetensors file).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -49,6 +50,7 @@ class HFCheckpoint:
 
     def _weight_map(self) -> dict[str, str]:
         if os.path.isfile(os.path.join(self.path, INDEX_FILE)):
+            self.listing = INDEX_FILE
             index = json.loads(self._read_text(INDEX_FILE))
             weight_map = dict(index.get("weight_map", {}))
             for file in sorted(set(weight_map.values())):
@@ -61,6 +63,7 @@ class HFCheckpoint:
             raise CheckpointError(
                 f"missing file: {self.path!r} has neither {SINGLE_FILE} nor {INDEX_FILE}"
             )
+        self.listing = SINGLE_FILE
         with safe_open(os.path.join(self.path, SINGLE_FILE), framework="numpy") as f:
             return dict.fromkeys(f.keys(), SINGLE_FILE)
 
@@ -98,8 +101,8 @@ class HFCheckpoint:
 
     def _require(self, name: str) -> None:
         if name not in self.weight_map:
-            where = INDEX_FILE if len(set(self.weight_map.values())) > 1 else SINGLE_FILE
-            raise CheckpointError(f"missing tensor {name!r}: not in {self.path}/{where}")
+            where = os.path.join(self.path, self.listing)
+            raise CheckpointError(f"missing tensor {name!r}: not in {where!r}")
 
     def unused(self) -> list[str]:
         """Tensor names never read or skipped, sorted."""

@@ -76,10 +76,10 @@ def rope_theta(hf: HFConfig, default: float = 10000.0) -> float:
     """The RoPE base from `rope_parameters` (transformers 5) or `rope_theta` / `rope_scaling`
     (older files); only the default (unscaled) RoPE is supported."""
     params = dict(hf.get("rope_parameters", {}) or {})
-    legacy_scaling = hf.get("rope_scaling")
-    if legacy_scaling:
-        params = {**dict(legacy_scaling), **params}
-    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    legacy = dict(hf.get("rope_scaling", {}) or {})  # older files; wins over the default
+    kinds = [d.get(k) for d in (legacy, params) for k in ("rope_type", "type")]
+    rope_type = next((k for k in kinds if k is not None), "default")
+    params = {k: v for k, v in {**params, **legacy}.items() if k not in ("rope_type", "type")}
     if rope_type != "default":
         raise CheckpointError(
             f"{hf.source}: unsupported rope_parameters.rope_type={rope_type!r}: supported "
