@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
@@ -20,6 +22,8 @@ from jmoe.convert.errors import CheckpointError
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# safetensors' NumPy backend cannot return these; they are read from the file's own header.
+FLOAT8 = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
 
 
 class HFCheckpoint:
@@ -93,6 +97,8 @@ class HFCheckpoint:
                 f"tensor {name!r} in {file!r} has shape {found}, expected {tuple(shape)}"
             )
         self._used.add(name)
+        if (dtype := self._handle(file).get_slice(name).get_dtype()) in FLOAT8:
+            return _read_float8(os.path.join(self.path, file), name, FLOAT8[dtype])
         return self._handle(file).get_tensor(name)
 
     def skip(self, name: str) -> None:
@@ -110,3 +116,14 @@ class HFCheckpoint:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def _read_float8(file: str, name: str, dtype) -> np.ndarray:
+    """A float8 tensor of a safetensors file, from the header the format defines (an 8-byte
+    little-endian header length, a JSON table of dtype, shape and data offsets, the data)."""
+    with open(file, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        entry = json.loads(f.read(header_len))[name]
+    start, _ = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    return np.array(np.memmap(file, dtype, "r", offset=8 + header_len + start, shape=shape))
