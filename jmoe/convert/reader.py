@@ -17,6 +17,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
+from jmoe.convert import quant
 from jmoe.convert.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
@@ -44,6 +45,7 @@ class HFCheckpoint:
         self.weight_map = self._weight_map()
         self._handles: dict[str, object] = {}
         self._used: set[str] = set()
+        self.fp8_block: int | None = None  # set for FP8 block-scaled checkpoints
 
     def _read_text(self, name: str) -> str:
         file = os.path.join(self.path, name)
@@ -87,6 +89,9 @@ class HFCheckpoint:
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """Tensor `name` as a NumPy array (bfloat16 / float8 via `ml_dtypes`), marked as used.
 
+        An FP8 weight with a `{name}_scale_inv` beside it is dequantised to float32 (blocks of
+        `fp8_block`, see `jmoe.convert.quant`).
+
         Raises:
           CheckpointError: the tensor is missing, or its shape is not `shape` (when given).
         """
@@ -97,9 +102,21 @@ class HFCheckpoint:
                 f"tensor {name!r} in {file!r} has shape {found}, expected {tuple(shape)}"
             )
         self._used.add(name)
-        if (dtype := self._handle(file).get_slice(name).get_dtype()) in FLOAT8:
-            return _read_float8(os.path.join(self.path, file), name, FLOAT8[dtype])
-        return self._handle(file).get_tensor(name)
+        if (dtype := self._handle(file).get_slice(name).get_dtype()) not in FLOAT8:
+            return self._handle(file).get_tensor(name)
+        tensor = _read_float8(os.path.join(self.path, file), name, FLOAT8[dtype])
+        if f"{name}_scale_inv" not in self.weight_map:
+            return tensor
+        if self.fp8_block is None:
+            raise CheckpointError(
+                f"{name!r} in {file!r} has block scales but config.json has no "
+                "quantization_config.weight_block_size"
+            )
+        scale = self.get(f"{name}_scale_inv")
+        try:
+            return quant.dequantize_fp8_blocks(tensor, scale, self.fp8_block)
+        except ValueError as e:
+            raise CheckpointError(f"tensor {name!r} in {file!r}: {e}") from None
 
     def skip(self, name: str) -> None:
         """Marks `name` as deliberately not converted."""

@@ -49,26 +49,35 @@ class Copy(Rule):
 @dataclasses.dataclass(frozen=True)
 class Linear(Rule):
     """A `torch.nn.Linear` weight `[out, in]` as an input-first kernel `shape`, whose first
-    `in_dims` axes are the flattened input (`q/kernel [D, H, A]`: 1; `o/kernel [H, A, D]`: 2)."""
+    `in_dims` axes are the flattened input (`q/kernel [D, H, A]`: 1; `o/kernel [H, A, D]`: 2).
+
+    `out_perm` reorders the kernel's last axis on reading (`kernel[..., out_perm]`), e.g. to turn
+    interleaved RoPE features into rotate-half ones; writing undoes it.
+    """
 
     name: str = ""
     shape: tuple[int, ...] = ()
     in_dims: int = 1
+    out_perm: tuple[int, ...] | None = None
 
     @property
     def hf_shape(self) -> tuple[int, int]:
         return math.prod(self.shape[self.in_dims :]), math.prod(self.shape[: self.in_dims])
 
     def read(self, ckpt):
-        return (ckpt.get(self.name, self.hf_shape).T.reshape(self.shape),)
+        kernel = ckpt.get(self.name, self.hf_shape).T.reshape(self.shape)
+        return (kernel if self.out_perm is None else kernel[..., list(self.out_perm)],)
 
     def write(self, arrays):
         out, inp = self.hf_shape
-        return {self.name: np.ascontiguousarray(np.asarray(arrays[0]).reshape(inp, out).T)}
+        kernel = np.asarray(arrays[0])
+        if self.out_perm is not None:
+            kernel = kernel[..., np.argsort(self.out_perm)]
+        return {self.name: np.ascontiguousarray(kernel.reshape(inp, out).T)}
 
 
-def linear(path: Path, name: str, shape: tuple[int, ...], in_dims: int = 1) -> Linear:
-    return Linear((path,), name, shape, in_dims)
+def linear(path: Path, name: str, shape: tuple[int, ...], in_dims: int = 1, out_perm=None):
+    return Linear((path,), name, shape, in_dims, None if out_perm is None else tuple(out_perm))
 
 
 def copy(path: Path, name: str, hf_shape: tuple[int, ...], shape=None) -> Copy:

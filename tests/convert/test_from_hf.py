@@ -16,7 +16,7 @@ from jmoe.convert import from_hf
 from jmoe.lm.model import Transformer, init_cache
 
 FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "hf"
-FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
+FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
 TOL = 1e-4
 
 
@@ -135,3 +135,37 @@ def test_loads_onto_a_mesh_with_the_parameter_shardings():
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0 and "mesh: ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_deepseek_fp8_weights_and_mtp_layer(tmp_path, caplog):
+    """An FP8 block-scaled weight is dequantised on load; the multi-token-prediction layer
+    (index == num_hidden_layers) is skipped with a log line."""
+    import json
+    import shutil
+
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    from jmoe.convert.quant import dequantize_fp8_blocks
+
+    path = tmp_path / "fp8"
+    shutil.copytree(fixture("deepseek_v3")[0], path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "weight_block_size": [8, 8],
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    tensors = load_file(path / "model.safetensors")
+    name = "model.layers.1.self_attn.q_a_proj.weight"  # [16, 32]: 2 x 4 blocks
+    w8 = tensors[name].astype(ml_dtypes.float8_e4m3fn)
+    scale = np.random.default_rng(0).uniform(0.5, 2.0, (2, 4)).astype(np.float32)
+    tensors[name], tensors[f"{name}_scale_inv"] = w8, scale
+    tensors["model.layers.3.eh_proj.weight"] = np.zeros((32, 64), np.float32)
+    save_file(tensors, path / "model.safetensors")
+    with caplog.at_level("INFO", logger="jmoe.convert.loader"):
+        cfg, variables = from_hf(path, dtype="float32")
+    assert "skipping tensor model.layers.3.eh_proj.weight" in caplog.text
+    kernel = variables["params"]["layers_1"]["attn"]["q_a"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(kernel), dequantize_fp8_blocks(w8, scale, 8).T)

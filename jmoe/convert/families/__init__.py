@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from jmoe.convert.errors import CheckpointError
 from jmoe.convert.families.base import Family
+from jmoe.convert.families.deepseek_v3 import DeepseekV3
 from jmoe.convert.families.mixtral import Mixtral
 from jmoe.convert.families.olmoe import Olmoe
 from jmoe.convert.families.qwen_moe import QwenMoe
 
 FAMILIES: dict[str, Family] = {
-    t: family for family in (Mixtral(), Olmoe(), QwenMoe()) for t in family.model_types
+    t: family
+    for family in (Mixtral(), Olmoe(), QwenMoe(), DeepseekV3())
+    for t in family.model_types
 }
 
 

@@ -3,11 +3,13 @@ of the Llama-style skeleton (embedding, attention, norms, dense MLP, output head
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from jmoe.convert import rules
 from jmoe.convert.errors import CheckpointError
 from jmoe.lm.config import ModelConfig
+from jmoe.lm.rope import YarnScaling
 from jmoe.moe.routers import TopK
 
 # Fields that never change the forward pass: bookkeeping, token ids, training-only knobs.
@@ -72,25 +74,46 @@ class HFConfig:
             )
 
 
-def rope_theta(hf: HFConfig, default: float = 10000.0) -> float:
-    """The RoPE base from `rope_parameters` (transformers 5) or `rope_theta` / `rope_scaling`
-    (older files); only the default (unscaled) RoPE is supported."""
+YARN_FIELDS = tuple(f.name for f in dataclasses.fields(YarnScaling))
+
+
+def rope_settings(hf: HFConfig, yarn: bool = False) -> tuple[float, YarnScaling | None]:
+    """The RoPE base and scaling from `rope_parameters` (transformers 5) or `rope_theta` /
+    `rope_scaling` (older files): the default RoPE, or YaRN where the family allows it."""
     params = dict(hf.get("rope_parameters", {}) or {})
     legacy = dict(hf.get("rope_scaling", {}) or {})  # older files; wins over the default
     kinds = [d.get(k) for d in (legacy, params) for k in ("rope_type", "type")]
     rope_type = next((k for k in kinds if k is not None), "default")
     params = {k: v for k, v in {**params, **legacy}.items() if k not in ("rope_type", "type")}
-    if rope_type != "default":
+    supported = ("default", "yarn") if yarn else ("default",)
+    if rope_type not in supported:
         raise CheckpointError(
             f"{hf.source}: unsupported rope_parameters.rope_type={rope_type!r}: supported "
-            "('default',)"
+            f"{supported}"
         )
     theta = params.pop("rope_theta", None)
-    if theta is None:
-        theta = hf.get("rope_theta", default)
+    theta = float(hf.get("rope_theta", 10000.0) if theta is None else theta)
+    scaling = None
+    if rope_type == "yarn":
+        fields = {k: params.pop(k) for k in YARN_FIELDS if params.get(k) is not None}
+        fields.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+        scaling = YarnScaling(**fields)
     if params:
         raise CheckpointError(f"{hf.source}: unsupported rope_parameters fields {params}")
-    return float(theta)
+    return theta, scaling
+
+
+def rope_theta(hf: HFConfig) -> float:
+    """The RoPE base of a family without RoPE scaling (see `rope_settings`)."""
+    return rope_settings(hf)[0]
+
+
+def yarn_fields(scaling: YarnScaling | None, theta: float) -> dict:
+    """The inverse of `rope_settings`: the `rope_parameters` dict."""
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": theta}
+    fields = {f: getattr(scaling, f) for f in YARN_FIELDS if getattr(scaling, f) is not None}
+    return {"rope_type": "yarn", "rope_theta": theta, **fields}
 
 
 def softmax_top_k(cfg: ModelConfig) -> bool:
@@ -196,9 +219,13 @@ def dense_mlp_rules(cfg: ModelConfig, path: rules.Path, hf: str, d_ff: int) -> l
 
 
 def decoder_rules(
-    cfg: ModelConfig, moe_rules: Callable[[int], list[rules.Rule]]
+    cfg: ModelConfig,
+    moe_rules: Callable[[int], list[rules.Rule]],
+    attention: Callable[[int], list[rules.Rule]] | None = None,
 ) -> list[rules.Rule]:
-    """Every rule of a pre-norm decoder whose MoE layers `moe_rules(i)` maps."""
+    """Every rule of a pre-norm decoder whose MoE layers `moe_rules(i)` maps (and attention
+    `attention(i)`, default `attention_rules`)."""
+    attention = attention or (lambda i: attention_rules(cfg, i))
     d, v = cfg.d_model, cfg.vocab_size
     out = [rules.copy(("params", "embed", "embedding"), "model.embed_tokens.weight", (v, d))]
     for i in range(cfg.n_layers):
@@ -206,7 +233,7 @@ def decoder_rules(
         out.append(
             rules.copy(layer_path(i, "attn_norm", "scale"), f"{hf}.input_layernorm.weight", (d,))
         )
-        out += attention_rules(cfg, i)
+        out += attention(i)
         out.append(
             rules.copy(
                 layer_path(i, "ffn_norm", "scale"), f"{hf}.post_attention_layernorm.weight", (d,)
