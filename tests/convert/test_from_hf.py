@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 
 from jmoe.convert import from_hf
+from jmoe.convert.families.gpt_oss import missing_features
 from jmoe.lm.model import Transformer, init_cache
 
 FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "hf"
-FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
+FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"]
+# The other expert layout of each fixture: one tensor per expert, or MXFP4 blocks (GPT-OSS).
+OTHER_LAYOUT = {f: f"{f}_per_expert" for f in FAMILIES} | {"gpt_oss": "gpt_oss_mxfp4"}
 TOL = 1e-4
 
 
@@ -24,6 +27,8 @@ def fixture(family):
     path = FIXTURES / family
     if not (path / "config.json").exists():
         pytest.skip(f"no fixture {path}: run tests/fixtures/hf/make_fixtures.py {family}")
+    if family == "gpt_oss" and (missing := missing_features()):
+        pytest.skip(f"GPT-OSS needs {missing}")
     return path, dict(np.load(path / "reference.npz"))
 
 
@@ -169,3 +174,28 @@ def test_deepseek_fp8_weights_and_mtp_layer(tmp_path, caplog):
     assert "skipping tensor model.layers.3.eh_proj.weight" in caplog.text
     kernel = variables["params"]["layers_1"]["attn"]["q_a"]["kernel"]
     np.testing.assert_array_equal(np.asarray(kernel), dequantize_fp8_blocks(w8, scale, 8).T)
+
+
+def test_mxfp4_experts_read_as_the_float_ones():
+    """GPT-OSS's MXFP4 expert blocks dequantise and de-interleave to the float checkpoint's
+    experts (the fixture's weights are MXFP4-representable)."""
+    from jmoe.convert.reader import HFCheckpoint
+    from jmoe.convert.rules import InterleavedExperts
+
+    rule = InterleavedExperts((), "model.layers.1.mlp.experts", 4, 32, 32)
+    plain = rule.read(HFCheckpoint(FIXTURES / "gpt_oss"))
+    packed = rule.read(HFCheckpoint(FIXTURES / "gpt_oss_mxfp4"))
+    for a, b in zip(plain, packed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    fused = HFCheckpoint(FIXTURES / "gpt_oss").get("model.layers.1.mlp.experts.gate_up_proj")
+    np.testing.assert_array_equal(plain[0][:, :, 3], fused[:, :, 6])  # gate unit 3: column 6
+    np.testing.assert_array_equal(plain[1][:, :, 3], fused[:, :, 7])  # up unit 3: column 7
+
+
+def test_gpt_oss_names_the_missing_model_features():
+    from jmoe.convert import CheckpointError
+
+    if not missing_features():
+        pytest.skip("this jmoe has every GPT-OSS feature")
+    with pytest.raises(CheckpointError, match="GPT-OSS needs"):
+        from_hf(FIXTURES / "gpt_oss")

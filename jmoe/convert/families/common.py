@@ -194,6 +194,11 @@ def attention_rules(cfg: ModelConfig, i: int) -> list[rules.Rule]:
         for n, heads in (("q", h), ("k", g), ("v", g)):
             bias = layer_path(i, "attn", n, "bias")
             out.append(rules.copy(bias, f"{hf}.{n}_proj.bias", (heads * a,), (heads, a)))
+    # Features of newer ModelConfigs (GPT-OSS); absent fields mean they are off.
+    if getattr(cfg, "o_bias", False):
+        out.append(rules.copy(layer_path(i, "attn", "o", "bias"), f"{hf}.o_proj.bias", (d,)))
+    if getattr(cfg, "attention_sinks", False):
+        out.append(rules.copy(layer_path(i, "attn", "sinks"), f"{hf}.sinks", (h,)))
     if cfg.qk_norm:
         for n, heads in (("q", h), ("k", g)):
             shape = (a,) if cfg.qk_norm_scope == "head" else (heads, a)
