@@ -74,7 +74,10 @@ class HFCheckpoint:
             return dict.fromkeys(f.keys(), SINGLE_FILE)
 
     def _handle(self, file: str):
+        # 1. Only the file being read stays open (memory-mapped): pages of finished shards are
+        # released, so host memory holds the converted tensors, not the whole checkpoint too.
         if file not in self._handles:
+            self._handles.clear()
             self._handles[file] = safe_open(os.path.join(self.path, file), framework="numpy")
         return self._handles[file]
 
