@@ -33,12 +33,35 @@ def abstract_variables(config: ModelConfig) -> dict:
 def _dtype_name(dtype, hf: HFConfig) -> str:
     if dtype is None:
         dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-        if dtype not in DTYPES:  # e.g. a float8 checkpoint: dequantised to bfloat16
+        if dtype not in DTYPES:  # e.g. a float8 checkpoint, dequantised: bfloat16
             dtype = "bfloat16"
     name = jnp.dtype(dtype).name
     if name not in DTYPES:
         raise CheckpointError(f"from_hf: dtype={dtype!r} is not supported: use one of {DTYPES}")
     return name
+
+
+def _quantization(hf: HFConfig, ckpt: HFCheckpoint) -> None:
+    """Checks `quantization_config`: FP8 with square blocks (dequantised by the reader) or
+    MXFP4 (dequantised by the family's expert rules)."""
+    quantization = dict(hf.get("quantization_config", {}) or {})
+    method = quantization.get("quant_method")
+    if method is None:
+        return
+    if method == "fp8":
+        block = quantization.get("weight_block_size")
+        fmt = quantization.get("fmt", "e4m3")
+        if fmt != "e4m3" or not block or len(set(block)) != 1:
+            raise CheckpointError(
+                f"{hf.source}: unsupported quantization_config fmt={fmt!r}, "
+                f"weight_block_size={block}: supported e4m3 with square blocks"
+            )
+        ckpt.fp8_block = block[0]
+    elif method != "mxfp4":
+        raise CheckpointError(
+            f"{hf.source}: unsupported quantization_config.quant_method={method!r}: "
+            "supported ('fp8', 'mxfp4')"
+        )
 
 
 def _place(array: np.ndarray, target) -> jax.Array:
@@ -80,6 +103,7 @@ def from_hf(
     hf = HFConfig(ckpt.config, source=os.path.join(ckpt.path, CONFIG_FILE))
     model_type = hf.get("model_type")
     family = family_for(model_type, hf.source)
+    _quantization(hf, ckpt)
     config = family.model_config(hf, _dtype_name(dtype, hf))
     hf.check_all_used(model_type)
     flat_config = dataclasses.replace(config, scan_layers=False)

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from jmoe.convert import quant
 from jmoe.convert.reader import HFCheckpoint
 
 Path = tuple[str, ...]
@@ -49,26 +50,35 @@ class Copy(Rule):
 @dataclasses.dataclass(frozen=True)
 class Linear(Rule):
     """A `torch.nn.Linear` weight `[out, in]` as an input-first kernel `shape`, whose first
-    `in_dims` axes are the flattened input (`q/kernel [D, H, A]`: 1; `o/kernel [H, A, D]`: 2)."""
+    `in_dims` axes are the flattened input (`q/kernel [D, H, A]`: 1; `o/kernel [H, A, D]`: 2).
+
+    `out_perm` reorders the kernel's last axis on reading (`kernel[..., out_perm]`), e.g. to turn
+    interleaved RoPE features into rotate-half ones; writing undoes it.
+    """
 
     name: str = ""
     shape: tuple[int, ...] = ()
     in_dims: int = 1
+    out_perm: tuple[int, ...] | None = None
 
     @property
     def hf_shape(self) -> tuple[int, int]:
         return math.prod(self.shape[self.in_dims :]), math.prod(self.shape[: self.in_dims])
 
     def read(self, ckpt):
-        return (ckpt.get(self.name, self.hf_shape).T.reshape(self.shape),)
+        kernel = ckpt.get(self.name, self.hf_shape).T.reshape(self.shape)
+        return (kernel if self.out_perm is None else kernel[..., list(self.out_perm)],)
 
     def write(self, arrays):
         out, inp = self.hf_shape
-        return {self.name: np.ascontiguousarray(np.asarray(arrays[0]).reshape(inp, out).T)}
+        kernel = np.asarray(arrays[0])
+        if self.out_perm is not None:
+            kernel = kernel[..., np.argsort(self.out_perm)]
+        return {self.name: np.ascontiguousarray(kernel.reshape(inp, out).T)}
 
 
-def linear(path: Path, name: str, shape: tuple[int, ...], in_dims: int = 1) -> Linear:
-    return Linear((path,), name, shape, in_dims)
+def linear(path: Path, name: str, shape: tuple[int, ...], in_dims: int = 1, out_perm=None):
+    return Linear((path,), name, shape, in_dims, None if out_perm is None else tuple(out_perm))
 
 
 def copy(path: Path, name: str, hf_shape: tuple[int, ...], shape=None) -> Copy:
@@ -121,4 +131,60 @@ class Experts(Rule):
             self._per_expert(i, w): np.ascontiguousarray(a[i].T)
             for w, a in enumerate((w_gate, w_up, w_down))
             for i in range(self.num_experts)
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class InterleavedExperts(Rule):
+    """GPT-OSS experts with biases: `w_gate, w_up [E, D, F]`, `w_down [E, F, D]`, `b_gate, b_up
+    [E, F]`, `b_down [E, D]`.
+
+    HF stores `{prefix}.gate_up_proj [E, D, 2F]` with gate and up columns interleaved (gate at
+    even columns), its bias `gate_up_proj_bias [E, 2F]`, `down_proj [E, F, D]` and
+    `down_proj_bias [E, D]`. The released checkpoints hold the weights as MXFP4
+    (`{name}_blocks [E, out, in / 32, 16]`, `{name}_scales [E, out, in / 32]`, output-first),
+    dequantised here; writing uses the plain float layout.
+    """
+
+    prefix: str = ""
+    num_experts: int = 0
+    d_model: int = 0
+    d_ff: int = 0
+
+    def _weight(self, ckpt, name: str, out: int, inp: int) -> np.ndarray:
+        """`{name}` `[E, inp, out]`, plain or from its MXFP4 blocks (`[E, out, inp]`)."""
+        e, full = self.num_experts, f"{self.prefix}.{name}"
+        if full in ckpt or f"{full}_blocks" not in ckpt:
+            return ckpt.get(full, (e, inp, out))
+        blocks = ckpt.get(f"{full}_blocks", (e, out, inp // 32, 16))
+        scales = ckpt.get(f"{full}_scales", (e, out, inp // 32))
+        return quant.dequantize_mxfp4(blocks, scales).transpose(0, 2, 1)
+
+    def read(self, ckpt):
+        e, d, f = self.num_experts, self.d_model, self.d_ff
+        gate_up_ExDx2F = self._weight(ckpt, "gate_up_proj", 2 * f, d)
+        down_ExFxD = self._weight(ckpt, "down_proj", d, f)
+        bias_Ex2F = ckpt.get(f"{self.prefix}.gate_up_proj_bias", (e, 2 * f))
+        b_down = ckpt.get(f"{self.prefix}.down_proj_bias", (e, d))
+        # 1. Column 2j is gate unit j, column 2j + 1 up unit j.
+        return (
+            gate_up_ExDx2F[..., 0::2],
+            gate_up_ExDx2F[..., 1::2],
+            down_ExFxD,
+            bias_Ex2F[:, 0::2],
+            bias_Ex2F[:, 1::2],
+            b_down,
+        )
+
+    def write(self, arrays):
+        w_gate, w_up, w_down, b_gate, b_up, b_down = (np.asarray(a) for a in arrays)
+        return {
+            f"{self.prefix}.gate_up_proj": np.stack([w_gate, w_up], -1).reshape(
+                *w_gate.shape[:2], -1
+            ),
+            f"{self.prefix}.gate_up_proj_bias": np.stack([b_gate, b_up], -1).reshape(
+                b_gate.shape[0], -1
+            ),
+            f"{self.prefix}.down_proj": np.ascontiguousarray(w_down),
+            f"{self.prefix}.down_proj_bias": np.ascontiguousarray(b_down),
         }

@@ -17,30 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jmoe.lm.rope import YarnScaling, rope
+
 KVCache = dict[str, jax.Array]  # {"k": [B, M, G, A], "v": [B, M, G, A]} for one layer
-
-
-def rope(x_BxSxHxA: jax.Array, positions_BxS: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding, HF "rotate half" layout, computed in float32.
-
-    Feature `i < A/2` is paired with feature `i + A/2` and the pair is rotated by the angle
-    `position * theta**(-2i/A)`.
-
-    Args:
-      x_BxSxHxA: queries or keys.
-      positions_BxS: absolute position of each token (int).
-      theta: RoPE base.
-
-    Returns:
-      The rotated `x`, in its dtype.
-    """
-    a = x_BxSxHxA.shape[-1]
-    inv_freq = theta ** (-jnp.arange(0, a, 2, dtype=jnp.float32) / a)
-    angle_BxSx1xA = (positions_BxS.astype(jnp.float32)[..., None] * inv_freq)[:, :, None, :]
-    cos, sin = jnp.cos(angle_BxSx1xA), jnp.sin(angle_BxSx1xA)
-    x1, x2 = jnp.split(x_BxSxHxA.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BxSxHxA.dtype)
 
 
 def attend(
@@ -93,6 +72,7 @@ class Attention(nn.Module):
     Attributes:
       num_heads, num_kv_heads, head_dim: H, G and A.
       rope_theta: RoPE base.
+      rope_scaling: optional YaRN scaling of the RoPE (`jmoe.lm.rope.YarnScaling`).
       qk_norm: RMSNorm on queries and keys (before RoPE).
       qk_norm_scope: "head" (each head, Qwen3) or "projection" (all heads of q and of k
         together, OLMoE).
@@ -111,6 +91,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     qk_norm_scope: str = "head"
+    rope_scaling: YarnScaling | None = None
 
     @nn.compact
     def __call__(
@@ -145,8 +126,8 @@ class Attention(nn.Module):
                 feature_axes=axes,
             )
             q, k = norm(name="q_norm")(q), norm(name="k_norm")(k)
-        q = rope(q, positions_BxS, self.rope_theta)
-        k = rope(k, positions_BxS, self.rope_theta)
+        q = rope(q, positions_BxS, self.rope_theta, self.rope_scaling)
+        k = rope(k, positions_BxS, self.rope_theta, self.rope_scaling)
         if cache is None:
             s = x_BxSxD.shape[1]
             mask_BxSxT = jnp.tril(jnp.ones((s, s), bool))[None]

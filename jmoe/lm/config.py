@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jmoe.lm.mla import MLAConfig
+from jmoe.lm.rope import YarnScaling
 from jmoe.moe.config import MoEConfig
 from jmoe.validation import DTYPES
 from jmoe.validation import check as _check
@@ -31,6 +33,10 @@ class ModelConfig:
       d_ff: hidden width of the dense FFN layers.
       max_seq_len: longest sequence (RoPE table and KV cache size).
       rope_theta: RoPE base.
+      rope_scaling: YaRN context extension of the RoPE (`jmoe.lm.rope.YarnScaling`), or None.
+      mla: multi-head latent attention (`jmoe.lm.mla.MLAConfig`, DeepSeek-V2/V3) in every layer
+        instead of grouped-query attention; `n_kv_heads`, `head_dim`, `qk_norm` and `qkv_bias`
+        then do not apply.
       qk_norm: RMSNorm on queries and keys (before RoPE).
       qk_norm_scope: "head" normalises each head (Qwen3; scales `[A]`), "projection" the whole
         query / key projection (OLMoE; scales `[H, A]` / `[G, A]`).
@@ -68,6 +74,8 @@ class ModelConfig:
     remat: str = "none"
     dtype: str = "float32"
     param_dtype: str = "float32"
+    rope_scaling: YarnScaling | None = None
+    mla: MLAConfig | None = None
     init_from: str | None = None
 
     def __post_init__(self):
@@ -107,6 +115,15 @@ class ModelConfig:
         _check_choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES, owner)
         _check_choice("dtype", self.dtype, DTYPES, owner)
         _check_choice("param_dtype", self.param_dtype, DTYPES, owner)
+        for name, kind in (("rope_scaling", YarnScaling), ("mla", MLAConfig)):
+            value = getattr(self, name)
+            _check(
+                name,
+                value,
+                value is None or isinstance(value, kind),
+                f"None or a {kind.__name__}",
+                owner,
+            )
         _check(
             "init_from",
             self.init_from,

@@ -42,6 +42,7 @@ import numpy as np
 
 from jmoe.lm.attention import Attention
 from jmoe.lm.config import ModelConfig
+from jmoe.lm.mla import MLA
 from jmoe.lm.param_layout import layer_locations, layer_segments, moe_layers
 from jmoe.moe.layer import MoE, SharedMLP, update_state
 from jmoe.moe.stats import mlp_matrix_count
@@ -68,19 +69,32 @@ class Block(nn.Module):
         norm = functools.partial(
             nn.RMSNorm, cfg.norm_eps, dtype=jnp.float32, param_dtype=param_dtype
         )
-        attn = Attention(
-            cfg.n_heads,
-            cfg.kv_heads,
-            cfg.dim_per_head,
-            cfg.rope_theta,
-            cfg.qk_norm,
-            cfg.qkv_bias,
-            cfg.norm_eps,
-            dtype,
-            param_dtype,
-            qk_norm_scope=cfg.qk_norm_scope,
-            name="attn",
-        )
+        if cfg.mla is not None:
+            attn = MLA(
+                cfg.mla,
+                cfg.n_heads,
+                cfg.rope_theta,
+                cfg.rope_scaling,
+                cfg.norm_eps,
+                dtype,
+                param_dtype,
+                name="attn",
+            )
+        else:
+            attn = Attention(
+                cfg.n_heads,
+                cfg.kv_heads,
+                cfg.dim_per_head,
+                cfg.rope_theta,
+                cfg.qk_norm,
+                cfg.qkv_bias,
+                cfg.norm_eps,
+                dtype,
+                param_dtype,
+                qk_norm_scope=cfg.qk_norm_scope,
+                rope_scaling=cfg.rope_scaling,
+                name="attn",
+            )
         a_BxSxD, cache = attn(norm(name="attn_norm")(x_BxSxD), positions_BxS, cache)
         x_BxSxD = x_BxSxD + a_BxSxD.astype(jnp.float32)
         h_BxSxD = norm(name="ffn_norm")(x_BxSxD)
@@ -338,10 +352,17 @@ def init_cache(
       dtype: cache dtype (default `config.dtype`).
 
     Returns:
-      `{"k": [L, B, M, G, A], "v": [L, B, M, G, A]}` zeros.
+      `{"k": [L, B, M, G, A], "v": [L, B, M, G, A]}` zeros, or with `config.mla` the compressed
+      `{"latent": [L, B, M, kv_lora_rank], "k_rope": [L, B, M, qk_rope_head_dim]}`.
     """
     max_len = config.max_seq_len if max_len is None else max_len
     dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+    if config.mla is not None:
+        rows = (config.n_layers, batch_size, max_len)
+        return {
+            "latent": jnp.zeros((*rows, config.mla.kv_lora_rank), dtype),
+            "k_rope": jnp.zeros((*rows, config.mla.qk_rope_head_dim), dtype),
+        }
     shape = (config.n_layers, batch_size, max_len, config.kv_heads, config.dim_per_head)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 

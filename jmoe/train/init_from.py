@@ -69,6 +69,7 @@ def checkpoint_model_config(path: str | os.PathLike, dtype: str = TRAIN_DTYPE) -
         hf = HFConfig(ckpt.config, source=os.path.join(ckpt.path, CONFIG_FILE))
         model_type = hf.get("model_type")
         config = family_for(model_type, hf.source).model_config(hf, dtype)
+        hf.get("quantization_config")  # the weights' storage; `from_hf` checks and reads it
         hf.check_all_used(model_type)
     except ValueError as e:  # CheckpointError
         raise UserError(f"model.init_from={os.fspath(path)!r}: {e}") from None
@@ -109,9 +110,9 @@ def initial_variables(model_config: ModelConfig, mesh=None) -> dict:
     """The run's step-0 variables: the checkpoint's weights in the run's layout and dtypes.
 
     A `NullExperts` router on a checkpoint trained without null experts gets its null-expert
-    router columns from `with_null_experts`. The checkpoint's `moe_state` is kept when the
-    routing rule is the checkpoint's own; otherwise the run's router starts from its fresh state
-    (the "moe_state" key is absent).
+    router columns from `with_null_experts`. The checkpoint's `moe_state` (e.g. DeepSeek-V3's
+    selection bias) is kept while the router kind is the checkpoint's own; a router of another
+    kind starts from its fresh state (the "moe_state" key is then absent).
 
     Raises:
       UserError: when a converted weight does not fit the run's model (its path and shapes).
@@ -124,13 +125,23 @@ def initial_variables(model_config: ModelConfig, mesh=None) -> dict:
     except ValueError as e:  # CheckpointError
         raise UserError(f"model.init_from={source!r}: {e}") from None
     params = variables["params"]
-    router = model_config.moe.router
-    if isinstance(router, NullExperts) and not isinstance(imported_config.moe.router, NullExperts):
+    router, imported_router = model_config.moe.router, imported_config.moe.router
+    if isinstance(router, NullExperts) and not isinstance(imported_router, NullExperts):
         params = _map_moe_layers(params, lambda p: with_null_experts(p, router.num_null))
     abstract = abstract_variables(model_config)
-    flat_want = traverse_util.flatten_dict(abstract["params"])
-    flat_have = traverse_util.flatten_dict(params)
-    for path, leaf in flat_want.items():
+    out = {"params": _fitted(source, params, abstract["params"])}
+    if type(router) is type(imported_router):
+        out["moe_state"] = _fitted(
+            source, variables.get("moe_state", {}), abstract.get("moe_state", {})
+        )
+    return out
+
+
+def _fitted(source: str, tree: dict, abstract: dict) -> dict:
+    """`tree` cast to the dtypes of `abstract`, whose every leaf it must have, same shape."""
+    flat_have = traverse_util.flatten_dict(tree)
+    fitted = {}
+    for path, leaf in traverse_util.flatten_dict(abstract).items():
         have = flat_have.get(path)
         if have is None or have.shape != leaf.shape:
             shape = None if have is None else have.shape
@@ -138,11 +149,8 @@ def initial_variables(model_config: ModelConfig, mesh=None) -> dict:
                 f"model.init_from={source!r}: the run's model needs {'/'.join(path)} of shape "
                 f"{leaf.shape}, the checkpoint gives {shape}"
             )
-        flat_have[path] = have.astype(leaf.dtype)
-    out = {"params": traverse_util.unflatten_dict(flat_have)}
-    if imported_config.moe.router == router:
-        out["moe_state"] = variables.get("moe_state", {})
-    return out
+        fitted[path] = have.astype(leaf.dtype)
+    return traverse_util.unflatten_dict(fitted)
 
 
 def _map_moe_layers(params: dict, fn) -> dict:

@@ -49,6 +49,9 @@ def load_config(
     Args:
       path: a YAML file such as `configs/small.yaml`, or None for the defaults (tiny CPU run).
       overrides: `"key.path=value"` strings; values are parsed as YAML (`true`, `1e-3`, `null`).
+        An optional section (a `X | None` dataclass field such as `model.mla`) stays None until
+        one of its keys is set, then starts from its fields' defaults; `section=null` turns it
+        off again.
       resolve_init_from: with `model.init_from`, build the model section from the checkpoint's
         config.json; False reads a resolved config as it is (a run directory's config.yaml,
         which needs no checkpoint).
@@ -154,6 +157,15 @@ def config_from_dict(tree: dict, cls: type = Config, prefix: str = ""):
             value = _with_prefix(f"{prefix}{field.name}.", router_from_dict, value)
         elif dataclasses.is_dataclass(kind):
             value = config_from_dict(value, kind, f"{prefix}{field.name}.")
+        elif (inner := _optional_dataclass(kind)) is not None and value is not None:
+            path = f"{prefix}{field.name}"
+            missing = [f"{path}.{f.name}" for f in dataclasses.fields(inner) if f.name not in value]
+            if missing:
+                raise ValueError(
+                    f"config key {path!r} is incomplete: set {', '.join(missing)} "
+                    f"(or {path}=null to leave it out)"
+                )
+            value = config_from_dict(value, inner, f"{path}.")
         kwargs[field.name] = value
     return _with_prefix(prefix, cls, **kwargs)
 
@@ -204,8 +216,25 @@ def _merge(tree: dict, update: dict, cls: type, prefix: str) -> None:
             _merge_router(tree, key, value, path)
         elif dataclasses.is_dataclass(kind):
             _merge(tree[key], value if value is not None else {}, kind, f"{path}.")
+        elif (inner := _optional_dataclass(kind)) is not None and value is not None:
+            if tree[key] is None:  # switched on: start from the fields' defaults
+                tree[key] = {
+                    f.name: f.default
+                    for f in dataclasses.fields(inner)
+                    if f.default is not dataclasses.MISSING
+                }
+            _merge(tree[key], value, inner, f"{path}.")
         else:
             tree[key] = _coerce(path, value, kind)
+
+
+def _optional_dataclass(kind) -> type | None:
+    """The dataclass `X` of an `X | None` annotation (an optional config section), else None."""
+    args = typing.get_args(kind)
+    inner = [t for t in args if t is not type(None)]
+    if len(args) == 2 and len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+        return inner[0]
+    return None
 
 
 def _unknown_key(cls: type, key: str, path: str, prefix: str, allowed: list[str]) -> str:

@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 
 from jmoe.convert import from_hf
+from jmoe.convert.families.gpt_oss import missing_features
 from jmoe.lm.model import Transformer, init_cache
 
 FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "hf"
-FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
+FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"]
+# The other expert layout of each fixture: one tensor per expert, or MXFP4 blocks (GPT-OSS).
+OTHER_LAYOUT = {f: f"{f}_per_expert" for f in FAMILIES} | {"gpt_oss": "gpt_oss_mxfp4"}
 TOL = 1e-4
 
 
@@ -24,6 +27,8 @@ def fixture(family):
     path = FIXTURES / family
     if not (path / "config.json").exists():
         pytest.skip(f"no fixture {path}: run tests/fixtures/hf/make_fixtures.py {family}")
+    if family == "gpt_oss" and (missing := missing_features()):
+        pytest.skip(f"GPT-OSS needs {missing}")
     return path, dict(np.load(path / "reference.npz"))
 
 
@@ -135,3 +140,62 @@ def test_loads_onto_a_mesh_with_the_parameter_shardings():
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0 and "mesh: ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_deepseek_fp8_weights_and_mtp_layer(tmp_path, caplog):
+    """An FP8 block-scaled weight is dequantised on load; the multi-token-prediction layer
+    (index == num_hidden_layers) is skipped with a log line."""
+    import json
+    import shutil
+
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    from jmoe.convert.quant import dequantize_fp8_blocks
+
+    path = tmp_path / "fp8"
+    shutil.copytree(fixture("deepseek_v3")[0], path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "weight_block_size": [8, 8],
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    tensors = load_file(path / "model.safetensors")
+    name = "model.layers.1.self_attn.q_a_proj.weight"  # [16, 32]: 2 x 4 blocks
+    w8 = tensors[name].astype(ml_dtypes.float8_e4m3fn)
+    scale = np.random.default_rng(0).uniform(0.5, 2.0, (2, 4)).astype(np.float32)
+    tensors[name], tensors[f"{name}_scale_inv"] = w8, scale
+    tensors["model.layers.3.eh_proj.weight"] = np.zeros((32, 64), np.float32)
+    save_file(tensors, path / "model.safetensors")
+    with caplog.at_level("INFO", logger="jmoe.convert.loader"):
+        cfg, variables = from_hf(path, dtype="float32")
+    assert "skipping tensor model.layers.3.eh_proj.weight" in caplog.text
+    kernel = variables["params"]["layers_1"]["attn"]["q_a"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(kernel), dequantize_fp8_blocks(w8, scale, 8).T)
+
+
+def test_mxfp4_experts_read_as_the_float_ones():
+    """GPT-OSS's MXFP4 expert blocks dequantise and de-interleave to the float checkpoint's
+    experts (the fixture's weights are MXFP4-representable)."""
+    from jmoe.convert.reader import HFCheckpoint
+    from jmoe.convert.rules import InterleavedExperts
+
+    rule = InterleavedExperts((), "model.layers.1.mlp.experts", 4, 32, 32)
+    plain = rule.read(HFCheckpoint(FIXTURES / "gpt_oss"))
+    packed = rule.read(HFCheckpoint(FIXTURES / "gpt_oss_mxfp4"))
+    for a, b in zip(plain, packed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    fused = HFCheckpoint(FIXTURES / "gpt_oss").get("model.layers.1.mlp.experts.gate_up_proj")
+    np.testing.assert_array_equal(plain[0][:, :, 3], fused[:, :, 6])  # gate unit 3: column 6
+    np.testing.assert_array_equal(plain[1][:, :, 3], fused[:, :, 7])  # up unit 3: column 7
+
+
+def test_gpt_oss_names_the_missing_model_features():
+    from jmoe.convert import CheckpointError
+
+    if not missing_features():
+        pytest.skip("this jmoe has every GPT-OSS feature")
+    with pytest.raises(CheckpointError, match="GPT-OSS needs"):
+        from_hf(FIXTURES / "gpt_oss")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from model_reference import ref_attention, ref_rope
 
-from jmoe.lm.attention import Attention, attend, rope, write_cache
+from jmoe.lm.attention import Attention, attend, write_cache
 from jmoe.lm.config import ModelConfig
+from jmoe.lm.rope import rope
 
 B, S, D = 2, 5, 16
 

@@ -4,10 +4,11 @@ imported weights, and null experts can be added; the run resumes like any other.
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_fixtures import CHATML, write_hf_checkpoint
+from hf_fixtures import CHATML, FIXTURES, write_hf_checkpoint
 from run_cases import write_corpus
 from safetensors.numpy import save_file
 
@@ -142,3 +143,17 @@ def test_null_expert_router_columns_copy_the_imported_ones(checkpoint, corpus):
         want = np.asarray(imported["params"][f"layers_{i}"]["moe"]["router"]["kernel"])
         np.testing.assert_array_equal(got, np.concatenate([want, want], axis=-1))
     assert "moe_state" not in initial  # a new routing rule starts from its own state
+
+
+def test_the_checkpoints_moe_state_stays_while_the_router_kind_does():
+    deepseek = FIXTURES / "deepseek_v3"
+    overrides = [f"model.init_from={deepseek}", "model.moe.router.bias_update_rate=1e-3"]
+    model = load_config(None, [*overrides, "data.seq_len=16"]).model
+    assert model.moe.router.bias_update_rate == 1e-3 and model.mla is not None
+    initial = init_from.initial_variables(model)
+    _, imported = from_hf(deepseek)
+    got, want = initial["moe_state"], imported["moe_state"]
+    assert jax.tree.structure(got) == jax.tree.structure(want) and jax.tree.leaves(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert np.any(np.asarray(b) != 0)  # the checkpoint's selection bias, not a fresh zero

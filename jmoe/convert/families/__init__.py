@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from jmoe.convert.errors import CheckpointError
 from jmoe.convert.families.base import Family
+from jmoe.convert.families.deepseek_v3 import DeepseekV3
+from jmoe.convert.families.gpt_oss import GptOss
 from jmoe.convert.families.mixtral import Mixtral
+from jmoe.convert.families.olmoe import Olmoe
+from jmoe.convert.families.qwen_moe import QwenMoe
 
-FAMILIES: dict[str, Family] = {t: family for family in (Mixtral(),) for t in family.model_types}
+FAMILIES: dict[str, Family] = {
+    t: family
+    for family in (Mixtral(), Olmoe(), QwenMoe(), DeepseekV3(), GptOss())
+    for t in family.model_types
+}
 
 
 def family_for(model_type: str | None, source: str = "config.json") -> Family:

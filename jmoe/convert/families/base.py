@@ -23,6 +23,10 @@ class Family:
     def hf_config(self, cfg: ModelConfig) -> dict:
         raise NotImplementedError
 
+    def matches(self, cfg: ModelConfig) -> bool:
+        """Whether `cfg` has this family's shape (`to_hf` without a `model_type`)."""
+        return False
+
     def rules(self, cfg: ModelConfig, ckpt: HFCheckpoint | None) -> list[Rule]:
         """The tensor rules; `ckpt` is the checkpoint being read (None when writing), for
         families whose tensor names differ between checkpoint versions."""

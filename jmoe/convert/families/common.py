@@ -3,11 +3,14 @@ of the Llama-style skeleton (embedding, attention, norms, dense MLP, output head
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from jmoe.convert import rules
 from jmoe.convert.errors import CheckpointError
 from jmoe.lm.config import ModelConfig
+from jmoe.lm.rope import YarnScaling
+from jmoe.moe.routers import TopK
 
 # Fields that never change the forward pass: bookkeeping, token ids, training-only knobs.
 BENIGN_FIELDS = frozenset(
@@ -71,25 +74,61 @@ class HFConfig:
             )
 
 
-def rope_theta(hf: HFConfig, default: float = 10000.0) -> float:
-    """The RoPE base from `rope_parameters` (transformers 5) or `rope_theta` / `rope_scaling`
-    (older files); only the default (unscaled) RoPE is supported."""
+YARN_FIELDS = tuple(f.name for f in dataclasses.fields(YarnScaling))
+
+
+def rope_settings(hf: HFConfig, yarn: bool = False) -> tuple[float, YarnScaling | None]:
+    """The RoPE base and scaling from `rope_parameters` (transformers 5) or `rope_theta` /
+    `rope_scaling` (older files): the default RoPE, or YaRN where the family allows it."""
     params = dict(hf.get("rope_parameters", {}) or {})
-    legacy_scaling = hf.get("rope_scaling")
-    if legacy_scaling:
-        params = {**dict(legacy_scaling), **params}
-    rope_type = params.pop("rope_type", params.pop("type", "default"))
-    if rope_type != "default":
+    legacy = dict(hf.get("rope_scaling", {}) or {})  # older files; wins over the default
+    kinds = [d.get(k) for d in (legacy, params) for k in ("rope_type", "type")]
+    rope_type = next((k for k in kinds if k is not None), "default")
+    params = {k: v for k, v in {**params, **legacy}.items() if k not in ("rope_type", "type")}
+    supported = ("default", "yarn") if yarn else ("default",)
+    if rope_type not in supported:
         raise CheckpointError(
             f"{hf.source}: unsupported rope_parameters.rope_type={rope_type!r}: supported "
-            "('default',)"
+            f"{supported}"
         )
     theta = params.pop("rope_theta", None)
-    if theta is None:
-        theta = hf.get("rope_theta", default)
+    theta = float(hf.get("rope_theta", 10000.0) if theta is None else theta)
+    scaling = None
+    if rope_type == "yarn":
+        fields = {k: params.pop(k) for k in YARN_FIELDS if params.get(k) is not None}
+        fields.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+        scaling = YarnScaling(**fields)
     if params:
         raise CheckpointError(f"{hf.source}: unsupported rope_parameters fields {params}")
-    return float(theta)
+    return theta, scaling
+
+
+def rope_theta(hf: HFConfig) -> float:
+    """The RoPE base of a family without RoPE scaling (see `rope_settings`)."""
+    return rope_settings(hf)[0]
+
+
+def yarn_fields(scaling: YarnScaling | None, theta: float) -> dict:
+    """The inverse of `rope_settings`: the `rope_parameters` dict."""
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": theta}
+    fields = {f: getattr(scaling, f) for f in YARN_FIELDS if getattr(scaling, f) is not None}
+    return {"rope_type": "yarn", "rope_theta": theta, **fields}
+
+
+def softmax_top_k(cfg: ModelConfig) -> bool:
+    """Whether the MoE layers are a plain softmax top-k over SwiGLU experts (no groups, no
+    scaling, one chain step): what Mixtral, OLMoE and the Qwen MoEs compute."""
+    router, moe = cfg.moe.router, cfg.moe
+    return (
+        isinstance(router, TopK)
+        and router.score == "softmax"
+        and router.scale == 1.0
+        and router.n_groups is None
+        and moe.chain_steps == 1
+        and moe.activation == "swiglu"
+        and moe.chain_residual == "prenorm"
+    )
 
 
 def check_silu(hf: HFConfig, name: str = "hidden_act") -> None:
@@ -155,6 +194,11 @@ def attention_rules(cfg: ModelConfig, i: int) -> list[rules.Rule]:
         for n, heads in (("q", h), ("k", g), ("v", g)):
             bias = layer_path(i, "attn", n, "bias")
             out.append(rules.copy(bias, f"{hf}.{n}_proj.bias", (heads * a,), (heads, a)))
+    # Features of newer ModelConfigs (GPT-OSS); absent fields mean they are off.
+    if getattr(cfg, "o_bias", False):
+        out.append(rules.copy(layer_path(i, "attn", "o", "bias"), f"{hf}.o_proj.bias", (d,)))
+    if getattr(cfg, "attention_sinks", False):
+        out.append(rules.copy(layer_path(i, "attn", "sinks"), f"{hf}.sinks", (h,)))
     if cfg.qk_norm:
         for n, heads in (("q", h), ("k", g)):
             shape = (a,) if cfg.qk_norm_scope == "head" else (heads, a)
@@ -180,9 +224,13 @@ def dense_mlp_rules(cfg: ModelConfig, path: rules.Path, hf: str, d_ff: int) -> l
 
 
 def decoder_rules(
-    cfg: ModelConfig, moe_rules: Callable[[int], list[rules.Rule]]
+    cfg: ModelConfig,
+    moe_rules: Callable[[int], list[rules.Rule]],
+    attention: Callable[[int], list[rules.Rule]] | None = None,
 ) -> list[rules.Rule]:
-    """Every rule of a pre-norm decoder whose MoE layers `moe_rules(i)` maps."""
+    """Every rule of a pre-norm decoder whose MoE layers `moe_rules(i)` maps (and attention
+    `attention(i)`, default `attention_rules`)."""
+    attention = attention or (lambda i: attention_rules(cfg, i))
     d, v = cfg.d_model, cfg.vocab_size
     out = [rules.copy(("params", "embed", "embedding"), "model.embed_tokens.weight", (v, d))]
     for i in range(cfg.n_layers):
@@ -190,7 +238,7 @@ def decoder_rules(
         out.append(
             rules.copy(layer_path(i, "attn_norm", "scale"), f"{hf}.input_layernorm.weight", (d,))
         )
-        out += attention_rules(cfg, i)
+        out += attention(i)
         out.append(
             rules.copy(
                 layer_path(i, "ffn_norm", "scale"), f"{hf}.post_attention_layernorm.weight", (d,)
@@ -206,17 +254,41 @@ def decoder_rules(
     return out
 
 
+def routed_moe_rules(cfg: ModelConfig, i: int) -> list[rules.Rule]:
+    """Router `mlp.gate.weight` and the routed experts `mlp.experts` of MoE layer `i`."""
+    d, e, f = cfg.d_model, cfg.moe.num_experts, cfg.moe.d_ff
+    hf = f"model.layers.{i}.mlp"
+    router = layer_path(i, "moe", "router", "kernel")
+    return [
+        rules.linear(router, f"{hf}.gate.weight", (d, e)),
+        rules.Experts(expert_paths(i), f"{hf}.experts", e, d, f),
+    ]
+
+
 def sparse_layout(hf: HFConfig, n_layers: int) -> dict:
-    """`first_dense_layers` / `moe_every` from Qwen's `decoder_sparse_step` and
-    `mlp_only_layers` (layer i is sparse when `(i + 1) % step == 0` and i is not listed)."""
+    """`first_dense_layers` / `moe_every` from Qwen's `decoder_sparse_step` s and
+    `mlp_only_layers` (layer i is sparse when `(i + 1) % s == 0` and i is not listed)."""
     step = hf.get("decoder_sparse_step", 1)
-    dense_only = sorted(hf.get("mlp_only_layers", []) or [])
-    first_dense = step - 1
-    # 1. Listed dense layers are supported when they are a prefix 0..n-1 (first dense layers).
-    if dense_only and (step != 1 or dense_only != list(range(len(dense_only)))):
+    dense_only = set(hf.get("mlp_only_layers", []) or [])
+    sparse = [i for i in range(n_layers) if i not in dense_only and (i + 1) % step == 0]
+    first = sparse[0] if sparse else n_layers
+    if sparse != list(range(first, n_layers, step)):
         raise CheckpointError(
-            f"{hf.source}: unsupported mlp_only_layers={dense_only} with "
-            f"decoder_sparse_step={step}: supported are leading layers 0..n-1 with step 1"
+            f"{hf.source}: unsupported mlp_only_layers={sorted(dense_only)} with "
+            f"decoder_sparse_step={step}: the sparse layers {sparse} are not every {step}-th "
+            "layer from the first one"
         )
-    first_dense = max(first_dense, len(dense_only))
-    return dict(first_dense_layers=min(first_dense, n_layers), moe_every=step)
+    return dict(first_dense_layers=first, moe_every=step)
+
+
+def sparse_layout_fields(cfg: ModelConfig) -> dict:
+    """The inverse of `sparse_layout`: `decoder_sparse_step` and `mlp_only_layers`."""
+    step, first = cfg.moe_every, cfg.first_dense_layers
+    # 1. HF's sparse layers are i = s-1, 2s-1, ...; jmoe's first one must be among them.
+    if step == 0 or (first + 1) % step:
+        raise CheckpointError(
+            f"ModelConfig first_dense_layers={first}, moe_every={step} has no Qwen MoE "
+            "equivalent: the first MoE layer i must satisfy (i + 1) % moe_every == 0"
+        )
+    mlp_only = [i for i in range(first) if (i + 1) % step == 0]
+    return dict(decoder_sparse_step=step, mlp_only_layers=mlp_only)

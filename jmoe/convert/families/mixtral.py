@@ -42,6 +42,11 @@ class Mixtral(Family):
             sliding_window=None,
         )
 
+    def matches(self, cfg):
+        plain = not (cfg.qk_norm or cfg.qkv_bias or cfg.moe.shared_width)
+        layout = cfg.first_dense_layers == 0 and cfg.moe_every == 1
+        return plain and layout and common.softmax_top_k(cfg) and cfg.moe.router.normalize
+
     def rules(self, cfg, ckpt):
         d, e, f = cfg.d_model, cfg.moe.num_experts, cfg.moe.d_ff
         legacy = ckpt is not None and "model.layers.0.block_sparse_moe.gate.weight" in ckpt
