@@ -58,7 +58,7 @@ TRAIN_DTYPE = "float32"  # parameters train in float32 unless the run says other
 
 def checkpoint_model_config(path: str | os.PathLike, dtype: str = TRAIN_DTYPE) -> ModelConfig:
     """The `ModelConfig` of a Hugging Face checkpoint directory, from its `config.json` alone
-    (no weights are read).
+    (no weights are read); its `init_from` is the directory's absolute path.
 
     Raises:
       UserError: the directory is not a checkpoint `jmoe.convert` reads (the message names the
@@ -73,7 +73,7 @@ def checkpoint_model_config(path: str | os.PathLike, dtype: str = TRAIN_DTYPE) -
         hf.check_all_used(model_type)
     except ValueError as e:  # CheckpointError
         raise UserError(f"model.init_from={os.fspath(path)!r}: {e}") from None
-    return dataclasses.replace(config, init_from=os.fspath(path))
+    return dataclasses.replace(config, init_from=os.path.abspath(os.path.expanduser(path)))
 
 
 def leaf_keys(tree, prefix: str = "") -> list[str]:

@@ -107,6 +107,7 @@ def _imported_model(source: str, updates: list[dict]) -> dict:
             _merge(model, part, ModelConfig, prefix="model.")
             _merge_plain(given, part)
     init_from.check_model_overrides(imported, given, model, source)
+    model["init_from"] = imported["init_from"]  # absolute: a resumed run may start elsewhere
     return model
 
 
