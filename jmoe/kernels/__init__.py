@@ -2,7 +2,7 @@
 each with XLA, `jax.lax.ragged_dot` and Pallas implementations chosen in one registry
 (`jmoe.kernels.registry`)."""
 
-from jmoe.kernels.activations import ACTIVATIONS
+from jmoe.kernels.activations import ACTIVATIONS, GATED, ClampedSwiGLU, activation_fn
 from jmoe.kernels.api import expert_mlp, gating_implementation, grouped_matmul
 from jmoe.kernels.pallas import top_k_gating as pallas_top_k_gating
 from jmoe.kernels.registry import IMPLEMENTATIONS, PALLAS_DEFAULT_BACKENDS
@@ -10,6 +10,9 @@ from pallas_kernels.common import check_groups  # the group-limited selection ru
 
 __all__ = [
     "ACTIVATIONS",
+    "GATED",
+    "ClampedSwiGLU",
+    "activation_fn",
     "IMPLEMENTATIONS",
     "PALLAS_DEFAULT_BACKENDS",
     "check_groups",
