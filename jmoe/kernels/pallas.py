@@ -70,7 +70,7 @@ def top_k_gating(x_TxD: jax.Array, w_DxE: jax.Array, k: int, **options):
       x_TxD: `[T, D]` router input.
       w_DxE: `[D, E]` router weights.
       k: experts per token.
-      **options: `score`, `bias`, `normalize`, `scale`, `n_groups`, `top_groups`,
+      **options: `score`, `bias`, `normalize`, `scale`, `n_groups`, `top_groups`, `group_score`,
         `renorm_when_k1` (and block sizes), as in `pallas_kernels.top_k_gating`.
 
     Returns:
