@@ -13,6 +13,8 @@ from jmoe.validation import check_choice as _check_choice
 
 REMAT_POLICIES = ("none", "full", "dots")
 QK_NORM_SCOPES = ("head", "projection")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ATTENTION_IMPLS = ("auto", "plain", "dot_product")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,14 @@ class ModelConfig:
       qk_norm_scope: "head" normalises each head (Qwen3; scales `[A]`), "projection" the whole
         query / key projection (OLMoE; scales `[H, A]` / `[G, A]`).
       qkv_bias: bias on the q/k/v projections (Qwen2).
+      o_bias: bias on the attention output projection (GPT-OSS).
+      attention_sinks: one learned sink logit per query head (GPT-OSS): an extra softmax
+        logit that takes probability mass but carries no value.
+      sliding_window: W; a "sliding_attention" layer lets position p see keys p-W+1..p.
+      layer_types: one entry per layer, "full_attention" or "sliding_attention"; None makes
+        every layer full (`sliding_window` then has no effect).
+      attention_impl: "auto" (`jax.nn.dot_product_attention` where it fits, the plain path for
+        sinks and cached decode), "plain" or "dot_product" (see `jmoe.lm.attention`).
       tie_embeddings: output projection = embedding transposed.
       norm_eps: RMSNorm epsilon.
       first_dense_layers: leading layers with a dense FFN (DeepSeek `first_k_dense_replace`).
@@ -65,6 +75,11 @@ class ModelConfig:
     qk_norm: bool = False
     qk_norm_scope: str = "head"
     qkv_bias: bool = False
+    o_bias: bool = False
+    attention_sinks: bool = False
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    attention_impl: str = "auto"
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
     first_dense_layers: int = 0
@@ -111,6 +126,7 @@ class ModelConfig:
         for name in ("first_dense_layers", "moe_every"):
             value = getattr(self, name)
             _check(name, value, value >= 0, "an integer >= 0", owner)
+        self._check_attention(owner)
         _check_choice("remat", self.remat, REMAT_POLICIES, owner)
         _check_choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES, owner)
         _check_choice("dtype", self.dtype, DTYPES, owner)
@@ -136,6 +152,42 @@ class ModelConfig:
         if self.moe.d_model != self.d_model:
             object.__setattr__(self, "moe", dataclasses.replace(self.moe, d_model=self.d_model))
 
+    def _check_attention(self, owner: str) -> None:
+        _check(
+            "sliding_window",
+            self.sliding_window,
+            self.sliding_window is None or self.sliding_window >= 1,
+            "None or an integer >= 1",
+            owner,
+        )
+        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS, owner)
+        _check(
+            "attention_impl",
+            self.attention_impl,
+            not (self.attention_sinks and self.attention_impl == "dot_product"),
+            "'auto' or 'plain' with attention_sinks (jax.nn.dot_product_attention has no sink "
+            "logits)",
+            owner,
+        )
+        if self.layer_types is None:
+            return
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))  # YAML gives a list
+        _check(
+            "layer_types",
+            self.layer_types,
+            len(self.layer_types) == self.n_layers
+            and all(t in LAYER_TYPES for t in self.layer_types),
+            f"None or n_layers={self.n_layers} entries, each one of {LAYER_TYPES}",
+            owner,
+        )
+        _check(
+            "sliding_window",
+            self.sliding_window,
+            self.sliding_window is not None or "sliding_attention" not in self.layer_types,
+            "set (an integer >= 1) when layer_types has a 'sliding_attention' layer",
+            owner,
+        )
+
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
@@ -143,6 +195,12 @@ class ModelConfig:
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of block `layer` (0-based), None for full attention."""
+        if self.layer_types is None or self.layer_types[layer] == "full_attention":
+            return None
+        return self.sliding_window
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block `layer` (0-based) has a MoE FFN."""

@@ -40,10 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmoe.lm.attention import Attention
+from jmoe.lm.attention import Attention, segment_positions
 from jmoe.lm.config import ModelConfig
 from jmoe.lm.mla import MLA
-from jmoe.lm.param_layout import layer_locations, layer_segments, moe_layers
+from jmoe.lm.param_layout import LayerKind, layer_locations, layer_segments, moe_layers
 from jmoe.moe.layer import MoE, SharedMLP, update_state
 from jmoe.moe.stats import mlp_matrix_count
 
@@ -54,23 +54,33 @@ class Block(nn.Module):
     """Pre-norm transformer block; `moe` picks a `jmoe.MoE` or a dense SwiGLU FFN.
 
     Call: `x_BxSxD, (stats, cache) = block(x_BxSxD, cache, positions_BxS, token_mask_BxS,
-    deterministic)`, with the float32 residual stream `x`, this layer's KV cache or None, and
-    the MoE stats (`{}` for a dense block).
+    deterministic, segment_ids_BxS)`, with the float32 residual stream `x`, this layer's KV cache
+    or None, and the MoE stats (`{}` for a dense block). `window` is this layer's sliding
+    window (None: full attention).
     """
 
     config: ModelConfig
     moe: bool
     mesh: jax.sharding.Mesh | None = None
+    window: int | None = None
 
     @nn.compact
-    def __call__(self, x_BxSxD, cache, positions_BxS, token_mask_BxS, deterministic):
+    def __call__(
+        self, x_BxSxD, cache, positions_BxS, token_mask_BxS, deterministic, segment_ids_BxS=None
+    ):
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         norm = functools.partial(
             nn.RMSNorm, cfg.norm_eps, dtype=jnp.float32, param_dtype=param_dtype
         )
+        h_BxSxD = norm(name="attn_norm")(x_BxSxD)
         if cfg.mla is not None:
-            attn = MLA(
+            if segment_ids_BxS is not None:
+                raise NotImplementedError(
+                    "document boundaries (segment_ids_BxS) are not supported with MLA "
+                    "attention: pass segment_ids_BxS=None"
+                )
+            mla = MLA(
                 cfg.mla,
                 cfg.n_heads,
                 cfg.rope_theta,
@@ -80,6 +90,7 @@ class Block(nn.Module):
                 param_dtype,
                 name="attn",
             )
+            a_BxSxD, cache = mla(h_BxSxD, positions_BxS, cache)
         else:
             attn = Attention(
                 cfg.n_heads,
@@ -93,9 +104,13 @@ class Block(nn.Module):
                 param_dtype,
                 qk_norm_scope=cfg.qk_norm_scope,
                 rope_scaling=cfg.rope_scaling,
+                o_bias=cfg.o_bias,
+                attention_sinks=cfg.attention_sinks,
+                sliding_window=self.window,
+                attention_impl=cfg.attention_impl,
                 name="attn",
             )
-        a_BxSxD, cache = attn(norm(name="attn_norm")(x_BxSxD), positions_BxS, cache)
+            a_BxSxD, cache = attn(h_BxSxD, positions_BxS, cache, segment_ids_BxS)
         x_BxSxD = x_BxSxD + a_BxSxD.astype(jnp.float32)
         h_BxSxD = norm(name="ffn_norm")(x_BxSxD)
         if not self.moe:
@@ -111,23 +126,31 @@ class Block(nn.Module):
 
 
 class Unit(nn.Module):
-    """Consecutive blocks `block_{u}` (the body of one scan step); caches are `[U, ...]`."""
+    """Consecutive blocks `block_{u}` (the body of one scan step); caches are `[U, ...]`.
+
+    `kinds[u]` is block u's `LayerKind`; the stats of the unit's MoE blocks are stacked
+    `[U_moe, ...]` in block order.
+    """
 
     config: ModelConfig
-    kinds: tuple[bool, ...]
+    kinds: tuple[LayerKind, ...]
     mesh: jax.sharding.Mesh | None = None
 
     @nn.compact
-    def __call__(self, x_BxSxD, cache, positions_BxS, token_mask_BxS, deterministic):
+    def __call__(
+        self, x_BxSxD, cache, positions_BxS, token_mask_BxS, deterministic, segment_ids_BxS
+    ):
         block_cls = _block_class(self.config)
-        stats, caches = {}, []
-        for u, moe in enumerate(self.kinds):
+        stats, caches = [], []
+        for u, kind in enumerate(self.kinds):
             layer_cache = None if cache is None else jax.tree.map(lambda c, u=u: c[u], cache)
             x_BxSxD, (layer_stats, layer_cache) = block_cls(
-                self.config, moe, self.mesh, name=f"block_{u}"
-            )(x_BxSxD, layer_cache, positions_BxS, token_mask_BxS, deterministic)
-            stats = layer_stats or stats  # a unit holds at most one MoE block
+                self.config, kind.moe, self.mesh, kind.window, name=f"block_{u}"
+            )(x_BxSxD, layer_cache, positions_BxS, token_mask_BxS, deterministic, segment_ids_BxS)
+            if layer_stats:
+                stats.append(layer_stats)
             caches.append(layer_cache)
+        stats = jax.tree.map(lambda *s: jnp.stack(s), *stats) if stats else {}
         cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
         return x_BxSxD, (stats, cache)
 
@@ -176,14 +199,15 @@ class Transformer(nn.Module):
                     Unit,
                     variable_axes={"params": 0, "moe_state": 0},
                     split_rngs={"params": True, "jitter": True},
-                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                     length=repeats,
                 )(cfg, unit, self.mesh)
                 for _, repeats, unit in layer_segments(cfg)
             ]
         else:
             self.layers = [
-                _block_class(cfg)(cfg, cfg.is_moe_layer(i), self.mesh) for i in range(cfg.n_layers)
+                _block_class(cfg)(cfg, cfg.is_moe_layer(i), self.mesh, cfg.layer_window(i))
+                for i in range(cfg.n_layers)
             ]
         self.final_norm = nn.RMSNorm(cfg.norm_eps, dtype=jnp.float32, param_dtype=param_dtype)
         if not cfg.tie_embeddings:
@@ -204,6 +228,7 @@ class Transformer(nn.Module):
         deterministic: bool = True,
         token_mask_BxS: jax.Array | None = None,
         positions_BxS: jax.Array | None = None,
+        segment_ids_BxS: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Logits `[B, S, V]` float32 and the model stats (see `aggregate_stats`).
 
@@ -211,17 +236,24 @@ class Transformer(nn.Module):
           tokens_BxS: int token ids.
           deterministic: False for training (router jitter on; "jitter" rng needed if set).
           token_mask_BxS: bool, False for padding (left out of the MoE losses and loads).
-          positions_BxS: RoPE positions (default `0..S-1` in every row).
+          positions_BxS: RoPE positions (default `0..S-1` in every row, or with segment ids
+            the offset of each token in its segment).
+          segment_ids_BxS: int document id of each token (packed training): a token attends
+            only to earlier tokens with the same id. Positions restart at 0 wherever the id
+            changes, so a packed window computes each document exactly as if it were alone
+            (a window that begins mid-document starts that document's piece at 0 as well).
         """
         if tokens_BxS.shape[1] > self.config.max_seq_len:
             raise ValueError(
                 f"sequence length {tokens_BxS.shape[1]} > max_seq_len={self.config.max_seq_len}: "
                 "raise model.max_seq_len or shorten the sequences"
             )
-        if positions_BxS is None:
+        if positions_BxS is None and segment_ids_BxS is not None:
+            positions_BxS = segment_positions(segment_ids_BxS)
+        elif positions_BxS is None:
             positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
         x_BxSxD, stats, _ = self._blocks(
-            tokens_BxS, None, positions_BxS, token_mask_BxS, deterministic
+            tokens_BxS, None, positions_BxS, token_mask_BxS, deterministic, segment_ids_BxS
         )
         return self._logits(x_BxSxD), aggregate_stats(self.config, stats)
 
@@ -241,10 +273,14 @@ class Transformer(nn.Module):
           cache: from `init_cache` or the previous call.
           token_mask_BxS: optional bool, False for padding tokens.
         """
-        x_BxSxD, _, cache = self._blocks(tokens_BxS, cache, positions_BxS, token_mask_BxS, True)
+        x_BxSxD, _, cache = self._blocks(
+            tokens_BxS, cache, positions_BxS, token_mask_BxS, True, None
+        )
         return self._logits(x_BxSxD), cache
 
-    def _blocks(self, tokens_BxS, cache, positions_BxS, token_mask_BxS, deterministic):
+    def _blocks(
+        self, tokens_BxS, cache, positions_BxS, token_mask_BxS, deterministic, segment_ids_BxS
+    ):
         """Embeds and runs every block; returns (x, per-MoE-layer stats list, cache)."""
         x_BxSxD = self.embed(tokens_BxS).astype(jnp.float32)
         stats, caches = [], []
@@ -259,17 +295,22 @@ class Transformer(nn.Module):
                         cache,
                     )
                 x_BxSxD, (seg_stats, seg) = stack(
-                    x_BxSxD, seg, positions_BxS, token_mask_BxS, deterministic
+                    x_BxSxD, seg, positions_BxS, token_mask_BxS, deterministic, segment_ids_BxS
                 )
-                if seg_stats:
-                    stats.append(seg_stats)
+                if seg_stats:  # [repeats, U_moe, ...] -> layer order [repeats * U_moe, ...]
+                    stats.append(jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), seg_stats))
                 if seg is not None:
                     caches.append(jax.tree.map(lambda c: c.reshape(-1, *c.shape[2:]), seg))
         else:
             for i, layer in enumerate(self.layers):
                 layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
                 x_BxSxD, (layer_stats, layer_cache) = layer(
-                    x_BxSxD, layer_cache, positions_BxS, token_mask_BxS, deterministic
+                    x_BxSxD,
+                    layer_cache,
+                    positions_BxS,
+                    token_mask_BxS,
+                    deterministic,
+                    segment_ids_BxS,
                 )
                 if layer_stats:
                     stats.append(jax.tree.map(lambda s: s[None], layer_stats))

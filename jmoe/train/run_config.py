@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import difflib
 import os
+import types
 import typing
 
 import yaml
@@ -144,6 +145,8 @@ def config_to_dict(config) -> dict:
             value = router_to_dict(value)
         elif dataclasses.is_dataclass(value):
             value = config_to_dict(value)
+        elif isinstance(value, tuple):  # e.g. model.layer_types; YAML has lists only
+            value = list(value)
         tree[field.name] = value
     return tree
 
@@ -285,8 +288,14 @@ def _merge_router(tree: dict, key: str, value, path: str) -> None:
 
 
 def _coerce(path: str, value, kind):
-    """`value` as the annotated type `kind`. YAML reads `1e-3` as text (floats are parsed)."""
-    allowed = typing.get_args(kind) or (kind,)
+    """`value` as the annotated type `kind`. YAML reads `1e-3` as text (floats are parsed) and
+    has lists only (a list becomes a tuple where one is expected)."""
+    union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    allowed = tuple(
+        typing.get_origin(t) or t for t in (typing.get_args(kind) if union else (kind,))
+    )
+    if tuple in allowed and isinstance(value, list):
+        value = tuple(value)
     if value is None and type(None) in allowed:
         return None
     if float in allowed and isinstance(value, (int, str)) and not isinstance(value, bool):

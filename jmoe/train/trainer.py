@@ -1,7 +1,8 @@
 """Training math: the state, the optimizer and its schedule, `train_step`, `eval_step`, and the
 data and tokenizer a run trains on (`prepare_data`); `jmoe.train.run` drives them.
 
-One jitted `train_step` computes the token cross-entropy over the mask + the MoE aux losses,
+One jitted `train_step` computes the token cross-entropy over the mask + the MoE aux losses
+(each packed document attends only to itself when the batch carries "segment_ids"),
 applies AdamW with warmup + cosine and global-norm clipping behind a non-finite guard that skips
 the update, and updates the `moe_state` (bias balancing, compute budget).
 """
@@ -162,6 +163,7 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation):
                 batch["inputs"],
                 deterministic=False,
                 token_mask_BxS=batch["mask"],
+                segment_ids_BxS=batch.get("segment_ids"),
                 rngs={"jitter": rng, "dropout": rng},
             )
             ce_sum, count = cross_entropy(logits_BxSxV, batch["targets"], batch["mask"])
@@ -209,6 +211,7 @@ def make_eval_step(model: Transformer):
             batch["inputs"],
             deterministic=True,
             token_mask_BxS=batch["mask"],
+            segment_ids_BxS=batch.get("segment_ids"),
         )
         return cross_entropy(logits_BxSxV, batch["targets"], batch["mask"])
 
