@@ -2,8 +2,9 @@
 
 The checkpoint decides the model: its `config.json` gives every field that shapes the weights or
 the math (`checkpoint_model_config`), and its tokenizer is the run's. A run may still set how
-it trains (`OVERRIDABLE`: dtypes, layer scan, remat, context length, the MoE losses, capacity,
-the grouped-matmul implementation) and the routing rule, `model.moe.router` and its fields:
+it trains (`OVERRIDABLE`: dtypes, layer scan, remat, context length, the attention and
+grouped-matmul implementations, the MoE losses and capacity) and the routing rule,
+`model.moe.router` and its fields:
 `model.moe.router=null_experts model.moe.router.num_null=4 model.moe.router.k=4` adds null
 experts to the imported router (AdaMoE; `jmoe.moe.layer.with_null_experts`),
 `model.moe.router=top_p` routes by dynamic top-p. Any other model key that disagrees with the
@@ -38,6 +39,7 @@ OVERRIDABLE = (
     "remat",
     "dtype",
     "param_dtype",
+    "attention_impl",
     "moe.router",
     "moe.router_jitter",
     "moe.capacity_factor",

@@ -103,7 +103,11 @@ def test_step_one_loss_is_the_imported_models_loss_on_the_first_batch(checkpoint
         data.make_iterator(train_docs, tokenizer, seq_len=16, batch_size=2, seed=config.data.seed)
     )
     imported, variables = from_hf(checkpoint)
-    logits = np.asarray(Transformer(imported).apply(variables, jnp.asarray(batch["inputs"]))[0])
+    segments = jnp.asarray(batch["segment_ids"])  # each packed document attends to itself
+    logits, _ = Transformer(imported).apply(
+        variables, jnp.asarray(batch["inputs"]), segment_ids_BxS=segments
+    )
+    logits = np.asarray(logits)
     logits = logits.astype(np.float64)
     log_p = logits - logits.max(-1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
