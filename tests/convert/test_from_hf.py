@@ -82,7 +82,7 @@ def test_cached_decode_matches_transformers(family, loaded):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_expert_layouts_import_identically(family, loaded):
     fused_dir, _ = fixture(family)
-    per_expert_dir = FIXTURES / f"{family}_per_expert"
+    per_expert_dir = FIXTURES / OTHER_LAYOUT[family]
     fused_config, fused = loaded(family)
     config, per_expert = from_hf(per_expert_dir)
     assert config == fused_config
@@ -132,6 +132,7 @@ print("mesh: ok")
 """
 
 
+@pytest.mark.slow  # a fresh process with 8 devices: its compiles dominate
 def test_loads_onto_a_mesh_with_the_parameter_shardings():
     path, _ = fixture("mixtral")
     env = dict(os.environ, JAX_PLATFORMS="cpu")

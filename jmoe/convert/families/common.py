@@ -103,11 +103,6 @@ def rope_settings(hf: HFConfig, yarn: bool = False) -> tuple[float, YarnScaling 
     return theta, scaling
 
 
-def rope_theta(hf: HFConfig) -> float:
-    """The RoPE base of a family without RoPE scaling (see `rope_settings`)."""
-    return rope_settings(hf)[0]
-
-
 def yarn_fields(scaling: YarnScaling | None, theta: float) -> dict:
     """The inverse of `rope_settings`: the `rope_parameters` dict."""
     if scaling is None:
@@ -117,11 +112,14 @@ def yarn_fields(scaling: YarnScaling | None, theta: float) -> dict:
 
 
 def softmax_top_k(cfg: ModelConfig) -> bool:
-    """Whether the MoE layers are a plain softmax top-k over SwiGLU experts (no groups, no
-    scaling, one chain step): what Mixtral, OLMoE and the Qwen MoEs compute."""
+    """Whether the model is what Mixtral, OLMoE and the Qwen MoEs compute: unscaled RoPE,
+    grouped-query attention, and MoE layers of a plain softmax top-k over SwiGLU experts (no
+    groups, no scaling, one chain step)."""
     router, moe = cfg.moe.router, cfg.moe
     return (
-        isinstance(router, TopK)
+        cfg.rope_scaling is None
+        and cfg.mla is None
+        and isinstance(router, TopK)
         and router.score == "softmax"
         and router.scale == 1.0
         and router.n_groups is None
@@ -135,8 +133,9 @@ def check_silu(hf: HFConfig, name: str = "hidden_act") -> None:
     hf.require(name, ("silu",), "silu", "jmoe's SwiGLU uses SiLU")
 
 
-def llama_fields(hf: HFConfig) -> dict:
-    """`ModelConfig` fields every family spells the same way."""
+def llama_fields(hf: HFConfig, yarn: bool = False) -> dict:
+    """`ModelConfig` fields every family spells the same way (YaRN RoPE where `yarn`)."""
+    theta, scaling = rope_settings(hf, yarn)
     d_model, n_heads = hf.get("hidden_size"), hf.get("num_attention_heads")
     head_dim = hf.get("head_dim")
     return dict(
@@ -147,7 +146,8 @@ def llama_fields(hf: HFConfig) -> dict:
         n_kv_heads=hf.get("num_key_value_heads", n_heads),
         head_dim=None if head_dim in (None, d_model // n_heads) else head_dim,
         max_seq_len=hf.get("max_position_embeddings"),
-        rope_theta=rope_theta(hf),
+        rope_theta=theta,
+        rope_scaling=scaling,
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
@@ -163,7 +163,7 @@ def llama_hf_fields(cfg: ModelConfig) -> dict:
         num_key_value_heads=cfg.kv_heads,
         head_dim=cfg.dim_per_head,
         max_position_embeddings=cfg.max_seq_len,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_parameters=yarn_fields(cfg.rope_scaling, cfg.rope_theta),
         rms_norm_eps=cfg.norm_eps,
         tie_word_embeddings=cfg.tie_embeddings,
         hidden_act="silu",

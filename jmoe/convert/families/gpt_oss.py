@@ -50,9 +50,7 @@ class GptOss(Family):
         hf.require("hidden_act", ("silu",), "silu")
         hf.require("attention_bias", (True,), True, "GPT-OSS projections have biases")
         layer_types = tuple(hf.get("layer_types") or ())
-        theta, scaling = common.rope_settings(hf, yarn=True)
-        fields = common.llama_fields(hf)
-        fields.update(rope_theta=theta)
+        fields = common.llama_fields(hf, yarn=True)
         moe = MoEConfig(
             d_ff=hf.get("intermediate_size"),
             num_experts=hf.get("num_local_experts"),
@@ -66,7 +64,6 @@ class GptOss(Family):
         return ModelConfig(
             **fields,
             d_ff=hf.get("intermediate_size"),
-            rope_scaling=scaling,
             qkv_bias=True,
             o_bias=True,
             attention_sinks=True,
@@ -78,12 +75,10 @@ class GptOss(Family):
         )
 
     def hf_config(self, cfg):
-        fields = common.llama_hf_fields(cfg)
-        fields["rope_parameters"] = common.yarn_fields(cfg.rope_scaling, cfg.rope_theta)
         return dict(
             architectures=["GptOssForCausalLM"],
             model_type="gpt_oss",
-            **fields,
+            **common.llama_hf_fields(cfg),
             intermediate_size=cfg.moe.d_ff,
             num_local_experts=cfg.moe.num_experts,
             num_experts_per_tok=cfg.moe.router.k,
