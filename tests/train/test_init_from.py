@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_fixtures import CHATML, FIXTURES, write_hf_checkpoint
-from run_cases import write_corpus
+from run_cases import run_cli, write_corpus
 from safetensors.numpy import save_file
 
 from jmoe.convert import from_hf
@@ -161,3 +161,12 @@ def test_the_checkpoints_moe_state_stays_while_the_router_kind_does():
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert np.any(np.asarray(b) != 0)  # the checkpoint's selection bias, not a fresh zero
+
+
+def test_train_py_names_a_bad_checkpoint_and_a_refused_override(checkpoint, tmp_path):
+    workdir = ("--workdir", str(tmp_path / "run"))
+    out = run_cli(*workdir, f"model.init_from={tmp_path / 'nowhere'}")
+    assert out.returncode == 2 and "model.init_from=" in out.stderr
+    out = run_cli(*workdir, f"model.init_from={checkpoint}", "model.n_layers=9")
+    assert out.returncode == 2 and "model.n_layers=9 conflicts" in out.stderr
+    assert "Traceback" not in out.stderr
