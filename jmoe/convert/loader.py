@@ -122,7 +122,8 @@ def from_hf(
             leaf = abstract[var_path]
             if array.shape != leaf.shape:  # a rule disagreeing with the model: a bug
                 raise AssertionError(f"{'/'.join(var_path)}: {array.shape} != {leaf.shape}")
-            values[var_path] = _place(array.astype(leaf.dtype), targets[var_path])
+            values[var_path] = _place(array.astype(leaf.dtype, copy=False), targets[var_path])
+    ckpt.close()
     if leftover := ckpt.unused():
         shown = ", ".join(f"{n} ({ckpt.weight_map[n]})" for n in leftover[:8])
         raise CheckpointError(

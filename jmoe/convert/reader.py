@@ -135,6 +135,7 @@ class HFCheckpoint:
         return sorted(set(self.weight_map) - self._used)
 
     def close(self) -> None:
+        """Releases the open (memory-mapped) file; reading again reopens it."""
         self._handles.clear()
 
 

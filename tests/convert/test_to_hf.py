@@ -1,6 +1,7 @@
 """`jmoe.convert.to_hf`: export then import is bit-identical (one file, shards, scanned
 layout), and transformers loads the export with the reference logits."""
 
+import dataclasses
 import json
 
 import jax
@@ -46,8 +47,8 @@ def test_sharded_and_scanned_round_trip(tmp_path):
 def test_a_config_no_family_fits_is_refused(tmp_path):
     path, _ = fixture("mixtral")
     config, variables = from_hf(path)
-    moe = config.moe.__class__(**{**config.moe.__dict__, "router": TopK(k=2, score="sigmoid")})
-    config = config.__class__(**{**config.__dict__, "moe": moe})
+    moe = dataclasses.replace(config.moe, router=TopK(k=2, score="sigmoid"))
+    config = dataclasses.replace(config, moe=moe)
     with pytest.raises(CheckpointError, match="fits none of"):
         to_hf(config, variables, tmp_path)
     with pytest.raises(CheckpointError, match="does not fit model_type='mixtral'"):

@@ -119,6 +119,8 @@ def softmax_top_k(cfg: ModelConfig) -> bool:
     return (
         cfg.rope_scaling is None
         and cfg.mla is None
+        and not (cfg.o_bias or cfg.attention_sinks or cfg.sliding_window)
+        and not (moe.router_bias or moe.expert_bias)
         and isinstance(router, TopK)
         and router.score == "softmax"
         and router.scale == 1.0
@@ -194,10 +196,9 @@ def attention_rules(cfg: ModelConfig, i: int) -> list[rules.Rule]:
         for n, heads in (("q", h), ("k", g), ("v", g)):
             bias = layer_path(i, "attn", n, "bias")
             out.append(rules.copy(bias, f"{hf}.{n}_proj.bias", (heads * a,), (heads, a)))
-    # Features of newer ModelConfigs (GPT-OSS); absent fields mean they are off.
-    if getattr(cfg, "o_bias", False):
+    if cfg.o_bias:
         out.append(rules.copy(layer_path(i, "attn", "o", "bias"), f"{hf}.o_proj.bias", (d,)))
-    if getattr(cfg, "attention_sinks", False):
+    if cfg.attention_sinks:
         out.append(rules.copy(layer_path(i, "attn", "sinks"), f"{hf}.sinks", (h,)))
     if cfg.qk_norm:
         for n, heads in (("q", h), ("k", g)):

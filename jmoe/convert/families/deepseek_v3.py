@@ -11,8 +11,6 @@ dequantised by the reader.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from jmoe.convert import rules
@@ -26,19 +24,6 @@ from jmoe.moe.config import MoEConfig
 from jmoe.moe.routers import TopK
 
 LATENT_NORM_EPS = 1e-6  # HF's latent RMSNorms (q_a, kv_a) always use the default epsilon
-
-
-def _group_router(k: int, n_groups: int, top_groups: int, **fields) -> TopK:
-    """A TopK whose groups score the sum of their two best scores (DeepSeek-V3)."""
-    if "group_score" in {f.name for f in dataclasses.fields(TopK)}:
-        fields["group_score"] = "top2_sum"
-    elif max(1, k // top_groups) != 2:
-        # 1. Without TopK.group_score a group scores its best max(1, k // top_groups) scores.
-        raise CheckpointError(
-            f"DeepSeek-V3 group scoring (top-2 sum) with num_experts_per_tok={k}, "
-            f"topk_group={top_groups} needs TopK.group_score, which this jmoe lacks"
-        )
-    return TopK(k=k, n_groups=n_groups, top_groups=top_groups, **fields)
 
 
 class DeepseekV3(Family):
@@ -72,11 +57,11 @@ class DeepseekV3(Family):
             v_head_dim=hf.get("v_head_dim"),
             q_lora_rank=hf.get("q_lora_rank"),
         )
-        k = hf.get("num_experts_per_tok")
-        router = _group_router(
-            k,
-            hf.get("n_group"),
-            hf.get("topk_group"),
+        router = TopK(
+            k=hf.get("num_experts_per_tok"),
+            n_groups=hf.get("n_group"),
+            top_groups=hf.get("topk_group"),
+            group_score="top2_sum",
             score="sigmoid",
             normalize=bool(hf.get("norm_topk_prob", True)),
             renorm_when_k1=True,
@@ -151,6 +136,7 @@ class DeepseekV3(Family):
             and isinstance(router, TopK)
             and router.score == "sigmoid"
             and router.n_groups is not None
+            and router.group_score == "top2_sum"
             and cfg.moe_every == 1
             and cfg.moe.shared_width == cfg.moe.num_shared * cfg.moe.d_ff
             and cfg.moe.activation == "swiglu"

@@ -2,51 +2,24 @@
 layers (`layer_types`), YaRN RoPE; every layer MoE with a router bias, softmax over the k best
 logits, and clamped-SwiGLU experts with biases (gate/up columns interleaved in the checkpoint,
 MXFP4-quantised in the released files).
-
-The mapping needs the model features `ModelConfig.o_bias / attention_sinks / sliding_window /
-layer_types` and `MoEConfig.router_bias / expert_bias`, activation "clamped_swiglu"; without
-them `from_hf` says which are missing.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
-from jmoe import kernels
 from jmoe.convert import rules
-from jmoe.convert.errors import CheckpointError
 from jmoe.convert.families import common
 from jmoe.convert.families.base import Family
 from jmoe.lm.config import ModelConfig
 from jmoe.moe.config import MoEConfig
 from jmoe.moe.routers import TopK
 
-FEATURES = {
-    ModelConfig: ("o_bias", "attention_sinks", "sliding_window", "layer_types"),
-    MoEConfig: ("router_bias", "expert_bias", "swiglu_alpha", "swiglu_limit"),
-}
 SWIGLU_ALPHA = 1.702  # fixed in the GPT-OSS code, not in config.json
-
-
-def missing_features() -> list[str]:
-    """The model features GPT-OSS needs that this jmoe lacks."""
-    missing = [
-        f"{cls.__name__}.{name}"
-        for cls, names in FEATURES.items()
-        for name in names
-        if name not in {f.name for f in dataclasses.fields(cls)}
-    ]
-    if "clamped_swiglu" not in kernels.ACTIVATIONS:
-        missing.append('MoEConfig.activation="clamped_swiglu"')
-    return missing
 
 
 class GptOss(Family):
     model_types = ("gpt_oss",)
 
     def model_config(self, hf, dtype):
-        if missing := missing_features():
-            raise CheckpointError(f"{hf.source}: GPT-OSS needs {missing}, which this jmoe lacks")
         hf.require("hidden_act", ("silu",), "silu")
         hf.require("attention_bias", (True,), True, "GPT-OSS projections have biases")
         layer_types = tuple(hf.get("layer_types") or ())
