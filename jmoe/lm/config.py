@@ -59,6 +59,8 @@ class ModelConfig:
       scan_layers: `nn.scan` over identical layers (faster compiles for deep models).
       remat: rematerialisation of each block: "none", "full" or "dots" (save matmul outputs).
       dtype, param_dtype: compute and parameter dtypes (attention softmax and norms in float32).
+      init_from: a Hugging Face checkpoint directory a training run starts from; the fields that
+        shape the weights then come from its config.json (`jmoe.train.init_from`).
     """
 
     vocab_size: int = 512
@@ -89,6 +91,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     rope_scaling: YarnScaling | None = None
     mla: MLAConfig | None = None
+    init_from: str | None = None
 
     def __post_init__(self):
         owner = "ModelConfig"
@@ -146,6 +149,13 @@ class ModelConfig:
                 f"None or a {kind.__name__}",
                 owner,
             )
+        _check(
+            "init_from",
+            self.init_from,
+            self.init_from is None or bool(str(self.init_from).strip()),
+            "None or a Hugging Face checkpoint directory",
+            owner,
+        )
         if not isinstance(self.moe, MoEConfig):
             raise ValueError(f"ModelConfig.moe must be a MoEConfig, got {type(self.moe)}")
         if self.moe.d_model != self.d_model:

@@ -2,11 +2,14 @@
 
 `load_config(path, overrides)` starts from the dataclass defaults (the tiny CPU run), merges the
 sparse YAML preset, then the overrides; every key is checked against the schema, and the
-dataclasses check every value.
+dataclasses check every value. With `model.init_from=DIR` (a Hugging Face checkpoint) the model
+section is the checkpoint's config plus the run's own training-side model keys
+(`jmoe.train.init_from`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -15,7 +18,9 @@ import typing
 
 import yaml
 
+from jmoe.lm.config import ModelConfig
 from jmoe.moe.routers import ROUTERS, Router, router_from_dict, router_to_dict
+from jmoe.train import init_from
 from jmoe.train.config import Config
 
 # Keys that may differ between a run and its resumption: they change how long it runs or how it
@@ -35,7 +40,10 @@ RESUMABLE_KEYS = (
 
 
 def load_config(
-    path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()
+    path: str | os.PathLike | None = None,
+    overrides: typing.Sequence[str] = (),
+    *,
+    resolve_init_from: bool = True,
 ) -> Config:
     """The defaults, then the YAML file at `path` (sparse nested overrides), then `overrides`.
 
@@ -45,6 +53,9 @@ def load_config(
         An optional section (a `X | None` dataclass field such as `model.mla`) stays None until
         one of its keys is set, then starts from its fields' defaults; `section=null` turns it
         off again.
+      resolve_init_from: with `model.init_from`, build the model section from the checkpoint's
+        config.json; False reads a resolved config as it is (a run directory's config.yaml,
+        which needs no checkpoint).
 
     Returns:
       The validated `Config`. An unknown key raises a ValueError naming the key, the allowed keys
@@ -55,11 +66,13 @@ def load_config(
       >>> cfg = load_config("configs/tiny.yaml", ["model.moe.router=top_p", "train.steps=50"])
     """
     tree = config_to_dict(Config())
+    updates = []  # what the file and the overrides set, in order
     if path is not None:
         loaded = _read_yaml(path)
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of config sections, got {loaded!r}")
         _merge(tree, loaded, Config, prefix="")
+        updates.append(loaded)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
@@ -72,7 +85,40 @@ def load_config(
         for part in reversed(key.strip().split(".")):
             nested = {part: nested}
         _merge(tree, nested, Config, prefix="")
+        updates.append(nested)
+    if resolve_init_from and tree["model"]["init_from"] is not None:
+        tree["model"] = _imported_model(tree["model"]["init_from"], updates)
     return config_from_dict(tree)
+
+
+def _imported_model(source: str, updates: list[dict]) -> dict:
+    """The model tree of `model.init_from=source`: the checkpoint's config with the run's own
+    model keys applied, those that change the checkpoint's math refused (`jmoe.train.init_from`).
+    """
+    imported = config_to_dict(init_from.checkpoint_model_config(source))
+    model, given = copy.deepcopy(imported), {}
+    for update in updates:
+        if "tokenizer" in (update.get("data") or {}):
+            raise ValueError(
+                f"data.tokenizer is the checkpoint's with model.init_from={source!r}: drop "
+                "the data.tokenizer setting"
+            )
+        part = update.get("model")
+        if part is not None:
+            _merge(model, part, ModelConfig, prefix="model.")
+            _merge_plain(given, part)
+    init_from.check_model_overrides(imported, given, model, source)
+    model["init_from"] = imported["init_from"]  # absolute: a resumed run may start elsewhere
+    return model
+
+
+def _merge_plain(tree: dict, update: dict) -> None:
+    """Deep-merges nested dict `update` into `tree` (later values win)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge_plain(tree[key], value)
+        else:
+            tree[key] = copy.deepcopy(value)
 
 
 def _read_yaml(path: str | os.PathLike):
