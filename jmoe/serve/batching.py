@@ -60,6 +60,8 @@ class Request:
             top_k=np.int32(p.top_k or 0),
             top_p=np.float32(p.top_p),
             seed=np.uint32(self.seed),
+            presence=np.float32(p.presence_penalty),
+            frequency=np.float32(p.frequency_penalty),
         )
 
 
@@ -207,6 +209,8 @@ class Scheduler:
             top_k=np.zeros(n, np.int32),
             top_p=np.ones(n, np.float32),
             seed=np.zeros(n, np.uint32),
+            presence=np.zeros(n, np.float32),
+            frequency=np.zeros(n, np.float32),
             counter=np.zeros(n, np.int32),
         )
         for slot in busy:
