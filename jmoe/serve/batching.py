@@ -51,9 +51,15 @@ class Request:
         self.done = threading.Event()
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
+        self._row: dict | None = None
 
     def sampling_row(self) -> dict:
         """This request's sampling parameters as the arrays of one batch row."""
+        if self._row is None:
+            self._row = self._make_row()
+        return self._row
+
+    def _make_row(self) -> dict:
         p = self.params
         return dict(
             temperature=np.float32(p.temperature),

@@ -11,8 +11,8 @@ recompiles (`compilations` counts every compilation in the process).
   first P positions (the padded tail holds garbage that decoding overwrites before any query
   can see it); the last real position's logits give the first generated token.
 - `decode`: one token per slot at that slot's own position, attending over the first L cache
-  positions, L a bucket above every busy slot's position (short contexts read a short cache).
-  Either every slot runs (idle ones too, the shape being fixed, with their tokens masked out of
+  positions, L a bucket above every busy slot's position (short contexts read a short cache);
+  only the new token's keys and values are written back into the cache. Either every slot runs (idle ones too, the shape being fixed, with their tokens masked out of
   the MoE statistics) or, when one request is running, its slot alone.
 
 Both report, per token, the experts each MoE layer ran for it (from the `Routing`s the MoE
@@ -111,7 +111,7 @@ class ModelSteps:
             self.variables,
             self.cache,
             self.counts,
-            (jnp.int32(slot), jnp.int32(len(prompt)), tokens, arrays),
+            (np.int32(slot), np.int32(len(prompt)), tokens, arrays),
             prompt_logprobs,
         )
         return jax.device_get(out)
@@ -135,7 +135,7 @@ class ModelSteps:
           `top_logprobs`; and `experts_read`, the distinct (layer, expert) weight sets the step
           ran (every row counts: idle slots are computed too).
         """
-        first = jnp.int32(first)
+        first = np.int32(first)  # host scalars: a jnp scalar would cost an eager dispatch
         self.cache, self.counts, out = self._decode(
             self.variables, self.cache, self.counts, (first, tokens, positions, rows), length
         )
