@@ -12,8 +12,9 @@ recompiles (`compilations` counts every compilation in the process).
   can see it); the last real position's logits give the first generated token.
 - `decode`: one token per slot at that slot's own position, attending over the first L cache
   positions, L a bucket above every busy slot's position (short contexts read a short cache);
-  only the new token's keys and values are written back into the cache. Either every slot runs (idle ones too, the shape being fixed, with their tokens masked out of
-  the MoE statistics) or, when one request is running, its slot alone.
+  only the new token's keys and values are written back into the cache. Either every slot
+  runs (idle ones too, the shape being fixed, with their tokens masked out of the MoE
+  statistics) or, when one request is running, its slot alone.
 
 Both report, per token, the experts each MoE layer ran for it (from the `Routing`s the MoE
 layers sow under "intermediates"), averaged over the MoE layers.
