@@ -266,7 +266,9 @@ class Transformer(nn.Module):
           tokens_BxS: new tokens (a prompt, or one token per row).
           positions_BxS: their absolute positions (per row; may differ between rows), each
             below the cache length M (writes past it are dropped).
-          cache: from `init_cache` or the previous call.
+          cache: from `init_cache` or the previous call; with unrolled layers (`scan_layers`
+            False) also a tuple of per-layer `[B, M, G, A]` arrays per name, returned as such
+            (no stacked copy of the whole cache per call).
           token_mask_BxS: optional bool, False for padding tokens.
         """
         x_BxSxD, _, cache = self._blocks(
@@ -299,7 +301,7 @@ class Transformer(nn.Module):
                     caches.append(jax.tree.map(lambda c: c.reshape(-1, *c.shape[2:]), seg))
         else:
             for i, layer in enumerate(self.layers):
-                layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
+                layer_cache = None if cache is None else {k: c[i] for k, c in cache.items()}
                 x_BxSxD, (layer_stats, layer_cache) = layer(
                     x_BxSxD,
                     layer_cache,
@@ -311,7 +313,9 @@ class Transformer(nn.Module):
                 if layer_stats:
                     stats.append(jax.tree.map(lambda s: s[None], layer_stats))
                 caches.append(layer_cache)
-        if cache is not None:
+        if cache is not None and isinstance(next(iter(cache.values())), tuple):  # per-layer arrays
+            cache = {k: tuple(c[k] for c in caches) for k in cache}
+        elif cache is not None:
             cache = jax.tree.map(
                 lambda *c: jnp.concatenate(c) if self.config.scan_layers else jnp.stack(c),
                 *caches,

@@ -201,12 +201,14 @@ class Engine:
     def submit(
         self,
         prompts: Sequence[Prompt],
-        params: SamplingParams,
+        params: SamplingParams | Sequence[SamplingParams],
         listeners: Sequence[Callable[[Update], None] | None] | None = None,
         *,
         limit: bool = True,
     ) -> list[Request]:
         """Checks and queues `prompts` together (all or none) and returns their requests.
+
+        `params` applies to every prompt, or gives each prompt its own.
 
         A request's `done` event is set when its `completion` is ready; its listener (called on
         the engine's thread) sees each `Update`. Needs `start()`, or steps run by `generate`.
@@ -217,11 +219,13 @@ class Engine:
           ClosedError: after `stop()`.
         """
         listeners = listeners or [None] * len(prompts)
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
         requests = []
-        for prompt, listener in zip(prompts, listeners, strict=True):
+        for prompt, p, listener in zip(prompts, params, listeners, strict=True):
             ids = self.encode(prompt)
-            self.check(ids, params)
-            requests.append(Request(ids, params, self.tokenizer, listener))
+            self.check(ids, p)
+            requests.append(Request(ids, p, self.tokenizer, listener))
         self.scheduler.submit(requests, limit=limit)
         return requests
 
@@ -242,14 +246,16 @@ class Engine:
         seed: int | None = None,
         logprobs: int | None = None,
         echo: bool = False,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
     ) -> list[Completion]:
         """Completes each prompt; all of them are batched together.
 
         Args:
           prompts: a text, a list of token ids, or a list of either.
-          max_tokens, temperature, top_k, top_p, stop, stop_token_ids, seed, logprobs, echo:
-            see `SamplingParams` (temperature 0, the default, is greedy; `seed` applies to
-            each prompt).
+          max_tokens, temperature, top_k, top_p, stop, stop_token_ids, seed, logprobs, echo,
+            presence_penalty, frequency_penalty: see `SamplingParams` (temperature 0, the
+            default, is greedy; `seed` applies to each prompt).
 
         Returns:
           One `Completion` per prompt, in order.
@@ -268,6 +274,8 @@ class Engine:
             seed=seed,
             logprobs=logprobs,
             echo=echo,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
         )
         requests = self.submit(prompts, params, limit=False)
         if self.scheduler.running:

@@ -14,6 +14,7 @@ import jmoe
 from jmoe.lm.model import Transformer
 from jmoe.lm.param_layout import stack_layers
 from jmoe.serve import Engine, InvalidRequestError, SamplingParams
+from jmoe.serve.batching import Request
 from jmoe.serve.steps import compilations
 from jmoe.train.run_config import load_config
 from jmoe.train.tokenizer import ByteTokenizer
@@ -93,6 +94,27 @@ def test_logprobs_and_echo_match_the_full_forward(engine, forward):
     )
 
 
+def test_penalties_match_a_numpy_reference_on_the_full_forward(engine, forward):
+    presence, frequency, steps = 0.7, 1.3, 10
+    prompts = [_ids("aaaa"), _ids("def f(x):")]
+    got = engine.generate(
+        prompts, max_tokens=steps, presence_penalty=presence, frequency_penalty=frequency
+    )
+    rows = [list(p) for p in prompts]
+    for _ in range(steps):  # greedy on mu[j] - c[j] * frequency - (c[j] > 0) * presence
+        logits = forward.logits_of(rows)
+        for r, ids in enumerate(rows):
+            counts = np.bincount(ids[len(prompts[r]) :], minlength=TOKENIZER_VOCAB)
+            mu = logits[r, len(ids) - 1, :TOKENIZER_VOCAB] - counts * frequency
+            ids.append(int(np.argmax(mu - (counts > 0) * presence)))
+    want = [ids[len(p) :] for ids, p in zip(rows, prompts, strict=True)]
+    for completion, w in zip(got, want, strict=True):
+        ids = list(completion.token_ids)
+        assert ids == w[: len(ids)] and (len(ids) == steps or ids[-1] == ByteTokenizer.eos_id)
+    plain = [list(c.token_ids) for c in engine.generate(prompts, max_tokens=steps)]
+    assert plain != [list(c.token_ids) for c in got]  # the penalties changed the text
+
+
 def test_active_experts_per_token(engine):
     [c] = engine.generate("def", max_tokens=5)
     assert c.active_experts == 2.0 and c.prompt_active_experts == 2.0  # top-2, dropless
@@ -123,8 +145,9 @@ def test_nothing_compiles_after_warmup(engine):
     engine.generate(["q" * 63], max_tokens=1)  # the longest bucket
     engine.generate(PROMPTS[:2], max_tokens=4, temperature=0.8, top_k=5, top_p=0.5, seed=3)
     engine.generate(PROMPTS[3:], max_tokens=3, stop=["\n"], logprobs=2)
+    engine.generate(PROMPTS[:3], max_tokens=3, presence_penalty=1.0, frequency_penalty=-0.5)
     assert compilations() == before
-    row = dict(temperature=0.0, top_k=0, top_p=1.0, seed=0)
+    row = Request([0], SamplingParams(), engine.tokenizer).sampling_row()
     engine.steps.prefill(0, [1, 2], 8, row, False)  # a length outside the buckets compiles...
     assert compilations() > before  # ...which shows that the counter sees the engine's steps
 
