@@ -77,6 +77,11 @@ def upcycle_model(
             f"upcycle_model: config differs from dense_config in {differ}; only {_MOE_FIELDS} "
             "may change"
         )
+    if config.moe.activation != "swiglu":
+        raise ValueError(
+            f"upcycle_model: config.moe.activation={config.moe.activation!r}; the experts copy the "
+            'dense SwiGLU FFN, so use activation="swiglu"'
+        )
     init_key, noise_key = jax.random.split(rng)
     tokens = jnp.zeros((1, 1), jnp.int32)
     template = jax.jit(Transformer(config).init)(init_key, tokens)

@@ -174,5 +174,8 @@ def test_upcycle_model_refuses_other_changes():
     dense_vars = Transformer(dense_cfg).init(jax.random.key(1), jnp.zeros((1, 2), jnp.int32))
     with pytest.raises(ValueError, match="n_heads"):
         lm_upcycle.upcycle_model(dense_cfg, dense_vars, _model_cfg(n_heads=4), jax.random.key(0))
+    gelu = _model_cfg(moe=dataclasses.replace(_model_cfg().moe, activation="gelu"))
+    with pytest.raises(ValueError, match='activation="swiglu"'):
+        lm_upcycle.upcycle_model(dense_cfg, dense_vars, gelu, jax.random.key(0))
     with pytest.raises(ValueError, match="moe_every=0"):
         lm_upcycle.upcycle_model(_model_cfg(), dense_vars, _model_cfg(), jax.random.key(0))
