@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from jmoe.serve import protocol
-from jmoe.serve.chat import ChatTemplateError, render_chat, special_token_text
+from jmoe.serve.chat import ChatTemplateError, render_chat, template_tokens
 from jmoe.serve.engine import Engine
 from jmoe.serve.metrics import ServerMetrics
 from jmoe.serve.outputs import ClosedError, Completion, QueueFullError
@@ -203,11 +203,11 @@ def create_app(
             prompt = render_chat(
                 engine.chat_template,
                 [m.model_dump() for m in body.messages],
-                eos_token=special_token_text(engine.tokenizer, engine.tokenizer.eos_id),
+                **template_tokens(engine.tokenizer),
             )
         except ChatTemplateError as e:
             raise APIError(400, str(e), "messages") from None
-        ids = engine.encode(prompt)
+        ids = engine.tokenizer.encode(prompt)  # the template wrote the special tokens
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:  # as OpenAI: up to the context
             max_tokens = max(min(max_tokens_limit, context - len(ids)), 0)

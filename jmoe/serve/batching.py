@@ -37,8 +37,8 @@ class Request:
         self.params = params
         self.seed = params.seed if params.seed is not None else secrets.randbits(32)
         self.listener: Callable[[Update], None] | None = listener
-        self.stream = TextStream(tokenizer, params.stop)
-        self.stop_ids = {tokenizer.eos_id, *params.stop_token_ids}
+        self.stream = TextStream(tokenizer, params.stop, self.prompt_ids)
+        self.stop_ids = {*tokenizer.eos_ids, *params.stop_token_ids}
         self.output_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob] | None = None
@@ -72,7 +72,7 @@ class Scheduler:
 
     Args:
       steps: the compiled model steps (owns the KV cache of `steps.num_slots` rows).
-      tokenizer: decodes generated ids; its `eos_id` ends a completion.
+      tokenizer: decodes generated ids; its `eos_ids` end a completion.
       buckets: ascending prompt bucket lengths; the last is the longest prompt.
       cache_buckets: ascending cache lengths a decode step may read; the last is the context.
       max_queue: most requests waiting for a slot (`submit` raises `QueueFullError` beyond).

@@ -1,6 +1,7 @@
 """The compiled model steps of the engine: prefill one prompt into a slot, decode the slots.
 
-The KV cache `[L, slots, M, G, A]` stays on the device; each call donates it and gets it back
+The KV cache `[L, slots, M, G, A]` (with multi-head latent attention, the latents and rotated
+keys `[L, slots, M, R | P]`) stays on the device; each call donates it and gets it back
 updated. Shapes are fixed per prompt bucket, cache length and row count, so after one call of
 each nothing recompiles (`compilations` counts every compilation in the process).
 
@@ -174,13 +175,13 @@ class ModelSteps:
         p = tokens_1xP.shape[1]
         positions_1xP = jnp.arange(p, dtype=jnp.int32)[None]
         mask_1xP = positions_1xP < length
-        fresh = init_cache(self.config, 1, p, cache["k"].dtype)
+        fresh = init_cache(self.config, 1, p, jax.tree.leaves(cache)[0].dtype)
         logits_1xPxV, fresh, routings = self._apply(
             variables, tokens_1xP, positions_1xP, fresh, mask_1xP
         )
         cache = {
-            name: jax.lax.dynamic_update_slice(cache[name], fresh[name], (0, slot, 0, 0, 0))
-            for name in cache
+            name: jax.lax.dynamic_update_slice(c, fresh[name], (0, slot) + (0,) * (c.ndim - 2))
+            for name, c in cache.items()
         }
         last_1xV = jax.lax.dynamic_index_in_dim(logits_1xPxV[0], length - 1, keepdims=True)
         out = {
@@ -204,14 +205,19 @@ class ModelSteps:
     def _decode_fn(self, variables, cache, inputs, length):
         first, tokens_S, positions_S, rows = inputs
         # The step reads and writes the cache rows of its slots, positions 0..length-1 only.
-        layers, s = cache["k"].shape[0], tokens_S.shape[0]
-        corner, size = (0, first, 0, 0, 0), (layers, s, length, *cache["k"].shape[3:])
-        view = {name: jax.lax.dynamic_slice(c, corner, size) for name, c in cache.items()}
+        # Every cache array is [L, slots, M, ...] (keys and values, or MLA's latent and rope key).
+        s = tokens_S.shape[0]
+        corners = {name: (0, first) + (0,) * (c.ndim - 2) for name, c in cache.items()}
+        view = {
+            name: jax.lax.dynamic_slice(c, corners[name], (c.shape[0], s, length, *c.shape[3:]))
+            for name, c in cache.items()
+        }
         logits_Sx1xV, view, routings = self._apply(
             variables, tokens_S[:, None], positions_S[:, None], view, rows["active"][:, None]
         )
         cache = {
-            name: jax.lax.dynamic_update_slice(cache[name], view[name], corner) for name in cache
+            name: jax.lax.dynamic_update_slice(c, view[name], corners[name])
+            for name, c in cache.items()
         }
         out = self._next_token(logits_Sx1xV[:, 0], rows)
         out["active_experts"] = self._active_experts(routings, (s, 1))[:, 0]

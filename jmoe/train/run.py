@@ -25,7 +25,16 @@ import jax.numpy as jnp
 
 from jmoe import sharding
 from jmoe.lm.model import Transformer
-from jmoe.train import checkpoint, data, metrics, multihost, preemption, report, run_lock
+from jmoe.train import (
+    checkpoint,
+    data,
+    init_from,
+    metrics,
+    multihost,
+    preemption,
+    report,
+    run_lock,
+)
 from jmoe.train.config import Config
 from jmoe.train.errors import UserError
 from jmoe.train.trainer import (
@@ -121,8 +130,13 @@ def _train(config: Config, workdir: str, latest: int | None, wall_start: float) 
     mesh = make_mesh(config)
     train_iter, eval_batches = _make_inputs(config, tokenizer, train_docs, eval_docs, mesh)
     model = Transformer(config.model, mesh)
+    initial = None
+    if latest is None and config.model.init_from is not None:
+        say(f"model: reading the weights of model.init_from={config.model.init_from}...")
+        initial = init_from.initial_variables(config.model, mesh)
     say("model: initialising the parameters...")
-    state = init_state(config, model, make_optimizer(train_cfg))  # no schedule shapes the state
+    # no schedule shapes the state
+    state = init_state(config, model, make_optimizer(train_cfg), initial)
     directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
     with checkpoint.Checkpointer(directory, max_to_keep=train_cfg.max_to_keep) as ckpt:
         decay_steps = train_cfg.steps

@@ -8,12 +8,14 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import SLOTS, TOKENIZER_VOCAB
+from conftest import SLOTS, TINY, TOKENIZER_VOCAB
 
 import jmoe
+from jmoe.lm.model import Transformer
 from jmoe.lm.param_layout import stack_layers
 from jmoe.serve import Engine, InvalidRequestError, SamplingParams
 from jmoe.serve.steps import compilations
+from jmoe.train.run_config import load_config
 from jmoe.train.tokenizer import ByteTokenizer
 
 # Lengths in every prompt bucket (16, 32, 64), more prompts than slots.
@@ -170,3 +172,29 @@ def test_a_non_causal_router_is_refused_and_serving_is_dropless(engine):
     with pytest.raises(ValueError, match="'expert_choice' is not causal"):
         Engine(dataclasses.replace(engine.config, moe=moe), {}, tokenizer=None)
     assert engine.config.moe.capacity_factor is None
+
+
+def test_an_mla_model_serves_the_full_forward_greedy_text():
+    """The engine's slot cache holds MLA's latents and rotated keys; greedy text through it
+    (prefill, then absorbed decode steps, two requests in two slots) is the full forward's."""
+    mla = "{kv_lora_rank: 8, qk_nope_head_dim: 4, qk_rope_head_dim: 4, v_head_dim: 6}"
+    scaling = "{factor: 4, original_max_position_embeddings: 16, mscale_all_dim: 1.0}"
+    config = load_config(None, [*TINY, f"model.mla={mla}", f"model.rope_scaling={scaling}"]).model
+    model = Transformer(config)
+    variables = model.init(jax.random.key(0), np.zeros((1, 8), np.int32))
+    engine = Engine(config, variables, ByteTokenizer(), num_slots=2)
+    assert {k: v.shape[-1] for k, v in engine.steps.cache.items()} == {"latent": 8, "k_rope": 4}
+    prompts, max_tokens = PROMPTS[:2], 6
+    rows = [_ids(p) for p in prompts]
+    apply = jax.jit(lambda t: model.apply(variables, t)[0])
+    for _ in range(max_tokens):  # right-padded rows: causal attention never sees the padding
+        tokens = np.zeros((len(rows), 16), np.int32)
+        for r, ids in enumerate(rows):
+            tokens[r, : len(ids)] = ids
+        logits = np.asarray(apply(tokens))
+        for r, ids in enumerate(rows):
+            ids.append(int(np.argmax(logits[r, len(ids) - 1, :TOKENIZER_VOCAB])))
+    got = engine.generate(prompts, max_tokens=max_tokens)
+    for completion, ids, prompt in zip(got, rows, prompts, strict=True):
+        want = ids[len(_ids(prompt)) :]
+        assert list(completion.token_ids) == want[: len(completion.token_ids)]
