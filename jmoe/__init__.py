@@ -14,6 +14,7 @@ from jmoe import kernels, sharding
 from jmoe.kernels import grouped_matmul
 from jmoe.lm.config import ModelConfig
 from jmoe.lm.model import Transformer
+from jmoe.lm.upcycle import grow_model_experts, map_moe_layers, upcycle_model
 from jmoe.moe import dispatch, losses, routers, routing
 from jmoe.moe.config import MoEConfig
 from jmoe.moe.layer import Experts, Gate, MoE, SharedMLP, update_state, with_null_experts
@@ -27,6 +28,7 @@ from jmoe.moe.routers import (
     register_router,
 )
 from jmoe.moe.routing import Routing
+from jmoe.moe.upcycle import grow_experts, upcycle_layer
 from jmoe.sharding import MeshConfig
 
 __all__ = [
@@ -46,8 +48,11 @@ __all__ = [
     "Transformer",
     "dispatch",
     "grouped_matmul",
+    "grow_experts",
+    "grow_model_experts",
     "kernels",
     "losses",
+    "map_moe_layers",
     "register_router",
     "routers",
     "routing",
@@ -55,5 +60,7 @@ __all__ = [
     "update_bias",
     "update_budget",
     "update_state",
+    "upcycle_layer",
+    "upcycle_model",
     "with_null_experts",
 ]

@@ -374,8 +374,9 @@ def with_null_experts(params: dict, num_null: int) -> dict:
 
     The router kernel `[..., D, E]` gains `num_null` columns that copy the true experts' columns
     in turn (column `E + j` copies column `j % E`), so every null expert starts with the logit of
-    a true expert, as in the AdaMoE Mixtral recipe (docs/algorithms.md, "Null experts (AdaMoE)").
-    Other params are kept.
+    a true expert, as in the AdaMoE Mixtral recipe (docs/algorithms.md, "Null experts (AdaMoE)");
+    a learned logit bias `router/bias` `[..., E]` is extended the same way. Other params are
+    kept. Leading axes (a chain's `[C, ...]`, a scanned stack's layers) are kept too.
 
     Args:
       params: the layer's "params" collection (with "router"/"kernel").
@@ -383,8 +384,10 @@ def with_null_experts(params: dict, num_null: int) -> dict:
     """
     if num_null < 0:
         raise ValueError(f"with_null_experts: num_null={num_null} must be >= 0")
-    kernel = params["router"]["kernel"]
-    num_experts = kernel.shape[-1]
-    null_cols = kernel[..., jnp.arange(num_null) % num_experts]
-    router = {**params["router"], "kernel": jnp.concatenate([kernel, null_cols], axis=-1)}
+    num_experts = params["router"]["kernel"].shape[-1]
+    copies = jnp.arange(num_null) % num_experts
+    router = {
+        name: jnp.concatenate([a, a[..., copies]], axis=-1) if name in ("kernel", "bias") else a
+        for name, a in params["router"].items()
+    }
     return {**params, "router": router}

@@ -391,3 +391,21 @@ def test_zero_tokens_give_an_empty_output_and_finite_stats(router):
     assert y.shape == (1, 0, D)
     assert all(bool(jnp.all(jnp.isfinite(v))) for v in stats.values())
     assert float(stats["active_experts"]) == 0.0
+
+
+@pytest.mark.parametrize("activation", ["gelu", "clamped_swiglu"])
+def test_bias_parameter_names_follow_the_contract(activation):
+    cfg = jmoe.MoEConfig(
+        d_model=D, d_ff=F, num_experts=4, chain_steps=2, router_bias=True, expert_bias=True,
+        activation=activation, router=jmoe.NullExperts(k=2, num_null=2),
+    )  # fmt: skip
+    shapes = jax.eval_shape(jmoe.MoE(cfg).init, jax.random.key(0), jnp.ones((3, D)))["params"]
+    shapes = jax.tree.map(lambda a: a.shape, shapes)
+    assert shapes["router"] == {"kernel": (2, D, 6), "bias": (2, 6)}
+    gated = activation == "clamped_swiglu"
+    want = {"w_up": (4, D, F), "w_down": (4, F, D), "b_up": (4, F), "b_down": (4, D)}
+    if gated:
+        want |= {"w_gate": (4, D, F), "b_gate": (4, F)}
+    assert shapes["experts"] == want
+    # the FLOP count of an expert counts its matrices: gate, up and down for the gated units
+    assert jmoe.moe.stats.mlp_matrix_count(activation) == (3 if gated else 2)

@@ -28,14 +28,19 @@ def test_ref_top_k_known_answers():
 
 
 def test_ref_top_k_groups_known_answer():
-    # 3 groups of 2; sigmoid scores ~ s; k=2, top_groups=2 -> per-group score = best 1.
+    # 3 groups of 2; sigmoid scores ~ s.
     s = np.array([[0.9, 0.1, 0.5, 0.45, 0.8, 0.0]])
     logits = np.log(s / (1 - s + 1e-300) + 1e-300)
     ids, _, _ = ref.ref_top_k(logits, 2, score="sigmoid", n_groups=3, top_groups=1)
-    # top_groups=1 -> per-group = sum of top 2: [1.0, 0.95, 0.8] -> group 0 only.
+    # "top2_sum": group scores [1.0, 0.95, 0.8] -> group 0 only.
     np.testing.assert_array_equal(ids, [[0, 1]])
     ids, _, _ = ref.ref_top_k(logits, 2, score="sigmoid", n_groups=3, top_groups=2)
-    # per-group = top 1: [0.9, 0.5, 0.8] -> groups 0, 2.
+    # "top2_sum" (whatever k): [1.0, 0.95, 0.8] -> groups 0, 1.
+    np.testing.assert_array_equal(ids, [[0, 2]])
+    ids, _, _ = ref.ref_top_k(
+        logits, 2, score="sigmoid", n_groups=3, top_groups=2, group_score="max"
+    )
+    # "max": [0.9, 0.5, 0.8] -> groups 0, 2.
     np.testing.assert_array_equal(ids, [[0, 4]])
 
 

@@ -225,6 +225,7 @@ def test_preset_routing_features():
         1,
     )
     assert ds.moe.router.bias_update_rate > 0 and ds.first_dense_layers == 3
+    assert ds.moe.router.group_score == "top2_sum"
     assert preset("adamoe.yaml").moe.router.kind == "null_experts"
     assert preset("adamoe.yaml").moe.router.target_active_experts == 2.0
     assert preset("top_p.yaml").moe.router.kind == "top_p"
