@@ -206,7 +206,7 @@ def test_an_mla_model_serves_the_full_forward_greedy_text():
     model = Transformer(config)
     variables = model.init(jax.random.key(0), np.zeros((1, 8), np.int32))
     engine = Engine(config, variables, ByteTokenizer(), num_slots=2)
-    assert {k: v.shape[-1] for k, v in engine.steps.cache.items()} == {"latent": 8, "k_rope": 4}
+    assert {k: v[0].shape[-1] for k, v in engine.steps.cache.items()} == {"latent": 8, "k_rope": 4}
     prompts, max_tokens = PROMPTS[:2], 6
     rows = [_ids(p) for p in prompts]
     apply = jax.jit(lambda t: model.apply(variables, t)[0])
