@@ -9,6 +9,7 @@ table next to it. Every ratio on the page comes from variants timed interleaved 
     python bench/run_all.py                  # each benchmark's own default shapes
     python bench/run_all.py --tiny --page /tmp/b.md   # seconds per benchmark: a smoke test
     python bench/run_all.py --page-only      # rewrite the page from the JSON already there
+    python bench/run_all.py --quick --budget 1800   # stop what still runs after 30 minutes
 
 The Pallas kernel benchmark (TFLOP/s against the dense-matmul ceiling) runs only on a GPU or
 TPU: on a CPU the kernels run in the Pallas interpreter, which is a test, not a timing.
@@ -48,8 +49,8 @@ _TINY_LM = [
 SUITE: dict[str, tuple[str, dict[str, list[str] | None]]] = {
     "moe_layer": ("moe_layer", {
         "full": [],
-        "quick": ["--tokens", "2048", "--d-model", "256", "--d-ff", "512", "--experts", "8",
-                  "64", "--k", "1", "2", "--runs", "9", "--pause", "0.05"],
+        "quick": ["--tokens", "1024", "--d-model", "256", "--d-ff", "512", "--experts", "8",
+                  "--k", "1", "2", "--runs", "9", "--pause", "0.05"],
         "tiny": ["--tokens", "64", "--d-model", "32", "--d-ff", "32", "--experts", "4", "--k",
                  "2", "--runs", "1", "--pause", "0"],
     }),
@@ -63,7 +64,7 @@ SUITE: dict[str, tuple[str, dict[str, list[str] | None]]] = {
     }),
     "grouped_matmul": ("grouped_matmul", {
         "full": [],
-        "quick": ["--rows", "4096", "--k", "256", "--n", "512", "--experts", "8", "64",
+        "quick": ["--rows", "2048", "--k", "128", "--n", "256", "--experts", "8", "32",
                   "--runs", "9"],
         "tiny": ["--rows", "64", "--k", "16", "--n", "16", "--experts", "4", "--runs", "1"],
     }),
@@ -75,17 +76,17 @@ SUITE: dict[str, tuple[str, dict[str, list[str] | None]]] = {
         "tiny": ["--runs", "1", "--steps", "1", "--warmup", "1", "--variants", "top_k",
                  "--set", *_TINY_LM],
     }),
+    "expert_parallel": ("expert_parallel", {
+        "full": [],
+        "quick": ["--tokens", "2048", "--runs", "9"],  # 8 sequences of 256: one per device
+        "tiny": ["--tokens", "128", "--seq", "16", "--d-model", "16", "--d-ff", "16",
+                 "--runs", "1"],
+    }),
     "serve": ("serve", {
         "full": [],
         "quick": ["--steps", "8", "--rounds", "9", "--runs", "9", "--clients", "8",
                   "--max-tokens", "16"],
         "tiny": None,  # warms up nine engines over every bucket: minutes even at tiny sizes
-    }),
-    "expert_parallel": ("expert_parallel", {
-        "full": [],
-        "quick": ["--tokens", "2048", "--runs", "9"],
-        "tiny": ["--tokens", "128", "--seq", "16", "--d-model", "16", "--d-ff", "16",
-                 "--runs", "1"],
     }),
     "kernels": ("kernels", {"full": [], "quick": ["--scale", "4", "--runs", "9"], "tiny": None}),
 }  # fmt: skip
@@ -122,15 +123,21 @@ def machine() -> dict:
     }
 
 
-def run_benchmark(name: str, script: str, args: list[str], results: pathlib.Path) -> dict:
-    """Runs `bench/<script>.py args --out results/<name>.json`; returns its status and time."""
+def run_benchmark(
+    name: str, script: str, args: list[str], results: pathlib.Path, timeout: float | None
+) -> dict:
+    """Runs `bench/<script>.py args --out results/<name>.json` for at most `timeout` seconds;
+    returns its status and time."""
     out = results / f"{name}.json"
     command = [sys.executable, str(BENCH / f"{script}.py"), *args, "--out", str(out)]
     print(f"== {name}: {' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(command, cwd=ROOT)
+    try:
+        returncode = subprocess.run(command, cwd=ROOT, timeout=timeout).returncode
+        status = "ok" if returncode == 0 else f"failed (exit status {returncode})"
+    except subprocess.TimeoutExpired:
+        status = f"stopped when the run's --budget was spent ({timeout:.0f} s left for it)"
     seconds = time.perf_counter() - start
-    status = "ok" if proc.returncode == 0 else f"failed (exit status {proc.returncode})"
     print(f"== {name}: {status} in {seconds:.0f} s", flush=True)
     return {"status": status, "seconds": seconds, "args": args}
 
@@ -140,10 +147,15 @@ def main():
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small shapes (minutes on a CPU)")
     mode.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke test)")
-    parser.add_argument("--only", nargs="+", choices=list(SUITE), help="run these only")
+    parser.add_argument(
+        "--only", nargs="+", choices=list(SUITE), help="run these (keep the others' results)"
+    )
     parser.add_argument("--results", default="bench/results/run_all", help="JSON folder")
     parser.add_argument("--page", default="docs/benchmarks.md", help="the Markdown page")
     parser.add_argument("--page-only", action="store_true", help="no runs: rewrite the page")
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds for all runs; later ones are stopped"
+    )
     parser.add_argument(
         "--note", default="", help="a sentence for the page (e.g. that the machine was shared)"
     )
@@ -157,6 +169,10 @@ def main():
         name = "quick" if args.quick else "tiny" if args.tiny else "full"
         info = machine()
         record = {"mode": name, "machine": info, "note": args.note, "benchmarks": {}}
+        if args.only and runs_file.exists():  # rerun some: keep the others' results
+            earlier = json.loads(runs_file.read_text())
+            if earlier["mode"] == name:
+                record["benchmarks"] = earlier["benchmarks"]
         start = time.perf_counter()
         for bench, (script, modes) in SUITE.items():
             if args.only and bench not in args.only:
@@ -168,8 +184,15 @@ def main():
                     "status": "not run on a CPU (the Pallas kernels would run interpreted)"
                 }
             else:
-                record["benchmarks"][bench] = run_benchmark(bench, script, modes[name], results)
-        record["total_seconds"] = time.perf_counter() - start
+                spent = time.perf_counter() - start
+                left = None if args.budget is None else args.budget - spent
+                if left is not None and left <= 0:
+                    record["benchmarks"][bench] = {"status": "not run: the --budget was spent"}
+                    continue
+                record["benchmarks"][bench] = run_benchmark(
+                    bench, script, modes[name], results, left
+                )
+        record["total_seconds"] = sum(r.get("seconds", 0) for r in record["benchmarks"].values())
         record["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         runs_file.write_text(json.dumps(record, indent=1))
     page = (ROOT / args.page).resolve()
