@@ -381,7 +381,8 @@ def write_page(record: dict, results: pathlib.Path, page: pathlib.Path) -> None:
             continue
         data = _load(results, name) if status["status"] == "ok" else None
         if data is None:
-            lines += [f"## `bench/{name}.py`", "", f"{status['status'].capitalize()}.", ""]
+            text = status["status"]
+            lines += [f"## `bench/{name}.py`", "", f"{text[0].upper()}{text[1:]}.", ""]
             continue
         lines += section(data, page.parent / f"benchmarks_{name}.png") + [""]
     page.write_text("\n".join(lines))
