@@ -10,6 +10,7 @@ median of `--runs` calls. Prints a table and writes JSON to bench/results/.
 
     python bench/train_step.py                 # all variants
     python bench/train_step.py --default-run   # also time `python train.py` (wall time, losses)
+    python bench/train_step.py --variants top_k null --set model.n_layers=2 --runs 3
 """
 
 from __future__ import annotations
@@ -49,14 +50,14 @@ VARIANTS = {
 }
 
 
-def dense_twin(config: Config) -> Config:
-    """The same model with dense FFNs of the MoE's active width in every layer: the routed
-    experts a token uses (`moe.expected_active_experts`: k x chain steps, or the budget target)
-    plus the shared expert."""
+def dense_twin(config: Config, base: list[str] = ()) -> Config:
+    """The same model (`base` overrides included) with dense FFNs of the MoE's active width in
+    every layer: the routed experts a token uses (`moe.expected_active_experts`: k x chain steps,
+    or the budget target) plus the shared expert."""
     moe = config.model.moe
     active = moe.expected_active_experts
     width = round(active * moe.d_ff) + moe.shared_width * moe.chain_steps
-    return load_config(None, [f"model.d_ff={width}", "model.moe_every=0"])
+    return load_config(None, [*base, f"model.d_ff={width}", "model.moe_every=0"])
 
 
 def _stepper(config: Config, batches: list[dict]):
@@ -81,8 +82,12 @@ def _stepper(config: Config, batches: list[dict]):
     return run, box
 
 
-def bench(runs: int, steps: int, warmup: int) -> list[dict]:
-    base = load_config()
+def bench(
+    runs: int, steps: int, warmup: int, base_overrides: list[str] = (), names: list[str] = ()
+) -> list[dict]:
+    """Rows of the variants whose names start with one of `names` (all when empty), each on the
+    tiny config with `base_overrides` (both the MoE and its dense twin)."""
+    base = load_config(None, base_overrides)
     tokenizer, train_docs, _ = trainer.prepare_data(base, tempfile.mkdtemp(), resume=False)
     iterator = data.make_iterator(
         train_docs, tokenizer, seq_len=base.data.seq_len, batch_size=base.data.batch_size, seed=0
@@ -90,10 +95,11 @@ def bench(runs: int, steps: int, warmup: int) -> list[dict]:
     batches = [next(iterator) for _ in range(16)]
     tokens = steps * base.data.batch_size * base.data.seq_len
     variants = {}
-    for name, overrides in VARIANTS.items():
-        moe = load_config(None, overrides)
+    chosen = {n: o for n, o in VARIANTS.items() if not names or n.startswith(tuple(names))}
+    for name, overrides in chosen.items():
+        moe = load_config(None, [*base_overrides, *overrides])
         variants[name] = _stepper(moe, batches)
-        variants[f"{name} :dense"] = _stepper(dense_twin(moe), batches)
+        variants[f"{name} :dense"] = _stepper(dense_twin(moe, base_overrides), batches)
     for run, _ in variants.values():
         run(warmup)
     times = {name: [] for name in variants}
@@ -101,7 +107,7 @@ def bench(runs: int, steps: int, warmup: int) -> list[dict]:
         for name, (run, _) in variants.items():
             times[name].append(run(steps))
     rows = []
-    for name in VARIANTS:
+    for name in chosen:
         moe_s, dense_s = statistics.median(times[name]), statistics.median(times[f"{name} :dense"])
         rows.append(
             {
@@ -127,10 +133,16 @@ def main():
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for all"
+    )
+    parser.add_argument(
+        "--variants", nargs="+", default=[], help="names (or their first words) to run"
+    )
     parser.add_argument("--default-run", action="store_true")
     parser.add_argument("--out", default="bench/results/train_step.json")
     args = parser.parse_args()
-    rows = bench(args.runs, args.steps, args.warmup)
+    rows = bench(args.runs, args.steps, args.warmup, args.set, args.variants)
     print(
         f"{'variant':40} {'MoE tok/s':>10} {'dense tok/s':>12} {'time MoE/dense':>15} {'active':>7}"
     )
@@ -145,6 +157,7 @@ def main():
         "jax": jax.__version__,
         "runs": args.runs,
         "steps_per_run": args.steps,
+        "overrides": args.set,
         "rows": rows,
     }
     if args.default_run:

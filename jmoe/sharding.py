@@ -190,7 +190,7 @@ def init_sharded(init_fn, mesh: Mesh, *args):
     Each device computes only its shards, so nothing is materialised whole on one host; use it
     for models too large for one device and on several processes (`args` equal on all of them).
 
-    Example:
+    Examples:
       >>> variables = init_sharded(lambda: MoE(cfg).init(jax.random.key(0), x_BxSxD), mesh)
     """
     shardings = param_shardings(jax.eval_shape(init_fn, *args), mesh)

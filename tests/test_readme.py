@@ -1,37 +1,28 @@
 """The README's code runs as written: its Python blocks in order in one process (with 8 CPU
 devices for the mesh example), and its `train.py` command lines parse into valid configs. The
-client example that needs a running server runs in tests/serve/test_server.py."""
+client example that needs a running server runs in tests/serve/test_server.py. Blocks are read
+and marked as for the documentation pages (tests/doc_blocks.py, tests/test_docs.py)."""
 
 import os
-import pathlib
-import re
-import shlex
 import subprocess
 import sys
 
 import pytest
+from doc_blocks import README, ROOT, blocks, config_arguments, page_script, train_commands
 
 from jmoe.train.run_config import load_config
 
-ROOT = pathlib.Path(__file__).parents[1]
-README = (ROOT / "README.md").read_text()
 
-
-SERVER_CLIENT = "openai.OpenAI("  # a block that talks to a running `serve.py`
-
-
-def _blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.M | re.S)
-
-
-def test_readme_has_python_and_bash_blocks():
-    assert len(_blocks("python")) >= 4 and len(_blocks("bash")) >= 4
+def test_readme_keeps_its_two_commands_and_an_example():
+    code = [block.code for block in blocks(README)]
+    assert any(c.strip().endswith("python3 train.py") for c in code)
+    assert any("python3 serve.py --run runs/tiny" in c for c in code)
+    assert any(b.runs_here for b in blocks(README))
 
 
 def test_python_blocks_run_in_order(tmp_path):
     script = tmp_path / "readme.py"
-    blocks = [block for block in _blocks("python") if SERVER_CLIENT not in block]
-    script.write_text("\n\n".join(blocks))
+    script.write_text(page_script(README))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     result = subprocess.run(
@@ -45,35 +36,6 @@ def test_python_blocks_run_in_order(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def _train_commands() -> list[list[str]]:
-    commands = []
-    for block in _blocks("bash"):
-        block = block.replace("\\\n", " ")
-        for line in block.splitlines():
-            line = line.split("#", 1)[0]
-            if "train.py" not in line:
-                continue
-            words = shlex.split(line.split("train.py", 1)[1].split("&")[0].split('"')[0])
-            commands.append(words)
-    return commands
-
-
-# The tiny checkpoint the README's `model.init_from=...` lines stand for (its config.json is
-# read), with the context of the checkpoints they name.
-HF_CHECKPOINT = ROOT / "tests" / "fixtures" / "hf" / "mixtral"
-HF_CONTEXT = "model.max_seq_len=32768"
-
-
-@pytest.mark.parametrize("args", _train_commands(), ids=" ".join)
+@pytest.mark.parametrize("args", train_commands(README), ids=" ".join)
 def test_train_command_lines_load_their_configs(args):
-    config, overrides, words = None, [], iter(args)
-    for word in words:
-        if word == "--config":
-            config = ROOT / next(words)
-        elif word == "--workdir":
-            next(words)
-        elif word.startswith("model.init_from="):
-            overrides += [f"model.init_from={HF_CHECKPOINT}", HF_CONTEXT]
-        elif "=" in word and not word.startswith("-"):
-            overrides.append(word)
-    load_config(config, overrides)
+    load_config(*config_arguments(args))

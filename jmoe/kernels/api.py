@@ -46,7 +46,7 @@ def grouped_matmul(
       `[M, N]` in `x_MxK.dtype`; rows past `sum(group_sizes)` are zeros (no bias). Differentiable
       in `x`, `w` and `bias`.
 
-    Example:
+    Examples:
       >>> x = jnp.ones((4, 2)); w = jnp.stack([jnp.eye(2), 2 * jnp.eye(2)])
       >>> grouped_matmul(x, w, jnp.array([1, 2]))[:, 0].tolist()
       [1.0, 2.0, 2.0, 0.0]

@@ -34,7 +34,7 @@ def top_k_gating(
       `(routing, counts)`: a `Routing` equal to `routing.top_k(logits, k, ...)` (ids exactly,
       ties to the lowest index) and `counts` `[E]` int32 slots per expert.
 
-    Example:
+    Examples:
       >>> r, counts = top_k_gating(jnp.eye(2), jnp.array([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]]), 1)
       >>> r.expert_ids.tolist(), counts.tolist()
       ([[0], [2]], [1, 0, 1])

@@ -202,7 +202,7 @@ class MoE(nn.Module):
       - `dropped_fraction`: valid slots of real (unmasked) tokens dropped by the capacity.
     Update `moe_state` after the optimizer step with `update_state`.
 
-    Example:
+    Examples:
       >>> cfg = MoEConfig(d_model=16, d_ff=32, num_experts=4, router=TopK(k=2))
       >>> x = jnp.ones((2, 3, 16))
       >>> variables = MoE(cfg).init(jax.random.key(0), x)

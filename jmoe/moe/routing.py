@@ -107,7 +107,7 @@ def top_k(
     Returns:
       A `Routing` with `K = k` slots, all valid, in descending selection-score order.
 
-    Example:
+    Examples:
       >>> r = top_k(jnp.array([[2.0, 1.0, 0.0]]), 2, normalize=True)
       >>> r.expert_ids.tolist()
       [[0, 1]]
@@ -159,7 +159,7 @@ def null_experts(
     Returns:
       A `Routing` with `K = k` slots; `probs` is the softmax over all `E + num_null` experts.
 
-    Example:
+    Examples:
       >>> r = null_experts(jnp.log(jnp.array([[0.4, 0.1, 0.3, 0.2]])), 2, num_null=2)
       >>> r.expert_ids.tolist(), r.weights.tolist()
       ([[0, 2]], [[1.0, 0.0]])
@@ -224,7 +224,7 @@ def top_p(
     Returns:
       A `Routing` with `K = max_k or E` slots, the chosen experts first.
 
-    Example:
+    Examples:
       >>> r = top_p(jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]])), 0.6)
       >>> r.valid.tolist(), r.weights.tolist()[0][:2]
       ([[True, True, False, False]], [0.5, 0.30000001192092896])

@@ -62,7 +62,7 @@ def load_config(
       at that level and the closest one; a bad value raises the dataclass's ValueError prefixed
       with the full key path.
 
-    Example:
+    Examples:
       >>> cfg = load_config("configs/tiny.yaml", ["model.moe.router=top_p", "train.steps=50"])
     """
     tree = config_to_dict(Config())
