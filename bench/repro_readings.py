@@ -83,7 +83,7 @@ def read_top_p(result: dict, spec: dict) -> str:
         rho = row["loss_experts_spearman"]
         corr = "n/a" if rho["mean"] is None else f"{rho['mean']:+.3f}"
         parts.append(
-            f"{name}: loss {_loss_sentence(name, row, base_name, base)}, "
+            f"held-out loss {_loss_sentence(name, row, base_name, base)}, "
             f"{_mean(row, 'experts_per_token'):.2f} experts per token and layer; the first "
             f"layer uses {first_more} than the last ({layers[0]:.2f} vs {layers[-1]:.2f}, "
             f"{order} over depth); Spearman rho(token loss, experts) = {corr}"

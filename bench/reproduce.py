@@ -11,9 +11,11 @@ computed from the numbers) and `<name>.png` into `--out`, and prints the table a
     python bench/reproduce.py --quick                # every experiment, CPU settings
     python bench/reproduce.py --quick --only top_p   # one experiment
     python bench/reproduce.py                        # longer runs, more seeds
+    python bench/reproduce.py --render --out DIR     # tables and plots again from DIR's JSON
 
-Runs are cached in `--runs` by a hash of their config: a finished run is read back, not retrained,
-so experiments that share a variant (the top-2 baseline) train it once.
+Runs are cached in `--runs` by a hash of their config: a finished run (and what was measured on
+it) is read back, not retrained, so experiments that share a variant (the top-2 baseline) train
+it once, and a rerun with more seeds trains only the new ones.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import os
 import pathlib
 import platform
@@ -43,6 +46,7 @@ from jmoe.train.run_config import config_to_dict, load_config
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS_DIR = REPO / "configs" / "experiments"
 BASE_PRESET = REPO / "configs" / "tiny.yaml"
+MEASURED_FILE = "reproduce_measured.json"  # a run's numbers, beside its summary.json
 RUN_SETTINGS = ["train.progress=false", "train.plot=false", "train.checkpoint_every=100000"]
 
 
@@ -215,12 +219,17 @@ def train_variant(
     """Trains (or reads back) one run; returns its directory and its numbers."""
     workdir = _run_dir(runs, config, None if init_from is None else init_from.name)
     final = report.load_summary(workdir)
+    measured = workdir / MEASURED_FILE
+    if final is not None and final.get("step") == config.train.steps and measured.exists():
+        return workdir, json.loads(measured.read_text())
     if final is None or final.get("step") != config.train.steps:  # not cached: train it
         params = None
         if init_from is not None:
             params = converted_params(load_state(init_from)[1].params, config)
         final = train_and_evaluate(config, workdir, init_params=params)
-    return workdir, measure(workdir, config, final)
+    numbers = measure(workdir, config, final)
+    measured.write_text(json.dumps(numbers))
+    return workdir, numbers
 
 
 def run_experiment(spec: dict, mode: Mode, runs: pathlib.Path, out: pathlib.Path) -> dict:
@@ -267,6 +276,12 @@ def run_experiment(spec: dict, mode: Mode, runs: pathlib.Path, out: pathlib.Path
     }
     if finetune:
         result["finetune"] = {"from": finetune["from"], "steps": steps}
+    return render(result, spec, out)
+
+
+def render(result: dict, spec: dict, out: pathlib.Path) -> dict:
+    """Computes the reading of `result`, writes its JSON, markdown table and plot into `out`
+    and prints the table and the reading; returns `result` with its reading."""
     result["reading"] = repro_readings.READINGS[spec["reading"]](result, spec)
     write_results(out / f"{spec['name']}.json", result)
     table = markdown_table(result)
@@ -329,7 +344,7 @@ def markdown_table(result: dict) -> str:
         "total params",
         "active params",
         "held-out loss",
-        "experts / token",
+        "experts / token / layer",
         "expert MFLOPs / token",
         *(title for title, _ in extra),
     ]
@@ -368,6 +383,9 @@ def main():
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "reproduce"))
     parser.add_argument("--runs", default=str(REPO / "runs" / "reproduce"), help="run cache")
+    parser.add_argument(
+        "--render", action="store_true", help="only redo tables and plots from --out's JSON"
+    )
     args = parser.parse_args()
     jax.config.update("jax_compilation_cache_dir", str(REPO / ".jax_cache"))  # seeds recompile
     mode = QUICK if args.quick else FULL
@@ -378,6 +396,9 @@ def main():
     started = time.perf_counter()
     for name in args.only or experiment_names():
         spec = load_experiment(name)
+        if args.render:
+            render(json.loads((out / f"{name}.json").read_text()), spec, out)
+            continue
         if args.seeds is not None:
             spec["seeds"] = {mode.name: args.seeds}
         run_experiment(spec, mode, runs, out)

@@ -63,7 +63,7 @@ def mini_runs(tmp_path_factory):
     return results, out
 
 
-def test_every_experiment_writes_json_markdown_and_plot(mini_runs):
+def test_every_experiment_writes_json_markdown_and_plot(mini_runs, tmp_path):
     results, out = mini_runs
     assert set(results) == {"adamoe", "budget", "chain_of_experts", "deepseek", "top_p"}
     for name, result in results.items():
@@ -73,6 +73,9 @@ def test_every_experiment_writes_json_markdown_and_plot(mini_runs):
         assert sum(line.startswith("| ") for line in lines) == rows + 1  # header + variants
         assert (out / f"{name}.png").stat().st_size > 0
         assert result["reading"] and "nan" not in result["reading"]
+        spec = reproduce.load_experiment(name)  # --render: the same files from the JSON alone
+        reproduce.render(json.loads((out / f"{name}.json").read_text()), spec, tmp_path)
+        assert (tmp_path / f"{name}.md").read_text() == (out / f"{name}.md").read_text()
 
 
 def test_numbers_are_finite_and_consistent_with_the_routers(mini_runs):
