@@ -47,11 +47,17 @@ def compare(a: dict, b: dict, key: str = "eval_loss") -> tuple[float, str]:
     return diff, "lower" if diff < 0 else "higher"
 
 
-def _rows(result: dict, phase: str = "scratch") -> list[tuple[str, dict]]:
-    return list(result["phases"][phase].items())
+def _rows(result: dict, spec: dict, phase: str = "scratch") -> list[tuple[str, dict | None]]:
+    """The phase's variants in the YAML's order, with None for a variant that was not run."""
+    variants = spec["variants"] if phase == "scratch" else spec["finetune"]["variants"]
+    rows = result["phases"].get(phase, {})
+    return [(name, rows.get(name)) for name in variants]
 
 
-def _loss_sentence(name_a: str, a: dict, name_b: str, b: dict) -> str:
+def _loss_sentence(name_a: str, a: dict | None, name_b: str, b: dict | None) -> str:
+    missing = [name for name, row in ((name_a, a), (name_b, b)) if row is None]
+    if missing:
+        return " and ".join(missing) + " not run"
     diff, word = compare(a, b)
     spread = max(a["eval_loss"]["std"], b["eval_loss"]["std"])
     return (
@@ -62,21 +68,26 @@ def _loss_sentence(name_a: str, a: dict, name_b: str, b: dict) -> str:
 
 def read_adamoe(result: dict, spec: dict) -> str:
     parts = []
-    for phase in result["phases"]:
-        (base_name, base), (null_name, null) = _rows(result, phase)[:2]
-        flops = _mean(null, "expert_flops_per_token") / _mean(base, "expert_flops_per_token")
-        parts.append(
-            f"{phase}: held-out loss {_loss_sentence(null_name, null, base_name, base)}, with "
-            f"{_mean(null, 'experts_per_token'):.2f} true experts per token and layer "
-            f"({flops:.0%} of the baseline's expert FLOPs)"
-        )
+    for phase in ("scratch", "finetune"):
+        (base_name, base), (null_name, null) = _rows(result, spec, phase)[:2]
+        sentence = f"{phase}: held-out loss {_loss_sentence(null_name, null, base_name, base)}"
+        if null is not None and base is not None:
+            flops = _mean(null, "expert_flops_per_token") / _mean(base, "expert_flops_per_token")
+            sentence += (
+                f", with {_mean(null, 'experts_per_token'):.2f} true experts per token and "
+                f"layer ({flops:.0%} of the baseline's expert FLOPs)"
+            )
+        parts.append(sentence)
     return "AdaMoE: " + "; ".join(parts) + "."
 
 
 def read_top_p(result: dict, spec: dict) -> str:
-    (base_name, base), *adaptive = _rows(result)
+    (base_name, base), *adaptive = _rows(result, spec)
     parts = []
     for name, row in adaptive:
+        if row is None:
+            parts.append(f"{name} not run")
+            continue
         layers = row["experts_per_layer"]
         order = "decreasing" if all(np.diff(layers) <= 0) else "not monotone"
         first_more = "more" if layers[0] > layers[-1] else "fewer"
@@ -93,7 +104,7 @@ def read_top_p(result: dict, spec: dict) -> str:
 
 def read_pairs(result: dict, spec: dict) -> str:
     """Consecutive pairs of variants: the second of each pair against the first."""
-    rows = _rows(result)
+    rows = _rows(result, spec)
     parts = [
         _loss_sentence(rows[i + 1][0], rows[i + 1][1], rows[i][0], rows[i][1])
         for i in range(0, len(rows) - 1, 2)
@@ -113,13 +124,16 @@ def final_load_ratio(row: dict) -> float:
 
 
 def read_deepseek(result: dict, spec: dict) -> str:
-    (coarse_name, coarse), (lb_name, lb), (bias_name, bias) = _rows(result)[:3]
+    (coarse_name, coarse), (lb_name, lb), (bias_name, bias) = _rows(result, spec)[:3]
+    loads = [
+        f"{name} {mean_load_ratio(row):.2f} / {final_load_ratio(row):.2f}"
+        for name, row in ((coarse_name, coarse), (lb_name, lb), (bias_name, bias))
+        if row is not None
+    ]
     return (
         f"DeepSeek-style: held-out loss {_loss_sentence(lb_name, lb, coarse_name, coarse)}; "
         f"{_loss_sentence(bias_name, bias, lb_name, lb)}; busiest expert over the mean load "
-        f"(mean over training / last fifth): {bias_name} {mean_load_ratio(bias):.2f} / "
-        f"{final_load_ratio(bias):.2f} vs {lb_name} {mean_load_ratio(lb):.2f} / "
-        f"{final_load_ratio(lb):.2f}."
+        f"(mean over training / last fifth): {', '.join(loads)}."
     )
 
 
@@ -134,7 +148,10 @@ def active_tail(row: dict) -> float:
 
 def read_budget(result: dict, spec: dict) -> str:
     parts = []
-    for name, row in _rows(result):
+    for name, row in _rows(result, spec):
+        if row is None:
+            parts.append(f"{name} not run")
+            continue
         target = row["router"]["target_active_experts"]
         tail = active_tail(row)
         parts.append(

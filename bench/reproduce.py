@@ -232,37 +232,43 @@ def train_variant(
     return workdir, numbers
 
 
-def run_experiment(spec: dict, mode: Mode, runs: pathlib.Path, out: pathlib.Path) -> dict:
-    """Trains every variant and seed of `spec`, aggregates, writes JSON / markdown / PNG."""
+def run_experiment(
+    spec: dict, mode: Mode, runs: pathlib.Path, out: pathlib.Path, cached_only: bool = False
+) -> dict:
+    """Trains every variant and seed of `spec`, aggregates, writes JSON / markdown / PNG. With
+    `cached_only` nothing is trained: variants without a finished run in `runs` are listed
+    under `not_run` and left out of the table."""
     seeds = range(spec.get("seeds", {}).get(mode.name, mode.seeds))
     phases = {"scratch": spec["variants"]}
     finetune = spec.get("finetune")
+    steps = None
     if finetune:
         phases["finetune"] = finetune["variants"]
+        steps = max(round(finetune["steps"][mode.name] * mode.finetune_scale), 1)
     per_seed = {phase: {name: [] for name in variants} for phase, variants in phases.items()}
-    configs = {}
+    configs, not_run = {}, {phase: [] for phase in phases}
     started = time.perf_counter()
     for seed in seeds:
-        dirs = {}
-        for name, overrides in spec["variants"].items():
-            config = _config(mode, spec, overrides, seed)
-            dirs[name], numbers = train_variant(runs, config)
-            per_seed["scratch"][name].append(numbers)
-            configs[("scratch", name)] = config
-        if finetune:
-            steps = max(round(finetune["steps"][mode.name] * mode.finetune_scale), 1)
-            for name, overrides in finetune["variants"].items():
-                config = _config(mode, spec, overrides, seed, steps=steps)
-                _, numbers = train_variant(runs, config, init_from=dirs[finetune["from"]])
-                per_seed["finetune"][name].append(numbers)
-                configs[("finetune", name)] = config
+        for phase, variants in phases.items():
+            init_from = None
+            if phase == "finetune":
+                source = _config(mode, spec, spec["variants"][finetune["from"]], seed)
+                init_from = _run_dir(runs, source, None)
+            for name, overrides in variants.items():
+                config = _config(mode, spec, overrides, seed, steps=steps if init_from else None)
+                configs[(phase, name)] = config
+                if cached_only and not _finished(runs, config, init_from):
+                    not_run[phase].append(name)
+                    continue
+                per_seed[phase][name].append(train_variant(runs, config, init_from)[1])
+    first = configs[("scratch", next(iter(spec["variants"])))]
     result = {
         "experiment": spec["name"],
         "title": spec["title"],
         "claim": spec["claim"],
         "mode": mode.name,
         "seeds": list(seeds),
-        "settings": _settings(configs[("scratch", next(iter(spec["variants"])))]),
+        "settings": _settings(first),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
         "jax": jax.__version__,
         "wall_time_s": time.perf_counter() - started,
@@ -270,13 +276,21 @@ def run_experiment(spec: dict, mode: Mode, runs: pathlib.Path, out: pathlib.Path
             phase: {
                 name: _aggregate(runs_, configs[(phase, name)], phases[phase][name])
                 for name, runs_ in variants.items()
+                if len(runs_) == len(seeds)
             }
             for phase, variants in per_seed.items()
         },
+        "not_run": {phase: sorted(set(names)) for phase, names in not_run.items() if names},
     }
     if finetune:
         result["finetune"] = {"from": finetune["from"], "steps": steps}
     return render(result, spec, out)
+
+
+def _finished(runs: pathlib.Path, config: Config, init_from: pathlib.Path | None) -> bool:
+    workdir = _run_dir(runs, config, None if init_from is None else init_from.name)
+    final = report.load_summary(workdir)
+    return final is not None and final.get("step") == config.train.steps
 
 
 def render(result: dict, spec: dict, out: pathlib.Path) -> dict:
@@ -285,6 +299,8 @@ def render(result: dict, spec: dict, out: pathlib.Path) -> dict:
     result["reading"] = repro_readings.READINGS[spec["reading"]](result, spec)
     write_results(out / f"{spec['name']}.json", result)
     table = markdown_table(result)
+    for phase, names in result.get("not_run", {}).items():
+        table += f"\n\nNot run ({phase}, no finished run in the cache): {', '.join(names)}."
     (out / f"{spec['name']}.md").write_text(table + f"\n\n{result['reading']}\n")
     repro_readings.plot(result, spec, out / f"{spec['name']}.png")
     print(f"\n## {spec['title']}\n\n{table}\n\n{result['reading']}\n")
@@ -386,6 +402,9 @@ def main():
     parser.add_argument(
         "--render", action="store_true", help="only redo tables and plots from --out's JSON"
     )
+    parser.add_argument(
+        "--cached-only", action="store_true", help="train nothing: tabulate the finished runs"
+    )
     args = parser.parse_args()
     jax.config.update("jax_compilation_cache_dir", str(REPO / ".jax_cache"))  # seeds recompile
     mode = QUICK if args.quick else FULL
@@ -401,7 +420,7 @@ def main():
             continue
         if args.seeds is not None:
             spec["seeds"] = {mode.name: args.seeds}
-        run_experiment(spec, mode, runs, out)
+        run_experiment(spec, mode, runs, out, cached_only=args.cached_only)
     print(f"all done in {time.perf_counter() - started:.0f} s")
 
 

@@ -60,11 +60,11 @@ def mini_runs(tmp_path_factory):
         if "finetune" in spec:
             spec["finetune"]["steps"] = {"quick": 2}
         results[name] = reproduce.run_experiment(spec, mode, runs, out)
-    return results, out
+    return results, out, mode, runs
 
 
 def test_every_experiment_writes_json_markdown_and_plot(mini_runs, tmp_path):
-    results, out = mini_runs
+    results, out = mini_runs[:2]
     assert set(results) == {"adamoe", "budget", "chain_of_experts", "deepseek", "top_p"}
     for name, result in results.items():
         assert json.loads((out / f"{name}.json").read_text())["reading"] == result["reading"]
@@ -79,7 +79,7 @@ def test_every_experiment_writes_json_markdown_and_plot(mini_runs, tmp_path):
 
 
 def test_numbers_are_finite_and_consistent_with_the_routers(mini_runs):
-    results, _ = mini_runs
+    results = mini_runs[0]
     for result in results.values():
         for variants in result["phases"].values():
             for name, row in variants.items():
@@ -113,3 +113,15 @@ def test_fine_grained_experts_match_the_coarse_parameters_but_for_the_router():
     # the coarse model's unused experts: 6 of 8 per layer, each 3 matrices of D x 256
     unused = layers * 6 * 3 * d_model * 256
     assert coarse_n["total_params"] - coarse_n["active_params"] == pytest.approx(unused)
+
+
+def test_cached_only_tabulates_the_finished_runs_and_names_the_others(mini_runs, tmp_path):
+    _, _, mode, runs = mini_runs
+    spec = reproduce.load_experiment("chain_of_experts")  # the miniature ran its first pair
+    spec["seeds"] = {"quick": 1}
+    result = reproduce.run_experiment(spec, mode, runs, tmp_path, cached_only=True)
+    names = list(spec["variants"])
+    assert list(result["phases"]["scratch"]) == names[:2]
+    assert result["not_run"] == {"scratch": sorted(names[2:])}
+    assert f"{names[2]} not run" in result["reading"]
+    assert "Not run (scratch" in (tmp_path / "chain_of_experts.md").read_text()
