@@ -1,10 +1,11 @@
-"""Serves a trained jmoe model: `python serve.py --run runs/tiny [--host H] [--port P]`.
+"""Serves a jmoe model: `python serve.py --run runs/tiny | --hf DIR [--host H] [--port P]`.
 
 Loads the newest checkpoint of a `train.py` run directory (its config.yaml, tokenizer/ and
-checkpoints/) and serves an OpenAI-compatible HTTP API on 127.0.0.1:8000 (`/v1/completions`,
-`/v1/chat/completions`, `/v1/models`, `/health`, `/metrics`); the model id is the run
-directory's name. With `--prompt TEXT` it prints one completion (greedy unless `--temperature`
-is given) and exits.
+checkpoints/), or a Hugging Face checkpoint directory (config.json, safetensors weights,
+tokenizer.json and its chat template), and serves an OpenAI-compatible HTTP API on
+127.0.0.1:8000 (`/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`,
+`/metrics`); the model id is the directory's name. With `--prompt TEXT` it prints one completion
+(greedy unless `--temperature` is given) and exits.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ from jmoe.serve.sampling import InvalidRequestError
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="a train.py run directory, e.g. runs/tiny")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="a train.py run directory, e.g. runs/tiny")
+    source.add_argument("--hf", help="a Hugging Face checkpoint directory (jmoe.convert.from_hf)")
+    parser.add_argument(
+        "--max-seq-len", type=int, help="with --hf: context served (default: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--dtype", help="with --hf: bfloat16, float32, ... (default: the checkpoint's)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
@@ -40,12 +49,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="with --prompt")
     parser.add_argument("--temperature", type=float, default=0.0, help="with --prompt (0: greedy)")
     args = parser.parse_args(argv)
-    for name in ("port", "slots", "max_queue", "max_prompt_tokens", "max_tokens_limit"):
+    limits = ("port", "slots", "max_queue", "max_prompt_tokens", "max_tokens_limit", "max_seq_len")
+    for name in limits:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "max_queue" else 1):
             parser.error(f"--{name.replace('_', '-')}={value} must be positive")
+    if args.run is not None and (args.max_seq_len or args.dtype):
+        parser.error("--max-seq-len and --dtype go with --hf (a run serves its own config)")
+    options = dict(num_slots=args.slots, max_queue=args.max_queue)
     try:
-        engine = Engine.from_run(args.run, num_slots=args.slots, max_queue=args.max_queue)
+        if args.hf is not None:
+            engine = Engine.from_hf(
+                args.hf, dtype=args.dtype, max_seq_len=args.max_seq_len, **options
+            )
+        else:
+            engine = Engine.from_run(args.run, **options)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if args.prompt is not None:

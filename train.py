@@ -7,7 +7,9 @@ metrics.jsonl, tensorboard/, report.png and summary.json. Running the same comma
 from the newest checkpoint; on SIGTERM or Ctrl-C the run saves a checkpoint at the step it is on
 and exits with status 128 + the signal's number (143, 130). A config, data or run-directory
 problem exits with status 2 and one line saying what to change; divergence exits with status 1.
-On several hosts, start the same command on each with `--distributed`.
+On several hosts, start the same command on each with `--distributed`. `model.init_from=DIR`
+fine-tunes a Hugging Face checkpoint directory: its config, tokenizer and weights
+(`jmoe.train.init_from`).
 """
 
 from __future__ import annotations

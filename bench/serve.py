@@ -153,7 +153,7 @@ def calibrate(engine: Engine, target: float, tol: float = 0.05) -> float:
 
 def prefill_profile(engine: Engine, runs: int) -> list[dict]:
     rows = []
-    row = dict(temperature=0.0, top_k=0, top_p=1.0, seed=0)
+    row = dict(temperature=0.0, top_k=0, top_p=1.0, seed=0, presence=0.0, frequency=0.0)
     for bucket in engine.buckets[1:]:
         prompt = prompts(1, bucket, engine.tokenizer)[0]
         times = []

@@ -89,6 +89,9 @@ PARAM_AXES: dict[tuple[str, str], tuple[str | None, ...]] = {
     ("experts", "w_gate"): ("expert", "embed", "mlp"),
     ("experts", "w_up"): ("expert", "embed", "mlp"),
     ("experts", "w_down"): ("expert", "mlp", "embed"),
+    ("experts", "b_gate"): ("expert", "mlp"),
+    ("experts", "b_up"): ("expert", "mlp"),
+    ("experts", "b_down"): ("expert", None),
     ("shared", "w_gate"): ("embed", "mlp"),
     ("shared", "w_up"): ("embed", "mlp"),
     ("shared", "w_down"): ("mlp", "embed"),
@@ -167,8 +170,9 @@ def _param_spec(path, leaf, mesh: Mesh) -> P:
 def param_shardings(params, mesh: Mesh):
     """`NamedSharding` of every leaf of a params tree (any collection) from `PARAM_AXES`.
 
-    Expert weights are split over "expert" (and "tensor" on the hidden width, "fsdp" on the model
-    width); other leaves of at least `FSDP_MIN_SIZE` elements over "fsdp"; the rest replicated.
+    Expert weights and biases are split over "expert" (and "tensor" on the hidden width, "fsdp"
+    on the model width); other leaves of at least `FSDP_MIN_SIZE` elements over "fsdp"; the rest
+    replicated.
     """
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: NamedSharding(mesh, _param_spec(path, leaf, mesh)), params

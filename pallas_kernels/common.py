@@ -50,9 +50,23 @@ def triton_params(interpret: bool, **options):
     return triton.CompilerParams(**options)
 
 
-def check_groups(e: int, k: int, n_groups: int | None, top_groups: int | None) -> None:
+# How group-limited selection scores a group: the number of its best selection scores summed,
+# "top2_sum" (DeepSeek-V3: the two best, whatever k) or "max" (DeepSeek-V2: the best one).
+GROUP_SCORES = {"top2_sum": 2, "max": 1}
+
+
+def check_groups(
+    e: int,
+    k: int,
+    n_groups: int | None,
+    top_groups: int | None,
+    group_score: str = "top2_sum",
+) -> None:
     """Raises a ValueError naming the values unless `n_groups` / `top_groups` (both None: no
-    group limit) is a valid group-limited selection of `k` of `e` experts."""
+    group limit) is a valid group-limited selection of `k` of `e` experts, each group scored by
+    `group_score` (a key of `GROUP_SCORES`)."""
+    if group_score not in GROUP_SCORES:
+        raise ValueError(f"group_score={group_score!r} is not one of {tuple(GROUP_SCORES)}")
     if n_groups is None and top_groups is None:
         return
     if n_groups is None or top_groups is None:
@@ -68,6 +82,12 @@ def check_groups(e: int, k: int, n_groups: int | None, top_groups: int | None) -
         raise ValueError(
             f"k={k} exceeds the {top_groups * (e // n_groups)} experts of top_groups={top_groups}"
             f" groups of {e // n_groups}; raise top_groups or lower k"
+        )
+    if e // n_groups < GROUP_SCORES[group_score]:
+        raise ValueError(
+            f"group_score={group_score!r} sums the {GROUP_SCORES[group_score]} best scores of a "
+            f"group, but n_groups={n_groups} leaves {e // n_groups} expert(s) per group; use "
+            'fewer groups or group_score="max"'
         )
 
 

@@ -51,9 +51,9 @@ def _pow2_at_least(n: int, floor: int = 1) -> int:
 class _Plan:
     """Static description of one gating call (hashable: a `custom_vjp` non-diff argument).
 
-    `t, d, e, k`: tokens, model width, experts and slots; `n_groups, top_groups` the
-    group-limited selection (None: off); `tt` tokens per program, `td` columns of `x` per step of
-    the logits matmul; `tp, dp, ep, kp` the padded sizes.
+    `t, d, e, k`: tokens, model width, experts and slots; `n_groups, top_groups, group_score`
+    the group-limited selection (None: off); `tt` tokens per program, `td` columns of `x` per
+    step of the logits matmul; `tp, dp, ep, kp` the padded sizes.
     """
 
     t: int
@@ -65,6 +65,7 @@ class _Plan:
     scale: float
     n_groups: int | None
     top_groups: int | None
+    group_score: str
     tt: int
     td: int
     ep: int
@@ -163,15 +164,15 @@ def _group_limited(sel_TxE: jax.Array, col_E: jax.Array, plan: _Plan) -> jax.Arr
     """`sel` with the experts outside each token's `top_groups` best groups masked to -inf.
 
     Group `g` holds experts `[g * E / n_groups, (g + 1) * E / n_groups)`; its score is the sum of
-    its `max(1, k // top_groups)` best selection scores (DeepSeek-V3); ties between groups go to
-    the lowest group index.
+    its two best selection scores ("top2_sum", DeepSeek-V3) or its best one ("max",
+    DeepSeek-V2); ties between groups go to the lowest group index.
     """
     size = plan.e // plan.n_groups
     members = [(col_E >= g * size) & (col_E < (g + 1) * size) for g in range(plan.n_groups)]
     scores_G = []
     for in_group in members:
         rest, total = jnp.where(in_group, sel_TxE, -jnp.inf), 0.0
-        for _ in range(max(1, plan.k // plan.top_groups)):
+        for _ in range(common.GROUP_SCORES[plan.group_score]):
             best, first = _first_max(rest, col_E)
             total = total + best
             rest = jnp.where(col_E == first, -jnp.inf, rest)
@@ -388,6 +389,7 @@ def top_k_gating(
     scale: float = 1.0,
     n_groups: int | None = None,
     top_groups: int | None = None,
+    group_score: str = "top2_sum",
     renorm_when_k1: bool = False,
     block_tokens: int | None = None,
     block_d: int | None = None,
@@ -404,9 +406,11 @@ def top_k_gating(
       bias: `[E]` added to the scores for selection only (no gradient).
       normalize: divide the k weights by their sum (only when `k > 1` unless `renorm_when_k1`).
       scale: multiplies the weights after normalising.
-      n_groups, top_groups: group-limited selection (DeepSeek-V3): experts split into `n_groups`
-        equal groups, a group scored by the sum of its `max(1, k // top_groups)` best selection
-        scores, and only each token's `top_groups` best groups eligible. Both or neither.
+      n_groups, top_groups: group-limited selection (DeepSeek-V2/V3): experts split into
+        `n_groups` equal groups, scored by `group_score`, and only each token's `top_groups` best
+        groups eligible. Both or neither.
+      group_score: "top2_sum" (the sum of a group's two best selection scores, DeepSeek-V3) or
+        "max" (its best one, DeepSeek-V2).
       renorm_when_k1: renormalise a single weight too (it becomes 1).
       block_tokens: tokens per program (default: 128 on TPU; on GPU 4096 // E_padded up to 128; the
         whole batch up to 256 when interpreted).
@@ -431,7 +435,7 @@ def top_k_gating(
     bias = jnp.zeros((e,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
     if bias.shape != (e,):
         raise ValueError(f"bias has shape {bias.shape}, expected ({e},)")
-    common.check_groups(e, k, n_groups, top_groups)
+    common.check_groups(e, k, n_groups, top_groups, group_score)
     if backend == "gpu":  # Triton: power-of-two arrays, dot sides >= 16
         ep, kp = _pow2_at_least(e, 16), _pow2_at_least(k)
     else:
@@ -444,6 +448,6 @@ def top_k_gating(
         z = jnp.zeros((0, k))
         return z.astype(jnp.int32), z, jnp.zeros(e, jnp.int32), jnp.zeros((0, e)), jnp.zeros((0, e))
     normalize = bool(normalize and (k > 1 or renorm_when_k1))
-    plan = _Plan(t, d, e, k, score, normalize, float(scale), n_groups, top_groups, tt, td, ep,
-                 kp, backend, interpret)  # fmt: skip
+    plan = _Plan(t, d, e, k, score, normalize, float(scale), n_groups, top_groups, group_score,
+                 tt, td, ep, kp, backend, interpret)  # fmt: skip
     return _gating(x_TxD, w_DxE, bias, plan)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import GROUP_SCORES
+
 
 def _group_of_rows(group_sizes: jax.Array, m: int) -> jax.Array:
     """`[m]` int32 group of each row; `G` for rows past `sum(group_sizes)`."""
@@ -49,14 +51,14 @@ def swiglu(x_MxD, w_gate, w_up, group_sizes, *, group_offset=0):
     return (jax.nn.silu(up(w_gate)) * up(w_up)).astype(x_MxD.dtype)
 
 
-def top_k_ids(selection_TxE, k, n_groups=None, top_groups=None):
+def top_k_ids(selection_TxE, k, n_groups=None, top_groups=None, group_score="top2_sum"):
     """`[T, k]` int32 ids of the k best selection scores (lowest index wins ties); with
-    `n_groups`, only among the `top_groups` groups with the largest sums of their
-    `max(1, k // top_groups)` best scores."""
+    `n_groups`, only among the `top_groups` groups with the largest sums of their two best
+    ("top2_sum") or their best ("max") scores."""
     if n_groups is not None:
         t, e = selection_TxE.shape
         grouped = selection_TxE.reshape(t, n_groups, e // n_groups)
-        group_scores = jax.lax.top_k(grouped, max(1, k // top_groups))[0].sum(-1)
+        group_scores = jax.lax.top_k(grouped, GROUP_SCORES[group_score])[0].sum(-1)
         kept = jax.lax.top_k(group_scores, top_groups)[1]
         keep = jnp.zeros((t, n_groups), bool).at[jnp.arange(t)[:, None], kept].set(True)
         selection_TxE = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(t, e)
@@ -64,7 +66,8 @@ def top_k_ids(selection_TxE, k, n_groups=None, top_groups=None):
 
 
 def top_k_gating(x_TxD, w_DxE, k, *, score="softmax", bias=None, normalize=False, scale=1.0,
-                 n_groups=None, top_groups=None, renorm_when_k1=False):  # fmt: skip
+                 n_groups=None, top_groups=None, group_score="top2_sum",
+                 renorm_when_k1=False):  # fmt: skip
     """Router logits, scores, `top_k_ids` of the (biased) scores and per-expert counts.
 
     Returns:
@@ -73,7 +76,7 @@ def top_k_gating(x_TxD, w_DxE, k, *, score="softmax", bias=None, normalize=False
     logits = jnp.dot(x_TxD, w_DxE, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(logits, -1) if score == "softmax" else jax.nn.sigmoid(logits)
     selection = probs if bias is None else probs + bias.astype(jnp.float32)
-    ids = top_k_ids(selection, k, n_groups, top_groups)
+    ids = top_k_ids(selection, k, n_groups, top_groups, group_score)
     weights = jnp.take_along_axis(probs, ids, -1)
     if normalize and (k > 1 or renorm_when_k1):
         weights = weights / weights.sum(-1, keepdims=True)

@@ -1,8 +1,9 @@
 """Plain reference of the transformer LM: one row, one head and one layer at a time, float64.
 
 Written from the model's description (pre-norm blocks, RMSNorm, grouped-query causal attention
-with RoPE pairing feature i with i + A/2, SwiGLU FFNs, MoE layers via `moe_reference`), not from
-jmoe's code. It reads the unrolled parameter tree (`layers_{i}/...`).
+with RoPE pairing feature i with i + A/2, sliding windows, sink logits and document segments,
+SwiGLU FFNs, MoE layers via `moe_reference`), not from jmoe's code. It reads the unrolled
+parameter tree (`layers_{i}/...`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,24 @@ def ref_rope(x_SxA, positions_S, theta: float):
     return np.concatenate([z.real, z.imag], axis=-1)
 
 
+def ref_visible(query_pos, key_pos, window=None, query_doc=None, key_doc=None):
+    """`[S, T]` bool by loops: key position <= query position, within the last `window`
+    positions (p - W + 1 .. p), and of the same document when documents are given."""
+    visible = np.zeros((len(query_pos), len(key_pos)), bool)
+    for s, p in enumerate(query_pos):
+        for t, q in enumerate(key_pos):
+            ok = q <= p and (window is None or q >= p - window + 1)
+            visible[s, t] = ok and (query_doc is None or query_doc[s] == key_doc[t])
+    return visible
+
+
 def ref_attention(p: dict, x_SxD, positions_S, cfg, visible_SxT=None, kv=None):
     """One row of grouped-query attention, head by head.
 
     `p` is the layer's `attn` params. Keys and values come from `x_SxD` itself (causal mask
     `t <= s` unless `visible_SxT` is given) or, for cache checks, from `kv = (k_TxGxA, v_TxGxA)`.
+    With `p["sinks"]`, head h's softmax denominator also holds `exp(sinks[h])`; with
+    `p["o"]["bias"]` the output gets that bias.
     Returns the output `[S, D]` and this row's rotated keys and values `[S, G, A]`.
     """
     x = np.asarray(x_SxD, np.float64)
@@ -60,12 +74,16 @@ def ref_attention(p: dict, x_SxD, positions_S, cfg, visible_SxT=None, kv=None):
     if visible_SxT is None:
         visible_SxT = np.arange(t)[None, :] <= np.arange(s)[:, None]
     out = np.zeros((s, w["o"].shape[-1]))
+    if "bias" in p["o"]:
+        out += np.asarray(p["o"]["bias"], np.float64)
     for head in range(h):
         j = head // (h // g)
         scores = project("q", head) @ k_all[:, j, :].T / np.sqrt(a)
         scores = np.where(visible_SxT, scores, -np.inf)
-        probs = np.exp(scores - scores.max(-1, keepdims=True))
-        probs = probs / probs.sum(-1, keepdims=True)
+        sink = float(p["sinks"][head]) if "sinks" in p else -np.inf
+        top = np.maximum(scores.max(-1, keepdims=True), sink)
+        weights = np.exp(scores - top)
+        probs = weights / (weights.sum(-1, keepdims=True) + np.exp(sink - top))
         out += (probs @ v_all[:, j, :]) @ w["o"][head]
     return out, keys, values
 
@@ -98,19 +116,31 @@ def ref_moe_top_k(p: dict, bias, x_SxD, moe_cfg):
     return y
 
 
-def ref_transformer(variables: dict, tokens_BxS, cfg):
+def ref_transformer(variables: dict, tokens_BxS, cfg, docs_BxS=None):
     """Logits `[B, S, V]` float64 of the unrolled-layout model (top-k SwiGLU MoE layers without
-    shared experts only)."""
+    shared experts only). With document ids `docs_BxS`, tokens see only their own document and
+    positions count from each document's first token."""
     params, state = variables["params"], variables.get("moe_state", {})
     embedding = np.asarray(params["embed"]["embedding"], np.float64)
     logits = []
-    for row in np.asarray(tokens_BxS):
+    for b, row in enumerate(np.asarray(tokens_BxS)):
         x = embedding[row]
-        positions = np.arange(len(row))
+        index = np.arange(len(row))
+        docs = None if docs_BxS is None else np.asarray(docs_BxS)[b]
+        positions = index.copy()
+        for t in range(1, len(row)):
+            if docs is not None and docs[t] == docs[t - 1]:
+                positions[t] = positions[t - 1] + 1
+            elif docs is not None:
+                positions[t] = 0
         for i in range(cfg.n_layers):
             p = params[f"layers_{i}"]
+            window = None
+            if cfg.layer_types is not None and cfg.layer_types[i] == "sliding_attention":
+                window = cfg.sliding_window
+            visible = ref_visible(index, index, window, docs, docs)
             h = ref_rms_norm(x, p["attn_norm"]["scale"], cfg.norm_eps)
-            x = x + ref_attention(p["attn"], h, positions, cfg)[0]
+            x = x + ref_attention(p["attn"], h, positions, cfg, visible)[0]
             h = ref_rms_norm(x, p["ffn_norm"]["scale"], cfg.norm_eps)
             if "moe" in p:
                 bias = np.asarray(state[f"layers_{i}"]["moe"]["bias"])

@@ -56,12 +56,14 @@ def ref_top_k(
     n_groups: int | None = None,
     top_groups: int | None = None,
     renorm_when_k1: bool = False,
+    group_score: str = "top2_sum",
 ):
     """Token-choice top-k routing, one token at a time.
 
     Selection uses `scores + bias`; with `n_groups`/`top_groups` only the experts of each token's
-    `top_groups` best groups are eligible (group score = sum of its `max(1, k // top_groups)` best
-    biased scores; other groups masked to -inf, DeepSeek-V3). Weights are the UNBIASED scores of
+    `top_groups` best groups are eligible (group score = the sum of its 2 best biased scores for
+    "top2_sum", DeepSeek-V3, or its best one for "max", DeepSeek-V2; ties to the lower group;
+    other groups masked to -inf). Weights are the UNBIASED scores of
     the chosen experts, renormalised over the k only if `normalize and (k > 1 or renorm_when_k1)`,
     then multiplied by `scale`.
 
@@ -78,7 +80,7 @@ def ref_top_k(
         sel = probs[t] + b
         if n_groups is not None:
             m = e_count // n_groups
-            per_group = max(1, k // top_groups)
+            per_group = {"top2_sum": 2, "max": 1}[group_score]
             group_scores = []
             for g in range(n_groups):
                 members = sel[g * m : (g + 1) * m]
@@ -260,23 +262,44 @@ def _act(h, activation: str):
     raise ValueError(f"unknown activation {activation!r}")
 
 
-def ref_expert_ffn(experts: dict, e: int, x_D, activation: str):
-    """FFN of routed expert `e` on one token `[D]`.
+def _clamped_swiglu(gate, up, alpha: float, limit: float):
+    """GPT-OSS: gate clamped above at `limit`, up clipped to [-limit, limit],
+    `(up + 1) * gate * sigmoid(alpha * gate)`."""
+    gate = jnp.minimum(gate, limit)
+    up = jnp.clip(up, -limit, limit)
+    return (up + 1.0) * gate / (1.0 + jnp.exp(-alpha * gate))
 
-    "swiglu": (silu(x Wg) * (x Wu)) Wd;  "gelu": gelu(x Wu) Wd (exact erf gelu);
-    "relu": relu(x Wu) Wd.
+
+def ref_expert_ffn(
+    experts: dict, e: int, x_D, activation: str, alpha: float = 1.702, limit: float = 7.0
+):
+    """FFN of routed expert `e` on one token `[D]`, with the biases `b_gate` / `b_up` / `b_down`
+    when `experts` has them (added after each projection).
+
+    "swiglu": (silu(x Wg + bg) * (x Wu + bu)) Wd + bd; "clamped_swiglu": GPT-OSS's unit with
+    `alpha`, `limit`; "gelu": gelu(x Wu + bu) Wd + bd (exact erf gelu); "relu" likewise.
     """
+
+    def proj(name):
+        y = x_D @ experts["w_" + name][e]
+        return y + experts["b_" + name][e] if "b_" + name in experts else y
+
     if activation == "swiglu":
-        h = jax.nn.silu(x_D @ experts["w_gate"][e]) * (x_D @ experts["w_up"][e])
+        h = jax.nn.silu(proj("gate")) * proj("up")
+    elif activation == "clamped_swiglu":
+        h = _clamped_swiglu(proj("gate"), proj("up"), alpha, limit)
     else:
-        h = _act(x_D @ experts["w_up"][e], activation)
-    return h @ experts["w_down"][e]
+        h = _act(proj("up"), activation)
+    y_D = h @ experts["w_down"][e]
+    return y_D + experts["b_down"][e] if "b_down" in experts else y_D
 
 
-def ref_shared_ffn(shared: dict, x_D, activation: str):
+def ref_shared_ffn(shared: dict, x_D, activation: str, alpha: float = 1.702, limit: float = 7.0):
     """The fused shared expert on one token `[D]` (same activation rule as the routed experts)."""
     if activation == "swiglu":
         h = jax.nn.silu(x_D @ shared["w_gate"]) * (x_D @ shared["w_up"])
+    elif activation == "clamped_swiglu":
+        h = _clamped_swiglu(x_D @ shared["w_gate"], x_D @ shared["w_up"], alpha, limit)
     else:
         h = _act(x_D @ shared["w_up"], activation)
     return h @ shared["w_down"]
@@ -290,8 +313,11 @@ def ref_moe_forward(
     kept,
     activation: str,
     shared: str | None = None,
+    alpha: float = 1.702,
+    limit: float = 7.0,
 ):
-    """MoE output `[T, D]` for GIVEN expert ids `[T, k]`, weights `[T, k]` and kept mask `[T, k]`.
+    """MoE output `[T, D]` for GIVEN expert ids `[T, k]`, weights `[T, k]` and kept mask `[T, k]`
+    (`alpha`, `limit`: the "clamped_swiglu" constants).
 
     `y_t = sum_j kept[t, j] * w[t, j] * FFN_{ids[t, j]}(x_t) + shared(x_t) * gate_t`, with
     `gate_t = sigmoid(x_t @ params['shared_gate']['kernel'])` if `shared == "gated"`, 1 if
@@ -312,9 +338,10 @@ def ref_moe_forward(
         for j in range(ids.shape[1]):
             e = int(ids[t, j])
             if kept[t, j] and e < num_experts:
-                y_D = y_D + selection_weights[t, j] * ref_expert_ffn(experts, e, x_D, activation)
+                ffn = ref_expert_ffn(experts, e, x_D, activation, alpha, limit)
+                y_D = y_D + selection_weights[t, j] * ffn
         if shared is not None:
-            s_D = ref_shared_ffn(params["shared"], x_D, activation)
+            s_D = ref_shared_ffn(params["shared"], x_D, activation, alpha, limit)
             if shared == "gated":
                 s_D = s_D * jax.nn.sigmoid(x_D @ params["shared_gate"]["kernel"])[0]
             elif shared != "plain":
@@ -335,7 +362,8 @@ def ref_moe(params, x_TxD, cfg: dict, ids, kept=None):
     `cfg` is a dict using MoEConfig field names (`dataclasses.asdict(MoEConfig(...))` works: the
     router's fields are read from its "router" entry; extra keys are ignored): `score`
     ("softmax"), `normalize` (False), `renorm_when_k1` (False), `scale` (1.0), `activation`
-    ("swiglu"), `shared_gate` (False). A shared expert is added iff
+    ("swiglu"), `swiglu_alpha` / `swiglu_limit`, `shared_gate` (False). The router logits include
+    `params['router']['bias']` when present (a learned logit bias). A shared expert is added iff
     `params` has a "shared" entry (gated iff `shared_gate`). `kept` `[T, k]` defaults to all True
     (dropless); capacity drops zero a slot AFTER the renormalisation (docs/algorithms.md: the
     remaining weights are not renormalised). All ids must be real experts (no null / unused slots).
@@ -345,6 +373,8 @@ def ref_moe(params, x_TxD, cfg: dict, ids, kept=None):
     kept = np.ones(ids.shape, bool) if kept is None else np.asarray(kept, bool)
     x_TxD = jnp.asarray(x_TxD)
     logits = x_TxD.astype(jnp.float32) @ params["router"]["kernel"].astype(jnp.float32)
+    if "bias" in params["router"]:
+        logits = logits + params["router"]["bias"].astype(jnp.float32)
     num_experts = params["experts"]["w_down"].shape[0]
     if ids.min() < 0 or ids.max() >= num_experts:
         raise ValueError(f"ref_moe is for top-k routing: ids must be in [0, {num_experts})")
@@ -360,7 +390,15 @@ def ref_moe(params, x_TxD, cfg: dict, ids, kept=None):
     if "shared" in params:
         shared = "gated" if cfg.get("shared_gate", False) else "plain"
     return ref_moe_forward(
-        params, x_TxD, ids, weights, kept, cfg.get("activation", "swiglu"), shared
+        params,
+        x_TxD,
+        ids,
+        weights,
+        kept,
+        cfg.get("activation", "swiglu"),
+        shared,
+        cfg.get("swiglu_alpha", 1.702),
+        cfg.get("swiglu_limit", 7.0),
     )
 
 

@@ -116,6 +116,35 @@ def case_sigmoid_groups_fsdp():
     _compare(cfg, ["fsdp"], bias=0.3 * np.sin(np.arange(8)))
 
 
+def case_expert_biases():
+    """GPT-OSS's layer: router and expert biases, clamped SwiGLU, biases split with their experts
+    (and over "tensor"), and with null experts (no bias in their empty slots)."""
+    gpt_oss = dict(router_bias=True, expert_bias=True, activation="clamped_swiglu")
+    for cfg in (
+        _cfg(num_experts=8, router=jmoe.TopK(k=2), swiglu_limit=1.0, **gpt_oss),
+        _cfg(num_experts=8, router=jmoe.NullExperts(k=3, num_null=4), **gpt_oss),
+    ):
+        x, variables = _setup(cfg)
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, a: a + 0.3 if "b_" in jax.tree_util.keystr(path) else a,
+            variables["params"],
+        )
+        params["router"]["bias"] = 0.5 * jnp.sin(jnp.arange(params["router"]["bias"].shape[0]))
+        mesh = sharding.make_mesh(MESHES["tensor"])
+        specs = jax.tree.map(lambda s: s.spec, sharding.param_shardings(params, mesh))
+        assert specs["experts"]["b_up"] == jax.sharding.PartitionSpec("expert", "tensor")
+        assert specs["experts"]["b_down"] == jax.sharding.PartitionSpec("expert", None)
+        variables = {**variables, "params": params}
+        want = _reference(cfg, x, variables)
+        for mesh_name in ("tensor", "2x4", "1x8"):
+            _compare_on(cfg, mesh_name, x, variables, None, 2e-5, want)
+
+
+def _reference(cfg, x, variables):
+    (loss0, (y0, s0)), g0 = _step_fn(jmoe.MoE(cfg))(variables, variables["params"], x, None)
+    return loss0, y0, s0, g0
+
+
 def case_null_experts():
     cfg = _cfg(num_experts=8, router=jmoe.NullExperts(k=3, num_null=4))
     stats = _compare(cfg, ["2x4"])

@@ -58,6 +58,12 @@ def _train_commands() -> list[list[str]]:
     return commands
 
 
+# The tiny checkpoint the README's `model.init_from=...` lines stand for (its config.json is
+# read), with the context of the checkpoints they name.
+HF_CHECKPOINT = ROOT / "tests" / "fixtures" / "hf" / "mixtral"
+HF_CONTEXT = "model.max_seq_len=32768"
+
+
 @pytest.mark.parametrize("args", _train_commands(), ids=" ".join)
 def test_train_command_lines_load_their_configs(args):
     config, overrides, words = None, [], iter(args)
@@ -66,6 +72,8 @@ def test_train_command_lines_load_their_configs(args):
             config = ROOT / next(words)
         elif word == "--workdir":
             next(words)
+        elif word.startswith("model.init_from="):
+            overrides += [f"model.init_from={HF_CHECKPOINT}", HF_CONTEXT]
         elif "=" in word and not word.startswith("-"):
             overrides.append(word)
     load_config(config, overrides)

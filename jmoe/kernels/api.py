@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from jmoe.kernels import registry
-from jmoe.kernels.activations import ACTIVATIONS
+from jmoe.kernels.activations import ClampedSwiGLU, activation_fn, is_gated
+from jmoe.kernels.group_bias import add_group_bias
 
 
 def grouped_matmul(
@@ -29,19 +30,21 @@ def grouped_matmul(
     w_GxKxN: jax.Array,
     group_sizes_G: jax.Array,
     *,
+    bias_GxN: jax.Array | None = None,
     implementation: str | None = None,
 ) -> jax.Array:
-    """Grouped matmul `y[r] = x[r] @ w[group(r)]` over rows sorted by group.
+    """Grouped matmul `y[r] = x[r] @ w[group(r)] (+ bias[group(r)])` over rows sorted by group.
 
     Args:
       x_MxK: `[M, K]` rows sorted by group.
       w_GxKxN: `[G, K, N]` one weight matrix per group.
       group_sizes_G: `[G]` int32 rows per group, `sum <= M`.
+      bias_GxN: optional `[G, N]` bias per group, added after the matmul.
       implementation: None (fastest for the backend), "xla", "ragged_dot" or "pallas".
 
     Returns:
-      `[M, N]` in `x_MxK.dtype`; rows past `sum(group_sizes)` are zeros. Differentiable in `x`
-      and `w`.
+      `[M, N]` in `x_MxK.dtype`; rows past `sum(group_sizes)` are zeros (no bias). Differentiable
+      in `x`, `w` and `bias`.
 
     Example:
       >>> x = jnp.ones((4, 2)); w = jnp.stack([jnp.eye(2), 2 * jnp.eye(2)])
@@ -51,7 +54,9 @@ def grouped_matmul(
     x_MxK, w_GxKxN = jnp.asarray(x_MxK), jnp.asarray(w_GxKxN)
     _, k, n = w_GxKxN.shape
     impl = registry.resolve("grouped_matmul", implementation, shapes=((k, n),), dtype=x_MxK.dtype)
-    return impl.grouped_matmul(x_MxK, w_GxKxN, group_sizes_G)
+    return add_group_bias(
+        impl.grouped_matmul(x_MxK, w_GxKxN, group_sizes_G), bias_GxN, group_sizes_G
+    )
 
 
 def expert_mlp(
@@ -61,29 +66,41 @@ def expert_mlp(
     group_sizes_G: jax.Array,
     *,
     activation: str = "swiglu",
+    b_in: tuple[jax.Array, ...] | None = None,
+    b_down_GxD: jax.Array | None = None,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
     implementation: str | None = None,
 ) -> jax.Array:
-    """Each row's expert MLP: `act(x @ w_in[g] ...) @ w_down[g]` for rows sorted by expert `g`.
+    """Each row's expert MLP: `act(x @ w_in[g] + b_in[g] ...) @ w_down[g] + b_down[g]` for rows
+    sorted by expert `g`.
 
     Args:
       x_MxD: `[M, D]` rows sorted by expert.
-      w_in: `(w_gate, w_up)` for "swiglu", `(w_up,)` for "gelu" / "relu"; each `[G, D, F]`.
+      w_in: `(w_gate, w_up)` for the gated units ("swiglu", "clamped_swiglu"), `(w_up,)` for
+        "gelu" / "relu"; each `[G, D, F]`.
       w_down_GxFxD: `[G, F, D]` down projections.
       group_sizes_G: `[G]` int32 rows per expert.
-      activation: "swiglu", "gelu" or "relu".
+      activation: "swiglu", "clamped_swiglu" (GPT-OSS, with `swiglu_alpha` / `swiglu_limit`),
+        "gelu" or "relu".
+      b_in: optional biases of the input projections, one `[G, F]` per `w_in` entry (same order).
+      b_down_GxD: optional `[G, D]` bias of the down projection.
+      swiglu_alpha, swiglu_limit: the "clamped_swiglu" constants (`ClampedSwiGLU`).
       implementation: None, "xla" (the whole MLP per row tile), "ragged_dot" or "pallas" (the
-        fused SwiGLU kernel for gate and up, then a grouped matmul for the down projection).
+        fused SwiGLU kernel for unbiased "swiglu" gate and up, else grouped matmuls).
 
     Returns:
-      `[M, D]`; rows past `sum(group_sizes)` are zeros and cost nothing with "xla".
+      `[M, D]`; rows past `sum(group_sizes)` are zeros (no bias reaches them) and cost nothing
+      with "xla".
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation={activation!r} is not one of {tuple(ACTIVATIONS)}")
-    num_in = 2 if activation == "swiglu" else 1
+    act = activation_fn(activation, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+    num_in = 2 if is_gated(activation) else 1
     if len(w_in) != num_in:
         raise ValueError(
             f"activation={activation!r} takes {num_in} input projections, got {len(w_in)}"
         )
+    if b_in is not None and len(b_in) != num_in:
+        raise ValueError(f"b_in has {len(b_in)} biases for the {num_in} input projections")
     x_MxD, w_down_GxFxD = jnp.asarray(x_MxD), jnp.asarray(w_down_GxFxD)
     w_in = tuple(map(jnp.asarray, w_in))
     _, d, f = w_in[0].shape
@@ -91,7 +108,11 @@ def expert_mlp(
     impl = registry.resolve(
         "expert_mlp", implementation, shapes=((d, f), (f, d)), dtype=x_MxD.dtype
     )
-    return impl.expert_mlp(x_MxD, w_in, w_down_GxFxD, group_sizes_G, activation)
+    # The implementations take a name, or the `ClampedSwiGLU` carrying its constants.
+    static_act = act if isinstance(act, ClampedSwiGLU) else activation
+    b_in = () if b_in is None else tuple(map(jnp.asarray, b_in))
+    b_down_GxD = None if b_down_GxD is None else jnp.asarray(b_down_GxD)
+    return impl.expert_mlp(x_MxD, w_in, w_down_GxFxD, group_sizes_G, static_act, b_in, b_down_GxD)
 
 
 def gating_implementation(implementation: str | None) -> str:

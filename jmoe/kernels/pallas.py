@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 
 import pallas_kernels
-from jmoe.kernels.activations import ACTIVATIONS
+from jmoe.kernels.activations import Activation, activation_fn
+from jmoe.kernels.group_bias import add_group_bias
 
 COMPILED_BACKENDS = ("tpu", "gpu")
 
@@ -39,18 +40,26 @@ def expert_mlp(
     w_in: tuple[jax.Array, ...],
     w_down_GxFxD: jax.Array,
     group_sizes_G: jax.Array,
-    activation: str,
+    activation: Activation,
+    b_in: tuple[jax.Array, ...] = (),
+    b_down_GxD: jax.Array | None = None,
 ) -> jax.Array:
-    """The fused SwiGLU kernel for gate and up (or one `gmm` and the activation), then a `gmm`
-    for the down projection."""
+    """The fused SwiGLU kernel for unbiased "swiglu" gate and up (else one `gmm` per input
+    projection, its bias and the activation), then a `gmm` for the down projection and its bias.
+    """
     w_in = tuple(w.astype(x_MxD.dtype) for w in w_in)
     w_down_GxFxD = w_down_GxFxD.astype(x_MxD.dtype)
-    if activation == "swiglu":
+    if activation == "swiglu" and not b_in:
         h_MxF = pallas_kernels.swiglu(x_MxD, *w_in, group_sizes_G, interpret=interpret())
     else:
-        up_MxF = pallas_kernels.gmm(x_MxD, w_in[0], group_sizes_G, interpret=interpret())
-        h_MxF = ACTIVATIONS[activation](up_MxF)
-    return pallas_kernels.gmm(h_MxF, w_down_GxFxD, group_sizes_G, interpret=interpret())
+        b_in = b_in or (None,) * len(w_in)
+        pre = [
+            add_group_bias(grouped_matmul(x_MxD, w_GxDxF, group_sizes_G), b_GxF, group_sizes_G)
+            for w_GxDxF, b_GxF in zip(w_in, b_in, strict=True)
+        ]
+        h_MxF = activation_fn(activation)(*pre)
+    y_MxD = pallas_kernels.gmm(h_MxF, w_down_GxFxD, group_sizes_G, interpret=interpret())
+    return add_group_bias(y_MxD, b_down_GxD, group_sizes_G)
 
 
 def top_k_gating(x_TxD: jax.Array, w_DxE: jax.Array, k: int, **options):
@@ -61,7 +70,7 @@ def top_k_gating(x_TxD: jax.Array, w_DxE: jax.Array, k: int, **options):
       x_TxD: `[T, D]` router input.
       w_DxE: `[D, E]` router weights.
       k: experts per token.
-      **options: `score`, `bias`, `normalize`, `scale`, `n_groups`, `top_groups`,
+      **options: `score`, `bias`, `normalize`, `scale`, `n_groups`, `top_groups`, `group_score`,
         `renorm_when_k1` (and block sizes), as in `pallas_kernels.top_k_gating`.
 
     Returns:

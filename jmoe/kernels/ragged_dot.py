@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jmoe.kernels.activations import ACTIVATIONS
+from jmoe.kernels.activations import Activation, activation_fn
+from jmoe.kernels.group_bias import add_group_bias
 
 
 def grouped_matmul(x_MxK: jax.Array, w_GxKxN: jax.Array, group_sizes_G: jax.Array) -> jax.Array:
@@ -26,8 +27,17 @@ def expert_mlp(
     w_in: tuple[jax.Array, ...],
     w_down_GxFxD: jax.Array,
     group_sizes_G: jax.Array,
-    activation: str,
+    activation: Activation,
+    b_in: tuple[jax.Array, ...] = (),
+    b_down_GxD: jax.Array | None = None,
 ) -> jax.Array:
-    """Three (or two) grouped matmuls: the input projections, the activation, the down one."""
-    pre = [grouped_matmul(x_MxD, w_GxDxF, group_sizes_G) for w_GxDxF in w_in]
-    return grouped_matmul(ACTIVATIONS[activation](*pre), w_down_GxFxD, group_sizes_G)
+    """Three (or two) grouped matmuls: the input projections, the activation, the down one;
+    each bias (if any) is added to its matmul's rows by their group."""
+    b_in = b_in or (None,) * len(w_in)
+    pre = [
+        add_group_bias(grouped_matmul(x_MxD, w_GxDxF, group_sizes_G), b_GxF, group_sizes_G)
+        for w_GxDxF, b_GxF in zip(w_in, b_in, strict=True)
+    ]
+    h_MxF = activation_fn(activation)(*pre)
+    y_MxD = grouped_matmul(h_MxF, w_down_GxFxD, group_sizes_G)
+    return add_group_bias(y_MxD, b_down_GxD, group_sizes_G)

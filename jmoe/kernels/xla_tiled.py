@@ -18,7 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jmoe.kernels.activations import ACTIVATIONS
+from jmoe.kernels.activations import Activation, activation_fn
 from jmoe.kernels.permute import permute_rows
 
 
@@ -181,14 +181,21 @@ def grouped_matmul(
 # ---------------------------------------------------------------- fused expert MLP on padded rows
 
 
-def _mlp_padded_loop(x_PxD, w_in, w_down, plan, activation, save_pre):
-    """Forward over the valid tiles; also returns the pre-activations if `save_pre`."""
+def _mlp_padded_loop(x_PxD, w_in, w_down, b_in, b_down, plan, activation, save_pre):
+    """Forward over the valid tiles; also returns the pre-activations if `save_pre`.
+
+    Padded rows of a tile (zero rows of `x`) pick up the biases too, but `unpad` drops them and
+    their output cotangents are zero, so they add nothing to any gradient."""
+    act = activation_fn(activation)
 
     def tile(g, row0, carry):
         y, pres = carry
         x_t = _rows(x_PxD, row0, plan.tile)
-        pre = tuple(_dot(x_t, w[g]).astype(x_t.dtype) for w in w_in)
-        y = _put(y, _dot(ACTIVATIONS[activation](*pre), w_down[g]), row0)
+        pre = tuple(
+            _biased(_dot(x_t, w[g]), b, g).astype(x_t.dtype)
+            for w, b in zip(w_in, b_in or (None,) * len(w_in), strict=True)
+        )
+        y = _put(y, _biased(_dot(act(*pre), w_down[g]), b_down, g), row0)
         if save_pre:
             pres = tuple(_put(p, p_t, row0) for p, p_t in zip(pres, pre, strict=True))
         return y, pres
@@ -199,39 +206,55 @@ def _mlp_padded_loop(x_PxD, w_in, w_down, plan, activation, save_pre):
     return _over_tiles(plan, tile, (y0, pres0))
 
 
-def _mlp_padded_impl(x_PxD, w_in, w_down, plan, activation):
-    return _mlp_padded_loop(x_PxD, w_in, w_down, plan, activation, save_pre=False)[0]
+def _biased(y_f32, bias_GxN, g):
+    return y_f32 if bias_GxN is None else y_f32 + bias_GxN[g].astype(jnp.float32)
 
 
-def _mlp_padded_fwd(x_PxD, w_in, w_down, plan, activation):
-    y, pres = _mlp_padded_loop(x_PxD, w_in, w_down, plan, activation, save_pre=True)
-    return y, (x_PxD, w_in, w_down, plan, pres)
+def _mlp_padded_impl(x_PxD, w_in, w_down, b_in, b_down, plan, activation):
+    return _mlp_padded_loop(x_PxD, w_in, w_down, b_in, b_down, plan, activation, False)[0]
+
+
+def _mlp_padded_fwd(x_PxD, w_in, w_down, b_in, b_down, plan, activation):
+    y, pres = _mlp_padded_loop(x_PxD, w_in, w_down, b_in, b_down, plan, activation, True)
+    return y, (x_PxD, w_in, w_down, b_in, b_down, plan, pres)
 
 
 def _mlp_padded_bwd(activation, res, dy_PxD):
-    x_PxD, w_in, w_down, plan, pres = res
+    x_PxD, w_in, w_down, b_in, b_down, plan, pres = res
+    act = activation_fn(activation)
 
     def tile(g, row0, carry):
-        dx, dw_in, dw_down = carry
+        dx, dw_in, dw_down, db_in, db_down = carry
         x_t = _rows(x_PxD, row0, plan.tile)
         dy_t = _rows(dy_PxD, row0, plan.tile)
-        h, h_vjp = jax.vjp(ACTIVATIONS[activation], *(_rows(p, row0, plan.tile) for p in pres))
+        h, h_vjp = jax.vjp(act, *(_rows(p, row0, plan.tile) for p in pres))
         dpre = h_vjp(_dot_bt(dy_t, w_down[g]).astype(h.dtype))
         dx_t = sum(_dot_bt(d, w[g]) for d, w in zip(dpre, w_in, strict=True))
         dw_in = tuple(a.at[g].add(_dot_t(x_t, d)) for a, d in zip(dw_in, dpre, strict=True))
-        return _put(dx, dx_t, row0), dw_in, dw_down.at[g].add(_dot_t(h, dy_t))
+        # a bias's gradient is the sum of its rows' pre-activation (or output) cotangents
+        # (`db_in` is () when unbiased)
+        db_in = tuple(
+            a.at[g].add(d.astype(jnp.float32).sum(0)) for a, d in zip(db_in, dpre, strict=False)
+        )
+        if db_down is not None:
+            db_down = db_down.at[g].add(dy_t.astype(jnp.float32).sum(0))
+        dw_down = dw_down.at[g].add(_dot_t(h, dy_t))
+        return _put(dx, dx_t, row0), dw_in, dw_down, db_in, db_down
 
     init = (
         jnp.zeros_like(x_PxD),
         tuple(_f32_zeros(w.shape) for w in w_in),
         _f32_zeros(w_down.shape),
+        tuple(_f32_zeros(b.shape) for b in b_in),
+        None if b_down is None else _f32_zeros(b_down.shape),
     )
-    dx, dw_in, dw_down = _over_tiles(plan, tile, init)
-    dw_in = tuple(dw.astype(w.dtype) for dw, w in zip(dw_in, w_in, strict=True))
-    return dx, dw_in, dw_down.astype(w_down.dtype), None
+    dx, dw_in, dw_down, db_in, db_down = _over_tiles(plan, tile, init)
+    cast = lambda ds, xs: tuple(d.astype(x.dtype) for d, x in zip(ds, xs, strict=True))  # noqa: E731
+    db_down = None if b_down is None else db_down.astype(b_down.dtype)
+    return dx, cast(dw_in, w_in), dw_down.astype(w_down.dtype), cast(db_in, b_in), db_down, None
 
 
-_mlp_padded = jax.custom_vjp(_mlp_padded_impl, nondiff_argnums=(4,))
+_mlp_padded = jax.custom_vjp(_mlp_padded_impl, nondiff_argnums=(6,))
 _mlp_padded.defvjp(_mlp_padded_fwd, _mlp_padded_bwd)
 
 
@@ -240,22 +263,27 @@ def expert_mlp(
     w_in: tuple[jax.Array, ...],
     w_down_GxFxD: jax.Array,
     group_sizes_G: jax.Array,
-    activation: str,
+    activation: Activation,
+    b_in: tuple[jax.Array, ...] = (),
+    b_down_GxD: jax.Array | None = None,
     *,
     tile: int | None = None,
 ) -> jax.Array:
-    """Per-row expert MLP `act(x @ w_in[g]...) @ w_down[g]` for rows sorted by group `g`.
+    """Per-row expert MLP `act(x @ w_in[g] + b_in[g] ...) @ w_down[g] + b_down[g]` for rows
+    sorted by group `g`.
 
     Args:
       x_MxD: rows sorted by group; rows past `sum(group_sizes)` come out as zeros, at no cost.
       w_in: `(w_gate, w_up)` for "swiglu" or `(w_up,)` otherwise, each `[G, D, F]`.
       w_down_GxFxD: down projections.
       group_sizes_G: int32 rows per group.
-      activation: a key of `ACTIVATIONS`.
+      activation: a key of `ACTIVATIONS` or a `ClampedSwiGLU`.
+      b_in: `()` or one `[G, F]` bias per `w_in` entry; `b_down_GxD`: None or `[G, D]`.
       tile: rows per tile (default `default_tile`).
     """
     x_MxD, w_down_GxFxD = jnp.asarray(x_MxD), jnp.asarray(w_down_GxFxD)
     w_in = tuple(map(jnp.asarray, w_in))
     m, g = x_MxD.shape[0], w_down_GxFxD.shape[0]
     plan = make_tile_plan(group_sizes_G, m, tile or default_tile(m, g))
-    return plan.unpad(_mlp_padded(plan.pad(x_MxD), w_in, w_down_GxFxD, plan, activation))
+    y_PxD = _mlp_padded(plan.pad(x_MxD), w_in, w_down_GxFxD, b_in, b_down_GxD, plan, activation)
+    return plan.unpad(y_PxD)

@@ -1,9 +1,11 @@
 """Decoder-only transformer LM with MoE feed-forward layers (Flax Linen).
 
-Training / eval forward (logits float32):
+Training / eval forward (logits float32; with packed documents, `segment_ids_BxS` keeps each
+token inside its document and restarts positions there):
 
     logits_BxSxV, stats = Transformer(cfg).apply(
-        variables, tokens_BxS, deterministic=False, token_mask_BxS=mask, rngs={"jitter": key})
+        variables, tokens_BxS, deterministic=False, token_mask_BxS=mask,
+        segment_ids_BxS=segments, rngs={"jitter": key})
 
 Incremental decoding with an explicit KV cache (`init_cache`): a prefill of the prompt and then
 one token at a time give the same logits as the full forward (for dropless MoE layers). Each row
@@ -40,9 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmoe.lm.attention import Attention
+from jmoe.lm.attention import Attention, segment_positions
 from jmoe.lm.config import ModelConfig
-from jmoe.lm.param_layout import layer_locations, layer_segments, moe_layers
+from jmoe.lm.mla import MLA
+from jmoe.lm.param_layout import LayerKind, layer_locations, layer_segments, moe_layers
 from jmoe.moe.layer import MoE, SharedMLP, update_state
 from jmoe.moe.stats import mlp_matrix_count
 
@@ -53,35 +56,57 @@ class Block(nn.Module):
     """Pre-norm transformer block; `moe` picks a `jmoe.MoE` or a dense SwiGLU FFN.
 
     Call: `x_BxSxD, (stats, cache) = block(x_BxSxD, cache, positions_BxS, token_mask_BxS,
-    deterministic)`, with the float32 residual stream `x`, this layer's KV cache or None, and
-    the MoE stats (`{}` for a dense block).
+    deterministic, segment_ids_BxS)`, with the float32 residual stream `x`, this layer's KV cache
+    or None, and the MoE stats (`{}` for a dense block). `window` is this layer's sliding
+    window (None: full attention).
     """
 
     config: ModelConfig
     moe: bool
     mesh: jax.sharding.Mesh | None = None
+    window: int | None = None
 
     @nn.compact
-    def __call__(self, x_BxSxD, cache, positions_BxS, token_mask_BxS, deterministic):
+    def __call__(
+        self, x_BxSxD, cache, positions_BxS, token_mask_BxS, deterministic, segment_ids_BxS=None
+    ):
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         norm = functools.partial(
             nn.RMSNorm, cfg.norm_eps, dtype=jnp.float32, param_dtype=param_dtype
         )
-        attn = Attention(
-            cfg.n_heads,
-            cfg.kv_heads,
-            cfg.dim_per_head,
-            cfg.rope_theta,
-            cfg.qk_norm,
-            cfg.qkv_bias,
-            cfg.norm_eps,
-            dtype,
-            param_dtype,
-            qk_norm_scope=cfg.qk_norm_scope,
-            name="attn",
-        )
-        a_BxSxD, cache = attn(norm(name="attn_norm")(x_BxSxD), positions_BxS, cache)
+        if cfg.mla is not None:
+            attn = MLA(
+                cfg.mla,
+                cfg.n_heads,
+                cfg.rope_theta,
+                cfg.rope_scaling,
+                cfg.norm_eps,
+                dtype,
+                param_dtype,
+                name="attn",
+            )
+        else:
+            attn = Attention(
+                cfg.n_heads,
+                cfg.kv_heads,
+                cfg.dim_per_head,
+                cfg.rope_theta,
+                cfg.qk_norm,
+                cfg.qkv_bias,
+                cfg.norm_eps,
+                dtype,
+                param_dtype,
+                qk_norm_scope=cfg.qk_norm_scope,
+                rope_scaling=cfg.rope_scaling,
+                o_bias=cfg.o_bias,
+                attention_sinks=cfg.attention_sinks,
+                sliding_window=self.window,
+                attention_impl=cfg.attention_impl,
+                name="attn",
+            )
+        h_BxSxD = norm(name="attn_norm")(x_BxSxD)
+        a_BxSxD, cache = attn(h_BxSxD, positions_BxS, cache, segment_ids_BxS)
         x_BxSxD = x_BxSxD + a_BxSxD.astype(jnp.float32)
         h_BxSxD = norm(name="ffn_norm")(x_BxSxD)
         if not self.moe:
@@ -97,23 +122,31 @@ class Block(nn.Module):
 
 
 class Unit(nn.Module):
-    """Consecutive blocks `block_{u}` (the body of one scan step); caches are `[U, ...]`."""
+    """Consecutive blocks `block_{u}` (the body of one scan step); caches are `[U, ...]`.
+
+    `kinds[u]` is block u's `LayerKind`; the stats of the unit's MoE blocks are stacked
+    `[U_moe, ...]` in block order.
+    """
 
     config: ModelConfig
-    kinds: tuple[bool, ...]
+    kinds: tuple[LayerKind, ...]
     mesh: jax.sharding.Mesh | None = None
 
     @nn.compact
-    def __call__(self, x_BxSxD, cache, positions_BxS, token_mask_BxS, deterministic):
+    def __call__(
+        self, x_BxSxD, cache, positions_BxS, token_mask_BxS, deterministic, segment_ids_BxS
+    ):
         block_cls = _block_class(self.config)
-        stats, caches = {}, []
-        for u, moe in enumerate(self.kinds):
+        stats, caches = [], []
+        for u, kind in enumerate(self.kinds):
             layer_cache = None if cache is None else jax.tree.map(lambda c, u=u: c[u], cache)
             x_BxSxD, (layer_stats, layer_cache) = block_cls(
-                self.config, moe, self.mesh, name=f"block_{u}"
-            )(x_BxSxD, layer_cache, positions_BxS, token_mask_BxS, deterministic)
-            stats = layer_stats or stats  # a unit holds at most one MoE block
+                self.config, kind.moe, self.mesh, kind.window, name=f"block_{u}"
+            )(x_BxSxD, layer_cache, positions_BxS, token_mask_BxS, deterministic, segment_ids_BxS)
+            if layer_stats:
+                stats.append(layer_stats)
             caches.append(layer_cache)
+        stats = jax.tree.map(lambda *s: jnp.stack(s), *stats) if stats else {}
         cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
         return x_BxSxD, (stats, cache)
 
@@ -162,14 +195,15 @@ class Transformer(nn.Module):
                     Unit,
                     variable_axes={"params": 0, "moe_state": 0},
                     split_rngs={"params": True, "jitter": True},
-                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                     length=repeats,
                 )(cfg, unit, self.mesh)
                 for _, repeats, unit in layer_segments(cfg)
             ]
         else:
             self.layers = [
-                _block_class(cfg)(cfg, cfg.is_moe_layer(i), self.mesh) for i in range(cfg.n_layers)
+                _block_class(cfg)(cfg, cfg.is_moe_layer(i), self.mesh, cfg.layer_window(i))
+                for i in range(cfg.n_layers)
             ]
         self.final_norm = nn.RMSNorm(cfg.norm_eps, dtype=jnp.float32, param_dtype=param_dtype)
         if not cfg.tie_embeddings:
@@ -190,6 +224,7 @@ class Transformer(nn.Module):
         deterministic: bool = True,
         token_mask_BxS: jax.Array | None = None,
         positions_BxS: jax.Array | None = None,
+        segment_ids_BxS: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Logits `[B, S, V]` float32 and the model stats (see `aggregate_stats`).
 
@@ -197,17 +232,24 @@ class Transformer(nn.Module):
           tokens_BxS: int token ids.
           deterministic: False for training (router jitter on; "jitter" rng needed if set).
           token_mask_BxS: bool, False for padding (left out of the MoE losses and loads).
-          positions_BxS: RoPE positions (default `0..S-1` in every row).
+          positions_BxS: RoPE positions (default `0..S-1` in every row, or with segment ids
+            the offset of each token in its segment).
+          segment_ids_BxS: int document id of each token (packed training): a token attends
+            only to earlier tokens with the same id. Positions restart at 0 wherever the id
+            changes, so a packed window computes each document exactly as if it were alone
+            (a window that begins mid-document starts that document's piece at 0 as well).
         """
         if tokens_BxS.shape[1] > self.config.max_seq_len:
             raise ValueError(
                 f"sequence length {tokens_BxS.shape[1]} > max_seq_len={self.config.max_seq_len}: "
                 "raise model.max_seq_len or shorten the sequences"
             )
-        if positions_BxS is None:
+        if positions_BxS is None and segment_ids_BxS is not None:
+            positions_BxS = segment_positions(segment_ids_BxS)
+        elif positions_BxS is None:
             positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
         x_BxSxD, stats, _ = self._blocks(
-            tokens_BxS, None, positions_BxS, token_mask_BxS, deterministic
+            tokens_BxS, None, positions_BxS, token_mask_BxS, deterministic, segment_ids_BxS
         )
         return self._logits(x_BxSxD), aggregate_stats(self.config, stats)
 
@@ -224,13 +266,19 @@ class Transformer(nn.Module):
           tokens_BxS: new tokens (a prompt, or one token per row).
           positions_BxS: their absolute positions (per row; may differ between rows), each
             below the cache length M (writes past it are dropped).
-          cache: from `init_cache` or the previous call.
+          cache: from `init_cache` or the previous call; with unrolled layers (`scan_layers`
+            False) also a tuple of per-layer `[B, M, G, A]` arrays per name, returned as such
+            (no stacked copy of the whole cache per call).
           token_mask_BxS: optional bool, False for padding tokens.
         """
-        x_BxSxD, _, cache = self._blocks(tokens_BxS, cache, positions_BxS, token_mask_BxS, True)
+        x_BxSxD, _, cache = self._blocks(
+            tokens_BxS, cache, positions_BxS, token_mask_BxS, True, None
+        )
         return self._logits(x_BxSxD), cache
 
-    def _blocks(self, tokens_BxS, cache, positions_BxS, token_mask_BxS, deterministic):
+    def _blocks(
+        self, tokens_BxS, cache, positions_BxS, token_mask_BxS, deterministic, segment_ids_BxS
+    ):
         """Embeds and runs every block; returns (x, per-MoE-layer stats list, cache)."""
         x_BxSxD = self.embed(tokens_BxS).astype(jnp.float32)
         stats, caches = [], []
@@ -245,22 +293,29 @@ class Transformer(nn.Module):
                         cache,
                     )
                 x_BxSxD, (seg_stats, seg) = stack(
-                    x_BxSxD, seg, positions_BxS, token_mask_BxS, deterministic
+                    x_BxSxD, seg, positions_BxS, token_mask_BxS, deterministic, segment_ids_BxS
                 )
-                if seg_stats:
-                    stats.append(seg_stats)
+                if seg_stats:  # [repeats, U_moe, ...] -> layer order [repeats * U_moe, ...]
+                    stats.append(jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), seg_stats))
                 if seg is not None:
                     caches.append(jax.tree.map(lambda c: c.reshape(-1, *c.shape[2:]), seg))
         else:
             for i, layer in enumerate(self.layers):
-                layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
+                layer_cache = None if cache is None else {k: c[i] for k, c in cache.items()}
                 x_BxSxD, (layer_stats, layer_cache) = layer(
-                    x_BxSxD, layer_cache, positions_BxS, token_mask_BxS, deterministic
+                    x_BxSxD,
+                    layer_cache,
+                    positions_BxS,
+                    token_mask_BxS,
+                    deterministic,
+                    segment_ids_BxS,
                 )
                 if layer_stats:
                     stats.append(jax.tree.map(lambda s: s[None], layer_stats))
                 caches.append(layer_cache)
-        if cache is not None:
+        if cache is not None and isinstance(next(iter(cache.values())), tuple):  # per-layer arrays
+            cache = {k: tuple(c[k] for c in caches) for k in cache}
+        elif cache is not None:
             cache = jax.tree.map(
                 lambda *c: jnp.concatenate(c) if self.config.scan_layers else jnp.stack(c),
                 *caches,
@@ -338,10 +393,17 @@ def init_cache(
       dtype: cache dtype (default `config.dtype`).
 
     Returns:
-      `{"k": [L, B, M, G, A], "v": [L, B, M, G, A]}` zeros.
+      `{"k": [L, B, M, G, A], "v": [L, B, M, G, A]}` zeros, or with `config.mla` the compressed
+      `{"latent": [L, B, M, kv_lora_rank], "k_rope": [L, B, M, qk_rope_head_dim]}`.
     """
     max_len = config.max_seq_len if max_len is None else max_len
     dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+    if config.mla is not None:
+        rows = (config.n_layers, batch_size, max_len)
+        return {
+            "latent": jnp.zeros((*rows, config.mla.kv_lora_rank), dtype),
+            "k_rope": jnp.zeros((*rows, config.mla.qk_rope_head_dim), dtype),
+        }
     shape = (config.n_layers, batch_size, max_len, config.kv_heads, config.dim_per_head)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
@@ -379,7 +441,8 @@ def flops_per_token(config: ModelConfig, seq_len: int, active_experts=None) -> f
     The weight term counts the attention projections, dense FFNs, routers, the routed experts
     actually computed, shared experts and the output projection (the embedding lookup is not a
     matmul); the attention term is the PaLM count of the score and value matmuls over all S
-    positions (the causal mask is not subtracted).
+    positions (the causal mask is not subtracted). With `config.mla` the projections are MLA's
+    and A is the mean of its query/key and value head widths (the expanded training form).
 
     Args:
       config: the model config.
@@ -394,12 +457,16 @@ def flops_per_token(config: ModelConfig, seq_len: int, active_experts=None) -> f
     if active_experts is None:
         active_experts = moe.expected_active_experts
     active_L = np.broadcast_to(np.asarray(active_experts, np.float64), (n_moe,))
+    attention_weights = d * a * (2 * h + 2 * g)
+    if config.mla is not None:
+        attention_weights = config.mla.weights(d, h)
+        a = (config.mla.qk_head_dim + config.mla.v_head_dim) / 2
     matrices = mlp_matrix_count(moe.activation)
     shared = moe.chain_steps * d * (matrices * moe.shared_width + int(moe.shared_gate))
     moe_weights = n_moe * (moe.chain_steps * d * moe.num_router_outputs + shared)
     moe_weights += matrices * d * moe.d_ff * float(active_L.sum())
     weights = (
-        config.n_layers * d * a * (2 * h + 2 * g)
+        config.n_layers * attention_weights
         + (config.n_layers - n_moe) * 3 * d * config.d_ff
         + moe_weights
         + d * config.vocab_size

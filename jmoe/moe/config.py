@@ -44,7 +44,14 @@ class MoEConfig:
       num_shared: number of always-on shared experts, fused into one MLP.
       d_ff_shared: hidden width of the fused shared MLP (default `num_shared * d_ff`).
       shared_gate: Qwen2-MoE sigmoid gate on the shared expert output.
-      activation: expert MLP: "swiglu" (gated), "gelu" or "relu" (two-matrix MLP).
+      activation: expert MLP: "swiglu" or "clamped_swiglu" (gated: GPT-OSS's clamped unit,
+        `jmoe.kernels.ClampedSwiGLU`), "gelu" or "relu" (two-matrix MLP).
+      swiglu_alpha, swiglu_limit: the "clamped_swiglu" sigmoid slope and clamp (GPT-OSS's
+        defaults); unused by the other activations.
+      router_bias: a learned `router/bias` `[E_all]` (`[C, E_all]` for a chain) added to the
+        router logits (GPT-OSS).
+      expert_bias: per-expert biases `experts/b_gate`, `experts/b_up` `[E, F]` (only `b_up`
+        for "gelu" / "relu") and `experts/b_down` `[E, D]`, added after each projection.
       capacity_factor: None for dropless; else each expert keeps at most
         `C = rounding(capacity_factor * K * T / E)` slots (K dropped if not
         `capacity_includes_k`); token-choice routers only (docs/algorithms.md, "Dispatch and
@@ -94,6 +101,10 @@ class MoEConfig:
     d_ff_shared: int | None = None
     shared_gate: bool = False
     activation: str = "swiglu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    router_bias: bool = False
+    expert_bias: bool = False
     capacity_factor: float | None = None
     eval_capacity_factor: float | None = None
     capacity_includes_k: bool = True
@@ -120,6 +131,8 @@ class MoEConfig:
         except ValueError as e:
             raise ValueError(f"MoEConfig.router: {e}") from None
         _check_choice("activation", self.activation, tuple(ACTIVATIONS))
+        _check("swiglu_alpha", self.swiglu_alpha, self.swiglu_alpha > 0, "a number > 0")
+        _check("swiglu_limit", self.swiglu_limit, self.swiglu_limit > 0, "a number > 0")
         _check_choice("lb_normalization", self.lb_normalization, NORMALIZATIONS)
         _check_choice("implementation", self.implementation, (None, *IMPLEMENTATIONS))
         _check_choice("capacity_rounding", self.capacity_rounding, CAPACITY_ROUNDINGS)

@@ -75,10 +75,11 @@ def _send_layout(kept: Routing, num_experts: int, n: int, chunk: int):
     return src_slot_B, slot_to_buf_M, counts_NxE
 
 
-def _local_experts(recv_NxCxD, counts_NxE, w_in, w_down, activation, implementation, tensor):
+def _local_experts(recv_NxCxD, counts_NxE, w_in, w_down, b_in, b_down, mlp_options, tensor):
     """Received rows -> sorted by local expert -> expert MLP -> received order.
 
-    With one source (`n == 1`) the rows already arrive sorted by expert, padding last."""
+    With one source (`n == 1`) the rows already arrive sorted by expert, padding last. Padding
+    rows sort past the experts' rows, so no bias reaches them."""
     n, chunk, d = recv_NxCxD.shape
     x_BxD = recv_NxCxD.reshape(n * chunk, d)
     if n > 1:
@@ -93,13 +94,18 @@ def _local_experts(recv_NxCxD, counts_NxE, w_in, w_down, activation, implementat
         #    sources. The MLP's output goes back through the inverse permutation (step 3 below).
         by_expert = dispatch.sort_by_key(ids_B, counts_NxE.shape[1])
         x_BxD = permute_rows(x_BxD, by_expert.order, by_expert.inverse)
+    if b_down is not None and tensor > 1:
+        # Each "tensor" shard holds a slice of F and adds a partial down projection, summed by
+        # the `psum` below: only the first shard adds the down bias, so it is added once.
+        b_down = jnp.where(jax.lax.axis_index("tensor") == 0, b_down, 0).astype(b_down.dtype)
     y_BxD = kernels.expert_mlp(
         x_BxD,
         w_in,
         w_down,
         counts_NxE.sum(0),
-        activation=activation,
-        implementation=implementation,
+        b_in=b_in,
+        b_down_GxD=b_down,
+        **mlp_options,
     )
     if tensor > 1:
         y_BxD = jax.lax.psum(y_BxD, "tensor")
@@ -116,8 +122,9 @@ def expert_parallel_mlp(
     *,
     mesh: Mesh,
     capacity: int | None,
-    activation: str = "swiglu",
-    implementation: str | None = None,
+    b_in: tuple[jax.Array, ...] | None = None,
+    b_down_ExD: jax.Array | None = None,
+    **mlp_options,
 ) -> tuple[jax.Array, jax.Array]:
     """Routed expert MLPs with experts split over the "expert" mesh axis.
 
@@ -128,7 +135,10 @@ def expert_parallel_mlp(
       mesh: the device mesh; E must divide by its "expert" size, F by its "tensor" size.
       capacity: rows per expert per token shard (`local_capacity`), or None for dropless.
         Overflow is dropped per shard in position-priority order (`dispatch.apply_capacity`).
-      activation, implementation: as in `jmoe.kernels.expert_mlp`.
+      b_in, b_down_ExD: optional expert biases (`[E, F]` each, `[E, D]`), split with their
+        experts (and `b_in` over "tensor" with F).
+      **mlp_options: `activation`, `swiglu_alpha`, `swiglu_limit`, `implementation`, as in
+        `jmoe.kernels.expert_mlp`.
 
     Returns:
       `y_TxD` (dtype of `x_TxD`) and the kept `valid` `[T, K]` (False where dropped or unused).
@@ -151,7 +161,10 @@ def expert_parallel_mlp(
         raise ValueError(f"d_ff={w_down_ExFxD.shape[1]} is not a multiple of tensor={tensor}")
     chunk = chunk_rows(t // shards, k, num_experts // n, capacity)
 
-    def body(x_TxD, ids_TxK, weights_TxK, valid_TxK, w_in, w_down):
+    b_in = tuple(b_in or ())
+    b_down = () if b_down_ExD is None else (b_down_ExD,)  # () or one array: shard_map operands
+
+    def body(x_TxD, ids_TxK, weights_TxK, valid_TxK, w_in, w_down, b_in, b_down):
         # probs / logits are not used by the capacity rule: the weights stand in for them
         kept = Routing(ids_TxK, weights_TxK, valid_TxK, probs=weights_TxK, logits=weights_TxK)
         if capacity is not None:
@@ -166,7 +179,8 @@ def expert_parallel_mlp(
             counts_NxE = jax.lax.all_to_all(counts_NxE, "expert", 0, 0, tiled=True)
         else:
             recv = send_NxCxD
-        y_NxCxD = _local_experts(recv, counts_NxE, w_in, w_down, activation, implementation, tensor)
+        biases = (b_in or None, b_down[0] if b_down else None)
+        y_NxCxD = _local_experts(recv, counts_NxE, w_in, w_down, *biases, mlp_options, tensor)
         if n > 1:
             y_NxCxD = jax.lax.all_to_all(y_NxCxD, "expert", 0, 0, tiled=True)
         plan = dispatch.DispatchPlan(src_slot_B, slot_to_buf_M, counts_NxE.reshape(-1))
@@ -176,11 +190,26 @@ def expert_parallel_mlp(
     tokens = batch_sharding(mesh).spec
     expert, hidden = (mesh_axes(mesh, (axis,)) or None for axis in ("expert", "tensor"))
     w_in_spec = P(expert, None, hidden)
+    weight_specs = (
+        (w_in_spec,) * len(w_in),
+        P(expert, hidden),
+        (P(expert, hidden),) * len(b_in),
+        (P(expert, None),) * len(b_down),
+    )
     y_TxD, kept_valid = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(tokens, tokens, tokens, tokens, (w_in_spec,) * len(w_in), P(expert, hidden)),
+        in_specs=(tokens, tokens, tokens, tokens, *weight_specs),
         out_specs=(tokens, tokens),
         check_vma=False,  # the grouped matmul's loop carries are not typed per mesh axis
-    )(x_TxD, routed.expert_ids, routed.weights, routed.valid, tuple(w_in), w_down_ExFxD)
+    )(
+        x_TxD,
+        routed.expert_ids,
+        routed.weights,
+        routed.valid,
+        tuple(w_in),
+        w_down_ExFxD,
+        b_in,
+        b_down,
+    )
     return y_TxD, kept_valid

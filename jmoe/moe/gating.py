@@ -26,7 +26,7 @@ def top_k_gating(
       k: experts per token.
       implementation: "pallas" (one fused kernel), "xla" / "ragged_dot" (`routing.top_k` on
         `x @ w`), or None ("pallas" on the `PALLAS_DEFAULT_BACKENDS`, else "xla").
-      **options: `score`, `bias`, `normalize`, `scale`, `n_groups`, `top_groups`,
+      **options: `score`, `bias`, `normalize`, `scale`, `n_groups`, `top_groups`, `group_score`,
         `renorm_when_k1`, as in `routing.top_k` (`bias` `[E]` shifts the scores for selection
         only).
 

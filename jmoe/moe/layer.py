@@ -1,13 +1,16 @@
 """Flax Linen MoE layer: route -> dispatch -> experts -> combine (+ shared experts).
 
 `MoE(config)` maps `[..., D] -> [..., D]` and returns `(y, stats)`. Parameters (float32 by
-default) live under `router/kernel`, `experts/{w_gate,w_up,w_down}`, `shared/{w_gate,w_up,w_down}`
-and `shared_gate/kernel`; the router's own non-trainable variables (the top-k selection bias
-`moe_state/bias`, a compute budget `moe_state/budget`) are updated after each optimizer step with
-`update_state`.
+default) live under `router/kernel` (and `router/bias` with `router_bias`),
+`experts/{w_gate,w_up,w_down}` (and `experts/{b_gate,b_up,b_down}` with `expert_bias`),
+`shared/{w_gate,w_up,w_down}` and `shared_gate/kernel`; the router's own non-trainable
+variables (the top-k selection bias `moe_state/bias`, a compute budget `moe_state/budget`) are
+updated after each optimizer step with `update_state`.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -41,6 +44,8 @@ class Gate(nn.Module):
         not deterministic (needs the "jitter" rng).
       implementation: passed to `router.gate` (a fused gating kernel where one exists).
       param_dtype: dtype of `kernel`.
+      use_bias: a learned logit bias `bias` (`[E]`, or `[C, E]`; zeros at init) added to the
+        router logits before scoring.
     """
 
     router: Router
@@ -49,6 +54,7 @@ class Gate(nn.Module):
     jitter: float = 0.0
     implementation: str | None = None
     param_dtype: jnp.dtype = jnp.float32
+    use_bias: bool = False
 
     @nn.compact
     def __call__(
@@ -70,6 +76,15 @@ class Gate(nn.Module):
                 1.0 + self.jitter,
             )
             x_TxD = x_TxD * noise
+        if self.use_bias:
+            shape = (e,) if self.chain_steps == 1 else (self.chain_steps, e)
+            bias = self.param("bias", nn.initializers.zeros_init(), shape, self.param_dtype)
+            bias_E = bias if self.chain_steps == 1 else bias[step]
+            # The bias joins the router matmul as one more input row against a constant-one
+            # column, `[x, 1] @ [w; b] = x @ w + b`, so every router's gate (the fused gating
+            # kernel included) adds it to the logits before scoring, with its gradient.
+            x_TxD = jnp.concatenate([x_TxD, jnp.ones((x_TxD.shape[0], 1), jnp.float32)], -1)
+            kernel = jnp.concatenate([kernel, bias_E[None, :]], axis=0)
         return self.router.gate(
             x_TxD,
             kernel.astype(jnp.float32),
@@ -80,27 +95,51 @@ class Gate(nn.Module):
         )
 
 
+class ExpertWeights(NamedTuple):
+    """The E expert MLPs' weights in the compute dtype: `w_in` (`(w_gate, w_up)` for the gated
+    activations, `(w_up,)` for "gelu" / "relu"), each `[E, D, F]`, `w_down` `[E, F, D]`, and
+    their biases (None without `expert_bias`): `b_in` one `[E, F]` per `w_in`, `b_down` `[E, D]`.
+    """
+
+    w_in: tuple[jax.Array, ...]
+    w_down: jax.Array
+    b_in: tuple[jax.Array, ...] | None = None
+    b_down: jax.Array | None = None
+
+
 class Experts(nn.Module):
-    """The weights of E expert MLPs, returned in the compute dtype by `Experts(...)(d_model)`:
-    `w_in` (`(w_gate, w_up)` for "swiglu", `(w_up,)` for "gelu" / "relu"), each `[E, D, F]`,
-    and `w_down` `[E, F, D]`."""
+    """The weights of E expert MLPs, returned as `ExpertWeights` by `Experts(...)(d_model)`.
+
+    Parameters: `w_gate` / `w_up` `[E, D, F]`, `w_down` `[E, F, D]`; with `use_bias` also
+    `b_gate` / `b_up` `[E, F]` and `b_down` `[E, D]` (zeros at init), named after their weights.
+    """
 
     num_experts: int
     d_ff: int
     activation: str = "swiglu"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    use_bias: bool = False
 
     @nn.compact
-    def __call__(self, d_model: int) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    def __call__(self, d_model: int) -> ExpertWeights:
         e, f = self.num_experts, self.d_ff
         init = _fan_in_init(batch_axis=(0,))
+        names = stats.mlp_weight_names(self.activation)
         w_in = tuple(
             self.param(name, init, (e, d_model, f), self.param_dtype).astype(self.dtype)
-            for name in stats.mlp_weight_names(self.activation)
+            for name in names
         )
         w_down = self.param("w_down", init, (e, f, d_model), self.param_dtype).astype(self.dtype)
-        return w_in, w_down
+        if not self.use_bias:
+            return ExpertWeights(w_in, w_down)
+        zeros = nn.initializers.zeros_init()
+        b_in = tuple(
+            self.param("b" + name[1:], zeros, (e, f), self.param_dtype).astype(self.dtype)
+            for name in names
+        )
+        b_down = self.param("b_down", zeros, (e, d_model), self.param_dtype).astype(self.dtype)
+        return ExpertWeights(w_in, w_down, b_in, b_down)
 
 
 class SharedMLP(nn.Module):
@@ -110,6 +149,8 @@ class SharedMLP(nn.Module):
     activation: str = "swiglu"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     @nn.compact
     def __call__(self, x_TxD: jax.Array) -> jax.Array:
@@ -123,7 +164,10 @@ class SharedMLP(nn.Module):
             for n in stats.mlp_weight_names(self.activation)
         ]
         w_down = self.param("w_down", _fan_in_init(), (self.d_ff, d), self.param_dtype)
-        return jnp.dot(kernels.ACTIVATIONS[self.activation](*pre), w_down.astype(self.dtype))
+        act = kernels.activation_fn(
+            self.activation, swiglu_alpha=self.swiglu_alpha, swiglu_limit=self.swiglu_limit
+        )
+        return jnp.dot(act(*pre), w_down.astype(self.dtype))
 
 
 class MoE(nn.Module):
@@ -194,14 +238,29 @@ class MoE(nn.Module):
             cfg.router_jitter,
             cfg.implementation if self.mesh is None else "xla",  # global-batch routing on a mesh
             param_dtype,
+            cfg.router_bias,
             name="router",
         )
-        w_in, w_down = Experts(
-            cfg.num_experts, cfg.d_ff, cfg.activation, dtype, param_dtype, name="experts"
+        experts = Experts(
+            cfg.num_experts,
+            cfg.d_ff,
+            cfg.activation,
+            dtype,
+            param_dtype,
+            cfg.expert_bias,
+            name="experts",
         )(cfg.d_model)
         shared = None
         if cfg.shared_width:
-            shared = SharedMLP(cfg.shared_width, cfg.activation, dtype, param_dtype, name="shared")
+            shared = SharedMLP(
+                cfg.shared_width,
+                cfg.activation,
+                dtype,
+                param_dtype,
+                cfg.swiglu_alpha,
+                cfg.swiglu_limit,
+                name="shared",
+            )
         shared_gate = None
         if cfg.shared_gate:
             shared_gate = nn.Dense(
@@ -218,7 +277,7 @@ class MoE(nn.Module):
             routed = gate(h_TxD, state, step, deterministic)
             self.sow("intermediates", "routing", routed)  # one per chain step, when asked for
             y_TxD, kept_valid = self._routed_experts(
-                h_TxD.astype(dtype), routed, w_in, w_down, deterministic
+                h_TxD.astype(dtype), routed, experts, deterministic
             )
             steps.append(
                 stats.step_stats(cfg, routed, kept_valid, seq_len=seq_len, token_mask=mask_T)
@@ -234,24 +293,34 @@ class MoE(nn.Module):
         return y_TxD.reshape(x.shape).astype(dtype), stats.layer_stats(cfg, steps, mask_T)
 
     def _routed_experts(
-        self, x_TxD, routed: Routing, w_in, w_down, deterministic: bool
+        self, x_TxD, routed: Routing, experts: ExpertWeights, deterministic: bool
     ) -> tuple[jax.Array, jax.Array]:
         """Capacity, dispatch, expert MLPs and combine of one routing, on one device or across
-        the mesh. Returns `(y_TxD, kept valid [T, K])`."""
+        the mesh. Returns `(y_TxD, kept valid [T, K])`.
+
+        Only kept slots get a row, and an unused or dropped slot's combine weight is 0, so the
+        expert biases reach no empty slot."""
         cfg = self.config
         num_tokens = x_TxD.shape[0]
+        mlp_options = dict(
+            activation=cfg.activation,
+            swiglu_alpha=cfg.swiglu_alpha,
+            swiglu_limit=cfg.swiglu_limit,
+            implementation=cfg.implementation,
+        )
         if self.mesh is not None:
             return expert_parallel.expert_parallel_mlp(
                 x_TxD,
                 routed,
-                w_in,
-                w_down,
+                experts.w_in,
+                experts.w_down,
+                b_in=experts.b_in,
+                b_down_ExD=experts.b_down,
                 mesh=self.mesh,
                 capacity=expert_parallel.local_capacity(
                     cfg.capacity, num_tokens, self.mesh, deterministic
                 ),
-                activation=cfg.activation,
-                implementation=cfg.implementation,
+                **mlp_options,
             )
         kept = routed
         max_rows = cfg.router.max_rows(num_tokens, cfg.num_experts, deterministic)
@@ -261,11 +330,12 @@ class MoE(nn.Module):
         plan = dispatch.make_plan(kept, cfg.num_experts, max_rows)
         y_RxD = kernels.expert_mlp(
             dispatch.permute(x_TxD, plan),
-            w_in,
-            w_down,
+            experts.w_in,
+            experts.w_down,
             plan.group_sizes,
-            activation=cfg.activation,
-            implementation=cfg.implementation,
+            b_in=experts.b_in,
+            b_down_GxD=experts.b_down,
+            **mlp_options,
         )
         return dispatch.combine(y_RxD, plan, kept.weights), kept.valid
 

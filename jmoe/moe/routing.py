@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jmoe.kernels import check_groups
+from jmoe.kernels import GROUP_SCORES, check_groups
 
 SCORES = ("softmax", "sigmoid")
 
@@ -57,15 +57,17 @@ def scores(logits_TxE: jax.Array, score: str) -> jax.Array:
     raise ValueError(f"score={score!r} is not a router score; use one of {SCORES}")
 
 
-def _group_limited(sel_TxE: jax.Array, k: int, n_groups: int, top_groups: int) -> jax.Array:
-    """Masks experts outside each token's `top_groups` best groups to -inf (DeepSeek-V3).
+def _group_limited(
+    sel_TxE: jax.Array, n_groups: int, top_groups: int, group_score: str
+) -> jax.Array:
+    """Masks experts outside each token's `top_groups` best groups to -inf (DeepSeek-V2/V3).
 
-    A group's score is the sum of its `max(1, k // top_groups)` best selection scores.
+    A group's score is the sum of its two best selection scores ("top2_sum", DeepSeek-V3) or its
+    best one ("max", DeepSeek-V2); ties between groups go to the lower group index.
     """
     t, e = sel_TxE.shape
     sel_TxGxM = sel_TxE.reshape(t, n_groups, e // n_groups)
-    per_group = max(1, k // top_groups)
-    group_score_TxG = jax.lax.top_k(sel_TxGxM, per_group)[0].sum(-1)
+    group_score_TxG = jax.lax.top_k(sel_TxGxM, GROUP_SCORES[group_score])[0].sum(-1)
     _, keep_TxH = jax.lax.top_k(group_score_TxG, top_groups)
     keep_TxG = jnp.zeros((t, n_groups), bool).at[jnp.arange(t)[:, None], keep_TxH].set(True)
     return jnp.where(keep_TxG[:, :, None], sel_TxGxM, -jnp.inf).reshape(t, e)
@@ -81,6 +83,7 @@ def top_k(
     bias: jax.Array | None = None,
     n_groups: int | None = None,
     top_groups: int | None = None,
+    group_score: str = "top2_sum",
     renorm_when_k1: bool = False,
 ) -> Routing:
     """Token-choice top-k routing (Switch, Mixtral, Qwen, OLMoE, DeepSeek-V2/V3).
@@ -96,6 +99,9 @@ def top_k(
         scores (docs/algorithms.md, "Auxiliary-loss-free bias balancing").
       n_groups, top_groups: group-limited selection: experts split into `n_groups` equal groups,
         only the `top_groups` best groups of each token are eligible (others masked to -inf).
+      group_score: how a group is scored from its members' selection scores (biased, when
+        `bias` is set): "top2_sum", the sum of its two best (DeepSeek-V3, whatever k), or "max",
+        its best (DeepSeek-V2).
       renorm_when_k1: renormalise even when k == 1 (HF Mixtral/Qwen parity).
 
     Returns:
@@ -112,9 +118,9 @@ def top_k(
         raise ValueError(f"top_k: k={k} must be in [1, num_experts={num_experts}]")
     probs = scores(logits, score)
     selection = probs if bias is None else probs + jax.lax.stop_gradient(bias).astype(jnp.float32)
-    check_groups(num_experts, k, n_groups, top_groups)
+    check_groups(num_experts, k, n_groups, top_groups, group_score)
     if n_groups is not None:
-        selection = _group_limited(selection, k, n_groups, top_groups)
+        selection = _group_limited(selection, n_groups, top_groups, group_score)
     _, expert_ids = jax.lax.top_k(selection, k)
     weights = jnp.take_along_axis(probs, expert_ids, axis=-1)
     if normalize and (k > 1 or renorm_when_k1):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jmoe.kernels import GATED
 from jmoe.moe import losses
 from jmoe.moe.config import MoEConfig
 from jmoe.moe.routing import Routing
@@ -14,8 +15,9 @@ LOSS_KEYS = ("load_balance_loss", "z_loss", "entropy", "seq_balance_loss")
 
 
 def mlp_weight_names(activation: str) -> tuple[str, ...]:
-    """Input projections of one expert MLP: `("w_gate", "w_up")` for SwiGLU, else `("w_up",)`."""
-    return ("w_gate", "w_up") if activation == "swiglu" else ("w_up",)
+    """Input projections of one expert MLP: `("w_gate", "w_up")` for the gated activations
+    ("swiglu", "clamped_swiglu"), else `("w_up",)`."""
+    return ("w_gate", "w_up") if activation in GATED else ("w_up",)
 
 
 def mlp_matrix_count(activation: str) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import secrets
 import signal
@@ -26,12 +27,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from jmoe.serve import protocol
-from jmoe.serve.chat import ChatTemplateError, render_chat, special_token_text
+from jmoe.serve.chat import ChatTemplateError, render_chat, template_tokens
 from jmoe.serve.engine import Engine
 from jmoe.serve.metrics import ServerMetrics
 from jmoe.serve.outputs import ClosedError, Completion, QueueFullError
 from jmoe.serve.protocol import APIError
-from jmoe.serve.sampling import InvalidRequestError, SamplingParams
+from jmoe.serve.sampling import InvalidRequestError, SamplingParams, choice_seeds
 from jmoe.serve.streaming import Submission, stream_chat, stream_completions
 
 
@@ -102,14 +103,15 @@ def create_app(
             message = f"model {name!r} does not exist; this server serves {engine.name!r}"
             raise APIError(404, message, "model", code="model_not_found")
 
-    def sampling_params(body, max_tokens: int, **extra) -> SamplingParams:
+    def sampling_params(body, max_tokens: int, **extra) -> list[SamplingParams]:
+        """The parameters of each of the body's `n` choices (each with its own seed)."""
         if (unsupported := body.unsupported()) is not None:
             raise APIError(400, unsupported[1], unsupported[0])
         if max_tokens > max_tokens_limit:
             message = f"max_tokens={max_tokens} is above this server's limit of {max_tokens_limit}"
             raise APIError(400, message, "max_tokens")
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 max_tokens=max_tokens,
                 temperature=body.temperature,
                 top_k=body.effective_top_k(),
@@ -117,10 +119,13 @@ def create_app(
                 stop=body.stop,
                 stop_token_ids=body.stop_token_ids or (),
                 seed=None if body.seed is None else body.seed % 2**32,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
                 **extra,
             )
         except InvalidRequestError as e:
             raise APIError(400, str(e), e.param) from None
+        return [dataclasses.replace(params, seed=s) for s in choice_seeds(params.seed, body.n)]
 
     def encode(prompt, params: SamplingParams) -> list[int]:
         ids = engine.encode(prompt)
@@ -135,7 +140,7 @@ def create_app(
             raise APIError(400, str(e), e.param) from None
         return ids
 
-    def submit(endpoint: str, prompts: list[list[int]], params: SamplingParams) -> Submission:
+    def submit(endpoint: str, prompts: list[list[int]], params: list[SamplingParams]) -> Submission:
         try:
             return Submission(engine, prompts, params, functools.partial(metrics.observe, endpoint))
         except QueueFullError as e:
@@ -168,12 +173,15 @@ def create_app(
         prompts = body.prompts()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise APIError(400, "the prompt is empty: give at least one token", "prompt")
-        ids = [encode(p, params) for p in prompts]
+        ids = [encode(p, params[0]) for p in prompts]
         texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
-        run = submit("completions", ids, params)
+        # choice index = prompt index * n + choice of that prompt, as OpenAI numbers them
+        n = body.n
+        ids, texts = [i for i in ids for _ in range(n)], [t for t in texts for _ in range(n)]
+        run = submit("completions", ids, params * len(prompts))
         top = dict(head("cmpl"), object="text_completion")
         if body.stream:
-            events = stream_completions(run, top, texts, body.echo, include_usage(body))
+            events = stream_completions(run, top, texts, body.echo, include_usage(body), n)
             return StreamingResponse(events, media_type="text/event-stream")
         done = await finished(run, http_request)
         choices = []
@@ -186,7 +194,7 @@ def create_app(
             choices.append(
                 dict(index=i, text=text, logprobs=logprobs, finish_reason=c.finish_reason)
             )
-        usage, stats = protocol.usage(done), protocol.jmoe_stats(done)
+        usage, stats = protocol.usage(done, n), protocol.jmoe_stats(done)
         return dict(top, choices=choices, usage=usage, jmoe=stats)
 
     @app.post("/v1/chat/completions")
@@ -202,26 +210,33 @@ def create_app(
         try:
             prompt = render_chat(
                 engine.chat_template,
-                [m.model_dump() for m in body.messages],
-                eos_token=special_token_text(engine.tokenizer, engine.tokenizer.eos_id),
+                [m.template_dict(i) for i, m in enumerate(body.messages)],
+                **template_tokens(engine.tokenizer),
             )
         except ChatTemplateError as e:
             raise APIError(400, str(e), "messages") from None
-        ids = engine.encode(prompt)
+        ids = engine.tokenizer.encode(prompt)  # the template wrote the special tokens
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:  # as OpenAI: up to the context
             max_tokens = max(min(max_tokens_limit, context - len(ids)), 0)
         params = sampling_params(body, max_tokens)
-        run = submit("chat", [encode(ids, params)], params)
+        run = submit("chat", [encode(ids, params[0])] * body.n, params)
         if body.stream:
             events = stream_chat(run, head("chatcmpl"), include_usage(body))
             return StreamingResponse(events, media_type="text/event-stream")
-        [c] = await finished(run, http_request)
-        message = dict(role="assistant", content=c.text)
-        choice = dict(index=0, message=message, logprobs=None, finish_reason=c.finish_reason)
-        usage, stats = protocol.usage([c]), protocol.jmoe_stats([c])
+        done = await finished(run, http_request)
+        choices = [
+            dict(
+                index=i,
+                message=dict(role="assistant", content=c.text),
+                logprobs=None,
+                finish_reason=c.finish_reason,
+            )
+            for i, c in enumerate(done)
+        ]
+        usage, stats = protocol.usage(done, body.n), protocol.jmoe_stats(done)
         return dict(
-            head("chatcmpl"), object="chat.completion", choices=[choice], usage=usage, jmoe=stats
+            head("chatcmpl"), object="chat.completion", choices=choices, usage=usage, jmoe=stats
         )
 
     @app.get("/v1/models")

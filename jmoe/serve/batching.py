@@ -37,8 +37,8 @@ class Request:
         self.params = params
         self.seed = params.seed if params.seed is not None else secrets.randbits(32)
         self.listener: Callable[[Update], None] | None = listener
-        self.stream = TextStream(tokenizer, params.stop)
-        self.stop_ids = {tokenizer.eos_id, *params.stop_token_ids}
+        self.stream = TextStream(tokenizer, params.stop, self.prompt_ids)
+        self.stop_ids = {*tokenizer.eos_ids, *params.stop_token_ids}
         self.output_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob] | None = None
@@ -51,15 +51,23 @@ class Request:
         self.done = threading.Event()
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
+        self._row: dict | None = None
 
     def sampling_row(self) -> dict:
         """This request's sampling parameters as the arrays of one batch row."""
+        if self._row is None:
+            self._row = self._make_row()
+        return self._row
+
+    def _make_row(self) -> dict:
         p = self.params
         return dict(
             temperature=np.float32(p.temperature),
             top_k=np.int32(p.top_k or 0),
             top_p=np.float32(p.top_p),
             seed=np.uint32(self.seed),
+            presence=np.float32(p.presence_penalty),
+            frequency=np.float32(p.frequency_penalty),
         )
 
 
@@ -72,7 +80,7 @@ class Scheduler:
 
     Args:
       steps: the compiled model steps (owns the KV cache of `steps.num_slots` rows).
-      tokenizer: decodes generated ids; its `eos_id` ends a completion.
+      tokenizer: decodes generated ids; its `eos_ids` end a completion.
       buckets: ascending prompt bucket lengths; the last is the longest prompt.
       cache_buckets: ascending cache lengths a decode step may read; the last is the context.
       max_queue: most requests waiting for a slot (`submit` raises `QueueFullError` beyond).
@@ -207,6 +215,8 @@ class Scheduler:
             top_k=np.zeros(n, np.int32),
             top_p=np.ones(n, np.float32),
             seed=np.zeros(n, np.uint32),
+            presence=np.zeros(n, np.float32),
+            frequency=np.zeros(n, np.float32),
             counter=np.zeros(n, np.int32),
         )
         for slot in busy:

@@ -2,6 +2,7 @@
 HTTP server.
 
     engine = Engine.from_run("runs/tiny")              # a train.py run directory
+    engine = Engine.from_hf("Mixtral-8x7B-Instruct")   # or a Hugging Face checkpoint
     [out] = engine.generate("def main(", max_tokens=32)
     print(out.text, out.finish_reason, out.active_experts)
 
@@ -14,10 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from jmoe.convert import from_hf
+from jmoe.hf_tokenizer import load_hf_tokenizer
 from jmoe.lm.config import ModelConfig
 from jmoe.lm.param_layout import unstack_layers
 from jmoe.serve.batching import Request, Scheduler
@@ -44,7 +48,7 @@ class Engine:
     Args:
       config: the model's `ModelConfig` (or a run's `Config`, whose `model` is used).
       variables: `{"params": ..., "moe_state": ...}` in the config's layer layout.
-      tokenizer: a `jmoe.train.tokenizer.Tokenizer` (its `eos_id` ends a completion).
+      tokenizer: a `jmoe.train.tokenizer.Tokenizer` (its `eos_ids` end a completion).
       num_slots: requests decoded together.
       max_queue: most requests waiting for a slot (`submit` raises `QueueFullError` beyond).
       name: the model id reported by the server.
@@ -108,6 +112,46 @@ class Engine:
         kwargs = {"name": run.name, "chat_template": run.chat_template, **kwargs}
         return cls(run.config, run.variables, run.tokenizer, **kwargs)
 
+    @classmethod
+    def from_hf(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        dtype=None,
+        max_seq_len: int | None = None,
+        **kwargs,
+    ) -> Engine:
+        """An engine for a Hugging Face checkpoint directory (`jmoe.convert.from_hf`) with its
+        tokenizer, stop ids and chat template (`jmoe.hf_tokenizer.load_hf_tokenizer`); the model
+        id is the directory's name.
+
+        Args:
+          directory: holds `config.json`, the safetensors weights and `tokenizer.json`.
+          dtype: parameter and compute dtype (default: the checkpoint's).
+          max_seq_len: the longest sequence served (default: the checkpoint's
+            `max_position_embeddings`); the KV cache holds this many positions per slot.
+          **kwargs: as for `Engine`.
+
+        Raises:
+          FileNotFoundError: the directory or its `tokenizer.json` does not exist.
+          ValueError: a checkpoint `jmoe.convert` cannot read (`CheckpointError`), or a
+            tokenizer that does not fit the model.
+        """
+        root = pathlib.Path(directory).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {str(root)!r} does not exist")
+        tokenizer = load_hf_tokenizer(root)
+        config, variables = from_hf(root, dtype=dtype)
+        if max_seq_len is not None:
+            config = dataclasses.replace(config, max_seq_len=max_seq_len)
+        if bad := [i for i in tokenizer.eos_ids if i >= config.vocab_size]:
+            raise ValueError(
+                f"{root}: end-of-text id(s) {bad} of the tokenizer are outside the model's "
+                f"vocabulary of {config.vocab_size} (config.json vocab_size)"
+            )
+        kwargs = {"name": root.resolve().name, "chat_template": tokenizer.chat_template, **kwargs}
+        return cls(config, variables, tokenizer, **kwargs)
+
     @property
     def num_slots(self) -> int:
         return self.steps.num_slots
@@ -115,9 +159,11 @@ class Engine:
     # ---------------------------------------------------------------------- requests
 
     def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a text prompt (ids are passed through and checked by `check`)."""
+        """Token ids of a text prompt, with the special tokens its tokenizer adds to prompts
+        (`encode_prompt`: a Hugging Face checkpoint's leading BOS); ids are passed through and
+        checked by `check`."""
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode_prompt(prompt)
         return [int(i) for i in prompt]
 
     def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -155,12 +201,14 @@ class Engine:
     def submit(
         self,
         prompts: Sequence[Prompt],
-        params: SamplingParams,
+        params: SamplingParams | Sequence[SamplingParams],
         listeners: Sequence[Callable[[Update], None] | None] | None = None,
         *,
         limit: bool = True,
     ) -> list[Request]:
         """Checks and queues `prompts` together (all or none) and returns their requests.
+
+        `params` applies to every prompt, or gives each prompt its own.
 
         A request's `done` event is set when its `completion` is ready; its listener (called on
         the engine's thread) sees each `Update`. Needs `start()`, or steps run by `generate`.
@@ -171,11 +219,13 @@ class Engine:
           ClosedError: after `stop()`.
         """
         listeners = listeners or [None] * len(prompts)
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
         requests = []
-        for prompt, listener in zip(prompts, listeners, strict=True):
+        for prompt, p, listener in zip(prompts, params, listeners, strict=True):
             ids = self.encode(prompt)
-            self.check(ids, params)
-            requests.append(Request(ids, params, self.tokenizer, listener))
+            self.check(ids, p)
+            requests.append(Request(ids, p, self.tokenizer, listener))
         self.scheduler.submit(requests, limit=limit)
         return requests
 
@@ -196,14 +246,16 @@ class Engine:
         seed: int | None = None,
         logprobs: int | None = None,
         echo: bool = False,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
     ) -> list[Completion]:
         """Completes each prompt; all of them are batched together.
 
         Args:
           prompts: a text, a list of token ids, or a list of either.
-          max_tokens, temperature, top_k, top_p, stop, stop_token_ids, seed, logprobs, echo:
-            see `SamplingParams` (temperature 0, the default, is greedy; `seed` applies to
-            each prompt).
+          max_tokens, temperature, top_k, top_p, stop, stop_token_ids, seed, logprobs, echo,
+            presence_penalty, frequency_penalty: see `SamplingParams` (temperature 0, the
+            default, is greedy; `seed` applies to each prompt).
 
         Returns:
           One `Completion` per prompt, in order.
@@ -222,6 +274,8 @@ class Engine:
             seed=seed,
             logprobs=logprobs,
             echo=echo,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
         )
         requests = self.submit(prompts, params, limit=False)
         if self.scheduler.running:

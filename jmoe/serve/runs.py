@@ -3,13 +3,13 @@
 A run directory holds `config.yaml`, `tokenizer/` and `checkpoints/<step>/` (see
 `jmoe.train.checkpoint`). Only the `params` and `moe_state` parts of the newest checkpoint are
 read (not the optimizer moments). A tokenizer directory may also hold a Hugging Face
-`tokenizer_config.json` whose `chat_template` the chat endpoint applies.
+`tokenizer_config.json` or `chat_template.jinja` whose chat template the chat endpoint applies
+(`jmoe.hf_tokenizer.load_chat_template`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 from typing import Any
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from jmoe.hf_tokenizer import load_chat_template
 from jmoe.lm.model import Transformer
 from jmoe.train.checkpoint import CHECKPOINT_DIR, CONFIG_FILE
 from jmoe.train.config import Config
@@ -25,7 +26,6 @@ from jmoe.train.run_config import load_config
 from jmoe.train.tokenizer import BYTE_FILE, HF_FILE, load_tokenizer
 
 TOKENIZER_DIR = "tokenizer"
-TOKENIZER_CONFIG = "tokenizer_config.json"  # Hugging Face's file; holds `chat_template`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
             + "; ".join(missing)
             + ". Train one with `python train.py --workdir DIR` (it writes all of these)"
         )
-    config = load_config(root / CONFIG_FILE)
+    config = load_config(root / CONFIG_FILE, resolve_init_from=False)
     step = _latest_step(root / CHECKPOINT_DIR)
     return Run(
         name=root.resolve().name,
@@ -111,15 +111,3 @@ def restore_variables(config: Config, checkpoints: pathlib.Path, step: int) -> d
     with ocp.CheckpointManager(checkpoints.resolve(), item_names=("state", "data")) as manager:
         restored = manager.restore(step, args=ocp.args.Composite(state=restore))
     return dict(restored["state"])
-
-
-def load_chat_template(tokenizer_dir: str | os.PathLike) -> str | None:
-    """The `chat_template` of a Hugging Face `tokenizer_config.json` beside the tokenizer."""
-    path = pathlib.Path(tokenizer_dir) / TOKENIZER_CONFIG
-    if not path.is_file():
-        return None
-    template = json.loads(path.read_text()).get("chat_template")
-    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
-        named = {t.get("name"): t.get("template") for t in template}
-        template = named.get("default")
-    return template if isinstance(template, str) and template else None

@@ -1,4 +1,5 @@
-"""Sampling parameters and the batched, jittable sampler (greedy, temperature, top-k, top-p).
+"""Sampling parameters and the batched, jittable sampler (greedy, temperature, top-k, top-p),
+with OpenAI's presence and frequency penalties.
 
 Each row of a decode batch carries its own parameters as arrays, so one compiled step serves
 every mix of requests. A row's random key is `fold_in(key(seed), n)` for its n-th generated
@@ -9,6 +10,7 @@ The sampling distribution of a row (`filtered_logits`): logits divided by the te
 everything outside the `top_k` largest set to -inf, then everything outside the smallest prefix
 (in descending probability, among those k) whose probability mass reaches `top_p`. Tokens tied
 with the last kept logit are kept too. Temperature 0 is greedy (argmax, ties to the lowest id).
+Penalties (`penalized_logits`) change the logits before all of this, greedy included.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MAX_LOGPROBS = 5  # most alternatives reported per token (the OpenAI completions limit)
 
@@ -45,6 +48,8 @@ class SamplingParams:
       logprobs: report the chosen token's log-probability and this many most likely
         alternatives per token, 0..`MAX_LOGPROBS` (None: none).
       echo: also score the prompt (its tokens' log-probabilities, with `logprobs`).
+      presence_penalty: subtracted from the logit of every token generated so far, in [-2, 2].
+      frequency_penalty: times its count so far, subtracted from each token's logit, in [-2, 2].
     """
 
     max_tokens: int = 16
@@ -56,6 +61,8 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     echo: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "stop", _as_tuple(self.stop))
@@ -94,7 +101,12 @@ class SamplingParams:
                 or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                 f"None or an integer in [0, {MAX_LOGPROBS}]",
             ),
-        ]
+            *(
+                (name, _is_number(getattr(self, name)) and -2 <= getattr(self, name) <= 2,
+                 "a number in [-2, 2]")
+                for name in ("presence_penalty", "frequency_penalty")
+            ),
+        ]  # fmt: skip
         for name, ok, allowed in checks:
             if not ok:
                 raise InvalidRequestError(
@@ -116,6 +128,33 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def choice_seeds(seed: int | None, n: int) -> list[int | None]:
+    """Seeds of `n` choices of one request: `seed` itself for the first (so `n=1` is unchanged),
+    independent ones derived from it for the others (None stays None: fresh random seeds)."""
+    if seed is None:
+        return [None] * n
+    derived = (int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(1, n))
+    return [seed, *derived]
+
+
+def penalized_logits(
+    logits_BxV: jax.Array, counts_BxV: jax.Array, presence_B: jax.Array, frequency_B: jax.Array
+) -> jax.Array:
+    """OpenAI's penalties: `logit[j] - count[j] * frequency - (count[j] > 0) * presence`.
+
+    Args:
+      logits_BxV: model logits.
+      counts_BxV: int32 times each token was generated so far in the row's request.
+      presence_B, frequency_B: float32 penalties per row.
+    """
+    counts_BxV = counts_BxV.astype(jnp.float32)
+    return (
+        logits_BxV.astype(jnp.float32)
+        - counts_BxV * frequency_B[:, None]
+        - (counts_BxV > 0) * presence_B[:, None]
+    )
 
 
 def filtered_logits(

@@ -1,17 +1,21 @@
 """The compiled model steps of the engine: prefill one prompt into a slot, decode the slots.
 
-The KV cache `[L, slots, M, G, A]` stays on the device; each call donates it and gets it back
-updated. Shapes are fixed per prompt bucket, cache length and row count, so after one call of
-each nothing recompiles (`compilations` counts every compilation in the process).
+The KV cache stays on the device as one `[slots, M, G, A]` array per layer and name (with
+multi-head latent attention, the latents and rotated keys `[slots, M, R | P]`), so a step writes
+its rows in place with no copy of the whole cache, beside the count of each token generated so
+far per slot (for the penalties); each call donates them and gets them back updated. Shapes are
+fixed per prompt bucket, cache length and row count, so after one call of each nothing
+recompiles (`compilations` counts every compilation in the process).
 
 - `prefill`: one prompt, right-padded to its bucket length P, runs through
   `Transformer.decode` into a fresh `[L, 1, P, G, A]` cache that is copied into the slot's
   first P positions (the padded tail holds garbage that decoding overwrites before any query
   can see it); the last real position's logits give the first generated token.
 - `decode`: one token per slot at that slot's own position, attending over the first L cache
-  positions, L a bucket above every busy slot's position (short contexts read a short cache).
-  Either every slot runs (idle ones too, the shape being fixed, with their tokens masked out of
-  the MoE statistics) or, when one request is running, its slot alone.
+  positions, L a bucket above every busy slot's position (short contexts read a short cache);
+  only the new token's keys and values are written back into the cache. Either every slot
+  runs (idle ones too, the shape being fixed, with their tokens masked out of the MoE
+  statistics) or, when one request is running, its slot alone.
 
 Both report, per token, the experts each MoE layer ran for it (from the `Routing`s the MoE
 layers sow under "intermediates"), averaged over the MoE layers.
@@ -75,9 +79,12 @@ class ModelSteps:
         # first call with an uncommitted one would compile a second time.
         device = jax.devices()[0]
         self.variables = jax.device_put(variables, device)
-        self.cache = jax.device_put(init_cache(config, num_slots), device)
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=1, static_argnums=3)
-        self._decode = jax.jit(self._decode_fn, donate_argnums=1, static_argnums=3)
+        stacked = init_cache(config, num_slots)
+        cache = {name: tuple(c[i] for i in range(config.n_layers)) for name, c in stacked.items()}
+        self.cache = jax.device_put(cache, device)
+        self.counts = jax.device_put(jnp.zeros((num_slots, config.vocab_size), jnp.int32), device)
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2), static_argnums=4)
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnums=4)
 
     # ---------------------------------------------------------------------------- host side
 
@@ -102,10 +109,11 @@ class ModelSteps:
         tokens = np.zeros((1, bucket), np.int32)
         tokens[0, : len(prompt)] = prompt
         arrays = {k: np.asarray(v)[None] for k, v in row.items()}
-        self.cache, out = self._prefill(
+        self.cache, self.counts, out = self._prefill(
             self.variables,
             self.cache,
-            (jnp.int32(slot), jnp.int32(len(prompt)), tokens, arrays),
+            self.counts,
+            (np.int32(slot), np.int32(len(prompt)), tokens, arrays),
             prompt_logprobs,
         )
         return jax.device_get(out)
@@ -129,9 +137,9 @@ class ModelSteps:
           `top_logprobs`; and `experts_read`, the distinct (layer, expert) weight sets the step
           ran (every row counts: idle slots are computed too).
         """
-        first = jnp.int32(first)
-        self.cache, out = self._decode(
-            self.variables, self.cache, (first, tokens, positions, rows), length
+        first = np.int32(first)  # host scalars: a jnp scalar would cost an eager dispatch
+        self.cache, self.counts, out = self._decode(
+            self.variables, self.cache, self.counts, (first, tokens, positions, rows), length
         )
         return jax.device_get(out)
 
@@ -159,9 +167,11 @@ class ModelSteps:
         total = sum(r.valid.sum(-1).reshape(shape) for r in routings)
         return total.astype(jnp.float32) / self.num_moe_layers
 
-    def _next_token(self, logits_BxV, rows) -> dict[str, jax.Array]:
+    def _next_token(self, logits_BxV, sampled_BxV, rows) -> dict[str, jax.Array]:
+        """Draws from `sampled_BxV` (the penalized logits); reports log-probabilities under the
+        model's own `logits_BxV`."""
         token_B = sampling.sample(
-            logits_BxV, rows["temperature"], rows["top_k"], rows["top_p"], rows["seed"],
+            sampled_BxV, rows["temperature"], rows["top_k"], rows["top_p"], rows["seed"],
             rows["counter"],
         )  # fmt: skip
         logprob_B, top_ids_BxN, top_logprobs_BxN = sampling.token_logprobs(logits_BxV, token_B)
@@ -169,26 +179,31 @@ class ModelSteps:
             token=token_B, logprob=logprob_B, top_ids=top_ids_BxN, top_logprobs=top_logprobs_BxN
         )
 
-    def _prefill_fn(self, variables, cache, inputs, prompt_logprobs: bool):
+    def _prefill_fn(self, variables, cache, counts, inputs, prompt_logprobs: bool):
         slot, length, tokens_1xP, rows = inputs
         p = tokens_1xP.shape[1]
         positions_1xP = jnp.arange(p, dtype=jnp.int32)[None]
         mask_1xP = positions_1xP < length
-        fresh = init_cache(self.config, 1, p, cache["k"].dtype)
+        fresh = init_cache(self.config, 1, p, jax.tree.leaves(cache)[0].dtype)
         logits_1xPxV, fresh, routings = self._apply(
             variables, tokens_1xP, positions_1xP, fresh, mask_1xP
         )
         cache = {
-            name: jax.lax.dynamic_update_slice(cache[name], fresh[name], (0, slot, 0, 0, 0))
-            for name in cache
+            name: tuple(
+                jax.lax.dynamic_update_slice(c, fresh[name][i], (slot,) + (0,) * (c.ndim - 1))
+                for i, c in enumerate(layers)
+            )
+            for name, layers in cache.items()
         }
         last_1xV = jax.lax.dynamic_index_in_dim(logits_1xPxV[0], length - 1, keepdims=True)
         out = {
             k: v[0]
-            for k, v in self._next_token(
-                last_1xV, {**rows, "counter": jnp.zeros(1, jnp.int32)}
+            for k, v in self._next_token(  # nothing generated yet: no penalty
+                last_1xV, last_1xV, {**rows, "counter": jnp.zeros(1, jnp.int32)}
             ).items()
         }
+        first_V = jax.nn.one_hot(out["token"], counts.shape[1], dtype=jnp.int32)
+        counts = jax.lax.dynamic_update_slice(counts, first_V[None], (slot, 0))
         active_P = self._active_experts(routings, (1, p))[0]
         out["active_experts"] = active_P[length - 1]
         out["prompt_active_experts"] = jnp.sum(jnp.where(mask_1xP[0], active_P, 0.0)) / length
@@ -199,21 +214,41 @@ class ModelSteps:
             out.update(
                 prompt_logprobs=lp_P, prompt_top_ids=top_ids_PxN, prompt_top_logprobs=top_lp_PxN
             )
-        return cache, out
+        return cache, counts, out
 
-    def _decode_fn(self, variables, cache, inputs, length):
+    def _decode_fn(self, variables, cache, counts, inputs, length):
         first, tokens_S, positions_S, rows = inputs
         # The step reads and writes the cache rows of its slots, positions 0..length-1 only.
-        layers, s = cache["k"].shape[0], tokens_S.shape[0]
-        corner, size = (0, first, 0, 0, 0), (layers, s, length, *cache["k"].shape[3:])
-        view = {name: jax.lax.dynamic_slice(c, corner, size) for name, c in cache.items()}
+        # Every cache array is [slots, M, ...] (keys and values, or MLA's latent and rope key).
+        s = tokens_S.shape[0]
+        view = {
+            name: tuple(
+                jax.lax.dynamic_slice(c, (first,) + (0,) * (c.ndim - 1), (s, length, *c.shape[2:]))
+                for c in layers
+            )
+            for name, layers in cache.items()
+        }
         logits_Sx1xV, view, routings = self._apply(
             variables, tokens_S[:, None], positions_S[:, None], view, rows["active"][:, None]
         )
+        # Only the new entries go back (a scatter into the donated cache, in place): writing the
+        # whole view back would make XLA copy the cache to keep the view's reads intact.
+        rows_S = jnp.arange(s)
         cache = {
-            name: jax.lax.dynamic_update_slice(cache[name], view[name], corner) for name in cache
+            name: tuple(
+                c.at[first + rows_S, positions_S].set(new[rows_S, positions_S])
+                for c, new in zip(layers, view[name], strict=True)
+            )
+            for name, layers in cache.items()
         }
-        out = self._next_token(logits_Sx1xV[:, 0], rows)
+        counts_SxV = jax.lax.dynamic_slice(counts, (first, 0), (s, counts.shape[1]))
+        logits_SxV = sampling.penalized_logits(
+            logits_Sx1xV[:, 0], counts_SxV, rows["presence"], rows["frequency"]
+        )
+        out = self._next_token(logits_Sx1xV[:, 0], logits_SxV, rows)
+        drawn_SxV = jax.nn.one_hot(out["token"], counts.shape[1], dtype=jnp.int32)
+        counts_SxV = counts_SxV + drawn_SxV * rows["active"][:, None]
+        counts = jax.lax.dynamic_update_slice(counts, counts_SxV, (first, 0))
         out["active_experts"] = self._active_experts(routings, (s, 1))[:, 0]
         num_experts = self.config.moe.num_experts
         out["experts_read"] = sum(
@@ -222,4 +257,4 @@ class ModelSteps:
             )
             for r in routings
         ) if routings else jnp.zeros((), jnp.int32)  # fmt: skip
-        return cache, out
+        return cache, counts, out

@@ -25,7 +25,7 @@ class Submission:
     Args:
       engine: the running engine.
       prompts: token ids per prompt (checked by the engine).
-      params: their sampling parameters.
+      params: their sampling parameters (one for all, or one per prompt).
       on_done: called with each `Completion` (on the engine's thread; thread-safe please).
     """
 
@@ -33,7 +33,7 @@ class Submission:
         self,
         engine: Engine,
         prompts: list[list[int]],
-        params: SamplingParams,
+        params: SamplingParams | list[SamplingParams],
         on_done: Callable[[Completion], None],
     ):
         loop = asyncio.get_running_loop()
@@ -83,10 +83,16 @@ def sse(payload: dict | str) -> str:
 
 
 async def stream_completions(
-    run: Submission, head: dict, prompt_texts: list[str], echo: bool, include_usage: bool
+    run: Submission,
+    head: dict,
+    prompt_texts: list[str],
+    echo: bool,
+    include_usage: bool,
+    choices_per_prompt: int = 1,
 ) -> AsyncIterator[str]:
     """The `/v1/completions` event stream: text deltas per choice, the finish reason (with the
-    `jmoe` statistics) in a choice's last chunk, optionally a usage chunk, then `[DONE]`."""
+    `jmoe` statistics) in a choice's last chunk, optionally a usage chunk, then `[DONE]`.
+    `prompt_texts` has one entry per choice (each prompt's `choices_per_prompt` in a row)."""
     tokenizer = run.engine.tokenizer
     done: list[Completion | None] = [None] * len(prompt_texts)
     try:
@@ -114,7 +120,12 @@ async def stream_completions(
             yield sse(chunk)
         if include_usage:
             yield sse(
-                dict(head, choices=[], usage=protocol.usage(done), jmoe=protocol.jmoe_stats(done))
+                dict(
+                    head,
+                    choices=[],
+                    usage=protocol.usage(done, choices_per_prompt),
+                    jmoe=protocol.jmoe_stats(done),
+                )
             )
         yield sse("[DONE]")
     finally:
@@ -122,28 +133,30 @@ async def stream_completions(
 
 
 async def stream_chat(run: Submission, head: dict, include_usage: bool) -> AsyncIterator[str]:
-    """The `/v1/chat/completions` event stream (`chat.completion.chunk` deltas)."""
+    """The `/v1/chat/completions` event stream (`chat.completion.chunk` deltas, per choice)."""
     head = dict(head, object="chat.completion.chunk")
-    done = None
+    done: list[Completion | None] = [None] * len(run.requests)
     try:
-        first = dict(index=0, delta=dict(role="assistant", content=""), finish_reason=None)
-        yield sse(dict(head, choices=[first]))
+        for i in range(len(run.requests)):
+            first = dict(index=i, delta=dict(role="assistant", content=""), finish_reason=None)
+            yield sse(dict(head, choices=[first]))
         while run.pending:
-            _, update = await run.next()
-            done = update.completion
-            if not update.text and done is None:
+            i, update = await run.next()
+            c = update.completion
+            if not update.text and c is None:
                 continue
             choice = dict(
-                index=0,
+                index=i,
                 delta=dict(content=update.text) if update.text else {},
-                finish_reason=None if done is None else done.finish_reason,
+                finish_reason=None if c is None else c.finish_reason,
             )
             chunk = dict(head, choices=[choice])
-            if done is not None:
-                chunk["jmoe"] = protocol.jmoe_stats([done])
+            if c is not None:
+                done[i] = c
+                chunk["jmoe"] = protocol.jmoe_stats([c])
             yield sse(chunk)
         if include_usage:
-            yield sse(dict(head, choices=[], usage=protocol.usage([done])))
+            yield sse(dict(head, choices=[], usage=protocol.usage(done, len(done))))
         yield sse("[DONE]")
     finally:
         run.cancel()

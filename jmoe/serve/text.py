@@ -4,6 +4,10 @@ Generated ids arrive one at a time; `TextStream` hands out only text that is fin
 back an incomplete UTF-8 character (decoded as U+FFFD until its last byte arrives) and any tail
 that could still grow into a stop string. A completion that hits a stop string ends just before
 it (the stop string is not part of the text), as in the OpenAI API.
+
+Decoding a token alone can lose what it means after the prompt: SentencePiece-style decoders
+(Mistral, Llama 2) drop the word-start space of the first token they see. So the stream decodes
+its ids after the last few prompt ids and keeps only the text past theirs.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 REPLACEMENT = "\ufffd"
+PREFIX_IDS = 4  # prompt ids decoded before the generated ones
 
 
 class TextStream:
@@ -19,6 +24,8 @@ class TextStream:
     Args:
       tokenizer: anything with `decode(ids) -> str`.
       stop: stop strings (non-empty).
+      prompt_ids: the prompt; its last `PREFIX_IDS` ids are the context the generated ids
+        are decoded in.
 
     Example:
       >>> stream = TextStream(tokenizer, stop=("\\n\\n",))
@@ -26,9 +33,13 @@ class TextStream:
       >>> rest = stream.finish()                   # what was held back, at the end
     """
 
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer, stop: Sequence[str] = (), prompt_ids: Sequence[int] = ()):
         self._tokenizer = tokenizer
         self._stop = tuple(stop)
+        self._prefix = [int(i) for i in prompt_ids[len(prompt_ids) - PREFIX_IDS :]]
+        self._prefix_text = tokenizer.decode(self._prefix)
+        if self._prefix_text.endswith(REPLACEMENT):  # ends inside a character: no context
+            self._prefix, self._prefix_text = [], ""
         self._ids: list[int] = []
         self._text = ""  # decoded text of every id so far (cut at a stop string once hit)
         self._sent = 0  # characters of `_text` already handed out
@@ -44,7 +55,7 @@ class TextStream:
         if self.stopped:
             raise RuntimeError("TextStream.push after a stop string was hit")
         self._ids.append(token_id)
-        self._text = self._tokenizer.decode(self._ids)
+        self._text = self._decode()
         cut = self._stop_index()
         if cut is not None:
             self._text, self.stopped = self._text[:cut], True
@@ -54,6 +65,14 @@ class TextStream:
     def finish(self) -> str:
         """The text still held back (call once, when the completion ends)."""
         return self._release(len(self._text))
+
+    def _decode(self) -> str:
+        """The text of the generated ids, read after the prompt's last ids."""
+        if self._prefix:
+            text = self._tokenizer.decode(self._prefix + self._ids)
+            if text.startswith(self._prefix_text):
+                return text[len(self._prefix_text) :]
+        return self._tokenizer.decode(self._ids)
 
     def _stop_index(self) -> int | None:
         """Where the first stop string starts (released text never holds one, nor ends with

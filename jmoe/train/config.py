@@ -26,7 +26,8 @@ class DataConfig:
         a text file, directory, glob or `.jsonl` file with a "text" field.
       max_bytes: read at most this many bytes of the source (None: all of it).
       eval_fraction: fraction of the documents held out for evaluation (deterministic split).
-      tokenizer: "byte", "bpe" or a path to a `tokenizer.json` / saved tokenizer directory.
+      tokenizer: "byte", "bpe" or a path to a `tokenizer.json` / saved tokenizer directory
+        (with `model.init_from`, the checkpoint's own tokenizer is used and this is not set).
       seq_len: tokens per training sequence (at most `model.max_seq_len`).
       batch_size: global batch in sequences (split evenly over processes).
       seed: split and shuffle seed.

@@ -6,15 +6,16 @@ a glob or a `.jsonl` file with a "text" field. `split_documents` holds out whole
 deterministically. `make_iterator` packs a document list into one token stream (each document
 followed by the tokenizer's end-of-text id), cuts it into windows of `seq_len + 1` tokens that
 overlap by one (every token but the first, up to the dropped tail, is a target once), shuffles
-the windows with a fresh seeded permutation each epoch, and batches them. With P processes the
-global batch of P * batch_size windows is split into P disjoint consecutive slices, slice i for
-process i. The result is a grain `DatasetIterator` whose `get_state()` / `set_state()` resume it
+the windows with a fresh seeded permutation each epoch, and batches them with each token's
+document id (`document_ids`: an end-of-text token opens the document after it). With P processes
+the global batch of P * batch_size windows is split into P disjoint consecutive slices, slice i
+for process i. The result is a grain `DatasetIterator` whose `get_state()` / `set_state()` resume it
 exactly:
 
   docs = load_documents("stdlib", max_bytes=2_000_000)
   train_docs, eval_docs = split_documents(docs, eval_fraction=0.02, seed=0)
   it = make_iterator(train_docs, ByteTokenizer(), seq_len=128, batch_size=16, seed=0)
-  batch = next(it)  # {"inputs": [16, 128] int32, "targets": [16, 128] int32, "mask": [16, 128]}
+  batch = next(it)  # {"inputs", "targets", "segment_ids": [16, 128] int32, "mask": [16, 128] bool}
 
 Every process tokenises the whole document list in memory (4 bytes per token): right for the
 embedded corpus and user corpora up to a few hundred million tokens. Text that is not valid UTF-8
@@ -206,7 +207,8 @@ def make_iterator(
 
     Returns:
       A grain `DatasetIterator` of dicts `{"inputs": [B, S] int32, "targets": [B, S] int32
-      (inputs shifted left by one), "mask": [B, S] bool}`.
+      (inputs shifted left by one), "mask": [B, S] bool, "segment_ids": [B, S] int32 (the
+      `document_ids` of the inputs, for `Transformer(..., segment_ids_BxS=...)`)}`.
     """
     if batch_size < 1 or shard_count < 1 or prefetch < 0:
         raise ValueError(f"{batch_size=} and {shard_count=} must be >= 1, {prefetch=} >= 0")
@@ -235,7 +237,7 @@ def make_iterator(
     # which overflows for an endless stream and batch_size 1); a finite pass is padded to whole
     # global batches above, so nothing is dropped.
     batches = order.batch(batch_size, drop_remainder=True)[shard_index::shard_count]
-    batches = batches.map(functools.partial(_gather, windows_WxS1))
+    batches = batches.map(functools.partial(_gather, windows_WxS1, tokenizer.eos_id))
     read_options = grain.ReadOptions(num_threads=min(prefetch, 1), prefetch_buffer_size=prefetch)
     return iter(batches.to_iter_dataset(read_options))
 
@@ -262,13 +264,32 @@ def _index_or_pad(order: grain.MapDataset, j: int) -> int:
     return order[j] if j < len(order) else -1
 
 
-def _gather(windows_WxS1: np.ndarray, index_B: np.ndarray) -> dict[str, np.ndarray]:
+def document_ids(inputs_BxS: np.ndarray, eos_id: int) -> np.ndarray:
+    """Document (segment) id of each input token of packed windows, int32 `[B, S]`.
+
+    The stream is `doc_0 eos doc_1 eos ...`; the end-of-text token that closes one document opens
+    the next one, as its start-of-document token. So every target is predicted from its own
+    document only: a document's last token predicts its end-of-text inside that document, and
+    the end-of-text predicts the next document's first token with nothing before it. Ids count
+    the end-of-text tokens up to and including each token (from 0 at the window start, whose
+    piece of a document is a document of its own); only equality of ids matters.
+    """
+    return np.cumsum(inputs_BxS == eos_id, axis=1, dtype=np.int32)
+
+
+def _gather(windows_WxS1: np.ndarray, eos_id: int, index_B: np.ndarray) -> dict[str, np.ndarray]:
     """Rows `index_B` of the windows as a batch; index -1 is a padding row (all 0, mask False)."""
     real_B = index_B >= 0
     rows_BxS1 = np.where(real_B[:, None], windows_WxS1[np.where(real_B, index_B, 0)], 0)
     rows_BxS1 = rows_BxS1.astype(np.int32, copy=False)
     mask_BxS = np.broadcast_to(real_B[:, None], (len(index_B), rows_BxS1.shape[1] - 1)).copy()
-    return {"inputs": rows_BxS1[:, :-1], "targets": rows_BxS1[:, 1:], "mask": mask_BxS}
+    inputs_BxS = rows_BxS1[:, :-1]
+    return {
+        "inputs": inputs_BxS,
+        "targets": rows_BxS1[:, 1:],
+        "mask": mask_BxS,
+        "segment_ids": document_ids(inputs_BxS, eos_id),
+    }
 
 
 def _stdlib_files() -> list[pathlib.Path]:

@@ -27,7 +27,16 @@ import jax.numpy as jnp
 
 from jmoe import sharding
 from jmoe.lm.model import Transformer
-from jmoe.train import checkpoint, data, metrics, multihost, preemption, report, run_lock
+from jmoe.train import (
+    checkpoint,
+    data,
+    init_from,
+    metrics,
+    multihost,
+    preemption,
+    report,
+    run_lock,
+)
 from jmoe.train.config import Config
 from jmoe.train.errors import UserError
 from jmoe.train.run_config import load_config
@@ -92,8 +101,9 @@ def train_and_evaluate(
 
     `init_params` (a "params" tree shaped like this config's, e.g. `load_state(other)[1].params`
     converted with `jmoe.with_null_experts`) starts a fresh run from those weights instead of
-    the seeded initialisation, with a fresh optimizer and MoE state: fine-tuning. A run that
-    resumes from its own checkpoint ignores it.
+    the seeded initialisation, with a fresh optimizer and MoE state: fine-tuning from a jmoe
+    run (`model.init_from` imports a Hugging Face checkpoint instead). A run that resumes from
+    its own checkpoint ignores it.
 
     Returns:
       Final metrics: `step`, `loss` (last logged train cross-entropy), `eval_loss`,
@@ -171,8 +181,13 @@ def _train(
     mesh = make_mesh(config)
     train_iter, eval_batches = _make_inputs(config, tokenizer, train_docs, eval_docs, mesh)
     model = Transformer(config.model, mesh)
+    initial = None
+    if latest is None and config.model.init_from is not None:
+        say(f"model: reading the weights of model.init_from={config.model.init_from}...")
+        initial = init_from.initial_variables(config.model, mesh)
     say("model: initialising the parameters...")
-    state = init_state(config, model, make_optimizer(train_cfg))  # no schedule shapes the state
+    # no schedule shapes the state
+    state = init_state(config, model, make_optimizer(train_cfg), initial)
     if init_params is not None and latest is None:  # zero moments fit any weights
         state = state.replace(params=_start_from(init_params, state.params))
     directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)

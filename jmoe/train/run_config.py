@@ -2,19 +2,25 @@
 
 `load_config(path, overrides)` starts from the dataclass defaults (the tiny CPU run), merges the
 sparse YAML preset, then the overrides; every key is checked against the schema, and the
-dataclasses check every value.
+dataclasses check every value. With `model.init_from=DIR` (a Hugging Face checkpoint) the model
+section is the checkpoint's config plus the run's own training-side model keys
+(`jmoe.train.init_from`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
+import types
 import typing
 
 import yaml
 
+from jmoe.lm.config import ModelConfig
 from jmoe.moe.routers import ROUTERS, Router, router_from_dict, router_to_dict
+from jmoe.train import init_from
 from jmoe.train.config import Config
 
 # Keys that may differ between a run and its resumption: they change how long it runs or how it
@@ -34,13 +40,22 @@ RESUMABLE_KEYS = (
 
 
 def load_config(
-    path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()
+    path: str | os.PathLike | None = None,
+    overrides: typing.Sequence[str] = (),
+    *,
+    resolve_init_from: bool = True,
 ) -> Config:
     """The defaults, then the YAML file at `path` (sparse nested overrides), then `overrides`.
 
     Args:
       path: a YAML file such as `configs/small.yaml`, or None for the defaults (tiny CPU run).
       overrides: `"key.path=value"` strings; values are parsed as YAML (`true`, `1e-3`, `null`).
+        An optional section (a `X | None` dataclass field such as `model.mla`) stays None until
+        one of its keys is set, then starts from its fields' defaults; `section=null` turns it
+        off again.
+      resolve_init_from: with `model.init_from`, build the model section from the checkpoint's
+        config.json; False reads a resolved config as it is (a run directory's config.yaml,
+        which needs no checkpoint).
 
     Returns:
       The validated `Config`. An unknown key raises a ValueError naming the key, the allowed keys
@@ -51,11 +66,13 @@ def load_config(
       >>> cfg = load_config("configs/tiny.yaml", ["model.moe.router=top_p", "train.steps=50"])
     """
     tree = config_to_dict(Config())
+    updates = []  # what the file and the overrides set, in order
     if path is not None:
         loaded = _read_yaml(path)
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of config sections, got {loaded!r}")
         _merge(tree, loaded, Config, prefix="")
+        updates.append(loaded)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
@@ -68,7 +85,40 @@ def load_config(
         for part in reversed(key.strip().split(".")):
             nested = {part: nested}
         _merge(tree, nested, Config, prefix="")
+        updates.append(nested)
+    if resolve_init_from and tree["model"]["init_from"] is not None:
+        tree["model"] = _imported_model(tree["model"]["init_from"], updates)
     return config_from_dict(tree)
+
+
+def _imported_model(source: str, updates: list[dict]) -> dict:
+    """The model tree of `model.init_from=source`: the checkpoint's config with the run's own
+    model keys applied, those that change the checkpoint's math refused (`jmoe.train.init_from`).
+    """
+    imported = config_to_dict(init_from.checkpoint_model_config(source))
+    model, given = copy.deepcopy(imported), {}
+    for update in updates:
+        if "tokenizer" in (update.get("data") or {}):
+            raise ValueError(
+                f"data.tokenizer is the checkpoint's with model.init_from={source!r}: drop "
+                "the data.tokenizer setting"
+            )
+        part = update.get("model")
+        if part is not None:
+            _merge(model, part, ModelConfig, prefix="model.")
+            _merge_plain(given, part)
+    init_from.check_model_overrides(imported, given, model, source)
+    model["init_from"] = imported["init_from"]  # absolute: a resumed run may start elsewhere
+    return model
+
+
+def _merge_plain(tree: dict, update: dict) -> None:
+    """Deep-merges nested dict `update` into `tree` (later values win)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge_plain(tree[key], value)
+        else:
+            tree[key] = copy.deepcopy(value)
 
 
 def _read_yaml(path: str | os.PathLike):
@@ -95,6 +145,8 @@ def config_to_dict(config) -> dict:
             value = router_to_dict(value)
         elif dataclasses.is_dataclass(value):
             value = config_to_dict(value)
+        elif isinstance(value, tuple):  # e.g. model.layer_types; YAML has lists only
+            value = list(value)
         tree[field.name] = value
     return tree
 
@@ -109,6 +161,15 @@ def config_from_dict(tree: dict, cls: type = Config, prefix: str = ""):
             value = _with_prefix(f"{prefix}{field.name}.", router_from_dict, value)
         elif dataclasses.is_dataclass(kind):
             value = config_from_dict(value, kind, f"{prefix}{field.name}.")
+        elif (inner := _optional_dataclass(kind)) is not None and value is not None:
+            path = f"{prefix}{field.name}"
+            missing = [f"{path}.{f.name}" for f in dataclasses.fields(inner) if f.name not in value]
+            if missing:
+                raise ValueError(
+                    f"config key {path!r} is incomplete: set {', '.join(missing)} "
+                    f"(or {path}=null to leave it out)"
+                )
+            value = config_from_dict(value, inner, f"{path}.")
         kwargs[field.name] = value
     return _with_prefix(prefix, cls, **kwargs)
 
@@ -159,8 +220,25 @@ def _merge(tree: dict, update: dict, cls: type, prefix: str) -> None:
             _merge_router(tree, key, value, path)
         elif dataclasses.is_dataclass(kind):
             _merge(tree[key], value if value is not None else {}, kind, f"{path}.")
+        elif (inner := _optional_dataclass(kind)) is not None and value is not None:
+            if tree[key] is None:  # switched on: start from the fields' defaults
+                tree[key] = {
+                    f.name: f.default
+                    for f in dataclasses.fields(inner)
+                    if f.default is not dataclasses.MISSING
+                }
+            _merge(tree[key], value, inner, f"{path}.")
         else:
             tree[key] = _coerce(path, value, kind)
+
+
+def _optional_dataclass(kind) -> type | None:
+    """The dataclass `X` of an `X | None` annotation (an optional config section), else None."""
+    args = typing.get_args(kind)
+    inner = [t for t in args if t is not type(None)]
+    if len(args) == 2 and len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+        return inner[0]
+    return None
 
 
 def _unknown_key(cls: type, key: str, path: str, prefix: str, allowed: list[str]) -> str:
@@ -210,8 +288,14 @@ def _merge_router(tree: dict, key: str, value, path: str) -> None:
 
 
 def _coerce(path: str, value, kind):
-    """`value` as the annotated type `kind`. YAML reads `1e-3` as text (floats are parsed)."""
-    allowed = typing.get_args(kind) or (kind,)
+    """`value` as the annotated type `kind`. YAML reads `1e-3` as text (floats are parsed) and
+    has lists only (a list becomes a tuple where one is expected)."""
+    union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    allowed = tuple(
+        typing.get_origin(t) or t for t in (typing.get_args(kind) if union else (kind,))
+    )
+    if tuple in allowed and isinstance(value, list):
+        value = tuple(value)
     if value is None and type(None) in allowed:
         return None
     if float in allowed and isinstance(value, (int, str)) and not isinstance(value, bool):

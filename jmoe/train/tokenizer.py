@@ -1,7 +1,9 @@
 """Tokenizers: raw bytes, a byte-level BPE trained on the corpus, or a user `tokenizer.json`.
 
 Every tokenizer follows the `Tokenizer` protocol: `encode` never adds special tokens (the data
-pipeline inserts `eos_id` between documents itself) and `decode` drops them. `save(directory)`
+pipeline inserts `eos_id` between documents itself) and `decode` drops them; `encode_prompt`
+(what a server does with a text prompt) adds those of a Hugging Face checkpoint's tokenizer
+(`jmoe.hf_tokenizer`), and `eos_ids` are the ids that end a generation. `save(directory)`
 writes a file that `load_tokenizer(directory)` reads back, so a run directory carries its own
 tokenizer:
 
@@ -28,6 +30,7 @@ EOS = "<|endoftext|>"
 RESERVED = "<|reserved_{}|>"  # fills a BPE vocabulary that ran out of merges
 HF_FILE = "tokenizer.json"
 BYTE_FILE = "byte_tokenizer.json"
+HF_CONFIG_FILE = "tokenizer_config.json"  # special tokens and chat template beside HF_FILE
 # End-of-text names tried, in order, when loading a user tokenizer.json.
 EOS_CANDIDATES = (EOS, "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>", "[SEP]")
 _BPE_CACHE_VERSION = "bpe-v2"
@@ -40,7 +43,12 @@ class Tokenizer(Protocol):
     vocab_size: int
     eos_id: int
 
+    @property
+    def eos_ids(self) -> tuple[int, ...]: ...
+
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_prompt(self, text: str) -> list[int]: ...
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
 
@@ -54,9 +62,13 @@ class ByteTokenizer:
 
     vocab_size = 257
     eos_id = 256
+    eos_ids = (256,)
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.encode(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(text) for text in texts]
@@ -92,8 +104,15 @@ class HFTokenizer:
             "its added_tokens"
         )
 
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return (self.eos_id,)
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.encode(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
@@ -190,7 +209,9 @@ def load_tokenizer(path: str | pathlib.Path) -> ByteTokenizer | HFTokenizer:
 
     Args:
       path: a Hugging Face `tokenizer.json`, or a directory holding `tokenizer.json` or
-        `byte_tokenizer.json`.
+        `byte_tokenizer.json`. A directory whose `tokenizer.json` has a `tokenizer_config.json`
+        beside it (a Hugging Face checkpoint's) loads with its special tokens and chat template
+        (`jmoe.hf_tokenizer.load_hf_tokenizer`).
 
     Returns:
       The tokenizer.
@@ -201,6 +222,10 @@ def load_tokenizer(path: str | pathlib.Path) -> ByteTokenizer | HFTokenizer:
             return ByteTokenizer()
         if not (path / HF_FILE).exists():
             raise MissingInputError(f"{path} holds neither {HF_FILE} nor {BYTE_FILE}")
+        if (path / HF_CONFIG_FILE).exists():
+            from jmoe.hf_tokenizer import load_hf_tokenizer  # it builds on this module
+
+            return load_hf_tokenizer(path)
         path = path / HF_FILE
     if not path.is_file():
         raise MissingInputError(f"tokenizer {str(path)!r} does not exist")

@@ -1,7 +1,8 @@
 """Training math: the state, the optimizer and its schedule, `train_step`, `eval_step`, and the
 data and tokenizer a run trains on (`prepare_data`); `jmoe.train.run` drives them.
 
-One jitted `train_step` computes the token cross-entropy over the mask + the MoE aux losses,
+One jitted `train_step` computes the token cross-entropy over the mask + the MoE aux losses
+(each packed document attends only to itself when the batch carries "segment_ids"),
 applies AdamW with warmup + cosine and global-norm clipping behind a non-finite guard that skips
 the update, and updates the `moe_state` (bias balancing, compute budget).
 """
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from jmoe import sharding
+from jmoe.hf_tokenizer import load_hf_tokenizer
 from jmoe.lm.model import Transformer, update_moe_state
 from jmoe.train import data, multihost
 from jmoe.train.config import Config, TrainConfig
@@ -101,16 +103,26 @@ def make_optimizer(
     )
 
 
-def init_state(config: Config, model: Transformer, tx: optax.GradientTransformation) -> TrainState:
+def init_state(
+    config: Config,
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    initial: dict | None = None,
+) -> TrainState:
     """Fresh parameters, optimizer and MoE state from `config.train.seed`, created under jit
     and, on a mesh (`model.mesh`), born sharded by `jmoe.sharding.param_shardings` (experts on
-    "expert", large weights on "fsdp"; the optimizer moments like their parameters)."""
+    "expert", large weights on "fsdp"; the optimizer moments like their parameters).
+
+    `initial` (`{"params": ...}`, optionally with "moe_state", shaped like the model's own)
+    replaces the random parameters: the start of a fine-tuning run (`jmoe.train.init_from`).
+    """
     batch = sharding.axis_size(model.mesh, sharding.BATCH_AXES)
     tokens_BxS = jnp.zeros((batch, config.data.seq_len), jnp.int32)
 
-    def init() -> TrainState:
+    def init(initial: dict | None) -> TrainState:
         rng = jax.random.PRNGKey(config.train.seed)
         variables = model.init(rng, tokens_BxS, deterministic=True)
+        variables = {**variables, **(initial or {})}
         params = variables["params"]
         return TrainState(
             params=params,
@@ -122,8 +134,8 @@ def init_state(config: Config, model: Transformer, tx: optax.GradientTransformat
         )
 
     if model.mesh is None:
-        return jax.jit(init)()
-    return sharding.init_sharded(init, model.mesh)
+        return jax.jit(init)(initial)
+    return sharding.init_sharded(init, model.mesh, initial)
 
 
 def cross_entropy(logits_BxSxV, targets_BxS, mask_BxS) -> tuple[jax.Array, jax.Array]:
@@ -151,6 +163,7 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation):
                 batch["inputs"],
                 deterministic=False,
                 token_mask_BxS=batch["mask"],
+                segment_ids_BxS=batch.get("segment_ids"),
                 rngs={"jitter": rng, "dropout": rng},
             )
             ce_sum, count = cross_entropy(logits_BxSxV, batch["targets"], batch["mask"])
@@ -198,6 +211,7 @@ def make_eval_step(model: Transformer):
             batch["inputs"],
             deterministic=True,
             token_mask_BxS=batch["mask"],
+            segment_ids_BxS=batch.get("segment_ids"),
         )
         return cross_entropy(logits_BxSxV, batch["targets"], batch["mask"])
 
@@ -230,6 +244,12 @@ def prepare_data(config: Config, workdir: str, resume: bool, say=lambda message:
     started = time.perf_counter()
     if resume and os.path.exists(saved):
         tokenizer, origin = load_tokenizer(saved), "loaded from the run directory"
+    elif config.model.init_from is not None:  # the checkpoint's, with its special tokens
+        tokenizer = load_hf_tokenizer(config.model.init_from)
+        origin = f"model.init_from={config.model.init_from}"
+        if multihost.is_chief():
+            shutil.rmtree(saved, ignore_errors=True)
+            tokenizer.save(saved)
     else:
         if cfg.tokenizer == "bpe":
             say(f"tokenizer: training a {config.model.vocab_size}-symbol byte-level BPE...")

@@ -1,4 +1,6 @@
-"""jmoe.attention against the head-by-head NumPy reference of tests/model_reference.py."""
+"""jmoe.attention against the head-by-head NumPy reference of tests/model_reference.py: GQA,
+qk-norm, biases, sinks, sliding windows, segments, the KV cache, and `jax.nn.dot_product_attention`
+against the plain path (outputs and gradients)."""
 
 import dataclasses
 
@@ -6,15 +8,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from model_reference import ref_attention, ref_rope
+from model_reference import ref_attention, ref_rope, ref_visible
 
-from jmoe.lm.attention import Attention, attend, rope, write_cache
+from jmoe.lm.attention import (
+    Attention,
+    attend,
+    dot_product_attend,
+    same_segment,
+    segment_positions,
+    visible_keys,
+    write_cache,
+)
 from jmoe.lm.config import ModelConfig
+from jmoe.lm.rope import rope
 
 B, S, D = 2, 5, 16
 
 
-def _module(cfg: ModelConfig) -> Attention:
+def _module(cfg: ModelConfig, window=None) -> Attention:
     return Attention(
         cfg.n_heads,
         cfg.kv_heads,
@@ -24,12 +35,16 @@ def _module(cfg: ModelConfig) -> Attention:
         cfg.qkv_bias,
         cfg.norm_eps,
         qk_norm_scope=cfg.qk_norm_scope,
+        o_bias=cfg.o_bias,
+        attention_sinks=cfg.attention_sinks,
+        sliding_window=window,
+        attention_impl=cfg.attention_impl,
     )
 
 
 def _init(cfg: ModelConfig, seed=0):
-    """Inputs and NumPy-filled params: kernels N(0, 0.25^2), nonzero biases, norm scales around 1
-    (so a missing or misplaced bias or scale shows)."""
+    """Inputs and NumPy-filled params: kernels N(0, 0.25^2), nonzero biases and sinks, norm scales
+    around 1 (so a missing or misplaced bias, sink or scale shows)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((B, S, D)).astype(np.float32)
     positions = np.broadcast_to(np.arange(S), (B, S))
@@ -118,11 +133,21 @@ def test_write_cache_per_row_positions_drops_out_of_range():
     np.testing.assert_array_equal(out["v"], -want)
 
 
-def test_cached_attention_rows_at_different_positions():
-    """Row 0 holds 3 earlier tokens, row 1 holds 1; a 2-token step must see exactly those."""
-    cfg = ModelConfig(d_model=D, n_heads=4, n_kv_heads=2, qk_norm=True, rope_theta=100.0)
+@pytest.mark.parametrize(
+    "overrides, window",
+    [
+        (dict(qk_norm=True), None),
+        (dict(attention_sinks=True, o_bias=True), 2),
+        (dict(attention_impl="dot_product"), 2),
+    ],
+    ids=["full", "sinks_window", "dot_product_window"],
+)
+def test_cached_attention_rows_at_different_positions(overrides, window):
+    """Row 0 holds 3 earlier tokens, row 1 holds 1; a 2-token step must see exactly those (the
+    last `window` of them on a sliding layer)."""
+    cfg = ModelConfig(d_model=D, n_heads=4, n_kv_heads=2, rope_theta=100.0, **overrides)
     x, _, params = _init(cfg, seed=3)
-    module = _module(cfg)
+    module = _module(cfg, window)
     m, g, a = 8, cfg.kv_heads, cfg.dim_per_head
     lengths = (3, 1)
     cache = {"k": jnp.zeros((B, m, g, a)), "v": jnp.zeros((B, m, g, a))}
@@ -134,7 +159,9 @@ def test_cached_attention_rows_at_different_positions():
     out, cache = _apply(module, params, x[:, :2], step_pos, cache)
     for b, n in enumerate(lengths):
         row = np.concatenate([prompt[b, :n], x[b, :2]])
-        want, keys, values = ref_attention(params, row, np.arange(n + 2), cfg)
+        index = np.arange(n + 2)
+        visible = ref_visible(index, index, window)
+        want, keys, values = ref_attention(params, row, index, cfg, visible)
         np.testing.assert_allclose(out[b], want[n:], atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(cache["k"][b, : n + 2], keys, atol=1e-5)
         np.testing.assert_allclose(cache["v"][b, : n + 2], values, atol=1e-5)
@@ -148,3 +175,94 @@ def test_bfloat16_compute_keeps_float32_scores():
     ref32, _ = _apply(_module(cfg), params, x, positions)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(out.astype(jnp.float32), ref32, atol=0.1, rtol=0.05)
+
+
+DOCS = np.array([[0, 0, 1, 1, 1], [3, 5, 5, 5, 6]])  # segment ids of the two rows
+
+
+@pytest.mark.parametrize(
+    "overrides, window, docs",
+    [
+        (dict(n_heads=4, n_kv_heads=2, attention_sinks=True, o_bias=True), 2, None),
+        (dict(n_heads=4, n_kv_heads=1, attention_sinks=True, attention_impl="plain"), None, DOCS),
+        (dict(n_heads=4, n_kv_heads=2, qkv_bias=True, o_bias=True), 2, DOCS),
+        (dict(n_heads=2, attention_impl="plain"), 1, None),
+    ],
+    ids=["sinks_window_obias", "mqa_sinks_segments", "dot_product_window_segments", "window_1"],
+)
+def test_sinks_windows_segments_match_reference(overrides, window, docs):
+    cfg = ModelConfig(d_model=D, rope_theta=100.0, **overrides)
+    x, positions, params = _init(cfg, seed=5)
+    assert ("sinks" in params) == cfg.attention_sinks
+    if cfg.attention_sinks:
+        assert params["sinks"].shape == (cfg.n_heads,)
+    assert ("bias" in params["o"]) == cfg.o_bias
+    if cfg.o_bias:
+        assert params["o"]["bias"].shape == (D,)
+    out, _ = _apply(_module(cfg, window), params, x, positions, None, docs)
+    for b in range(B):
+        row_docs = None if docs is None else docs[b]
+        visible = ref_visible(np.arange(S), np.arange(S), window, row_docs, row_docs)
+        want, _, _ = ref_attention(params, x[b], np.arange(S), cfg, visible)
+        np.testing.assert_allclose(out[b], want, atol=1e-4, rtol=1e-4)
+
+
+def test_sink_logit_limits():
+    """A sink of -1e9 changes nothing; a sink far above every score takes all the mass."""
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((1, 3, 4, 8), np.float32) for _ in range(3))
+    k, v = k[:, :, :2], v[:, :, :2]
+    mask = np.tril(np.ones((3, 3), bool))[None]
+    plain = attend(q, k, v, mask)
+    np.testing.assert_allclose(attend(q, k, v, mask, jnp.full((4,), -1e9)), plain, atol=1e-6)
+    np.testing.assert_allclose(attend(q, k, v, mask, jnp.full((4,), 1e4)), 0.0, atol=1e-6)
+
+
+def test_masks_and_segment_positions_match_loops():
+    positions = np.array([[0, 1, 2, 3, 4, 5], [4, 5, 6, 7, 8, 9]])
+    keys = np.broadcast_to(np.arange(10), (2, 10))
+    for window in (None, 1, 3):
+        got = np.asarray(visible_keys(positions, keys, window))
+        for b in range(2):
+            np.testing.assert_array_equal(got[b], ref_visible(positions[b], keys[b], window))
+    ids = np.array([[7, 7, 2, 2, 2, 7], [0, 1, 2, 3, 3, 3]])
+    want = np.array([[0, 1, 0, 1, 2, 0], [0, 0, 0, 0, 1, 2]])
+    np.testing.assert_array_equal(segment_positions(ids), want)
+    np.testing.assert_array_equal(same_segment(ids)[0, 0], [1, 1, 0, 0, 0, 1])
+
+
+@pytest.mark.parametrize(
+    "h, g, window, with_docs",
+    [(4, 2, None, False), (4, 1, 2, False), (4, 2, None, True), (2, 2, 3, True)],
+)
+def test_dot_product_attention_equals_plain(h, g, window, with_docs):
+    """`jax.nn.dot_product_attention` (causal, window, segment mask) against `attend` with the
+    same mask: outputs and the gradients of q, k and v."""
+    rng = np.random.default_rng(h + g)
+    q = rng.standard_normal((B, 6, h, 8), np.float32)
+    k, v = (rng.standard_normal((B, 6, g, 8), np.float32) for _ in range(2))
+    cotangent = rng.standard_normal((B, 6, h, 8), np.float32)
+    docs = np.array([[0, 0, 0, 1, 1, 2], [4, 4, 4, 4, 4, 4]]) if with_docs else None
+    index = np.broadcast_to(np.arange(6), (B, 6))
+    mask = np.asarray(visible_keys(index, index, window))
+    if with_docs:
+        mask &= np.asarray(same_segment(docs))
+
+    def loss(fn):
+        return jax.jit(jax.value_and_grad(lambda *qkv: (fn(*qkv) * cotangent).sum(), (0, 1, 2)))
+
+    value, grads = loss(lambda *qkv: dot_product_attend(*qkv, window, docs))(q, k, v)
+    want_value, want_grads = loss(lambda *qkv: attend(*qkv, mask))(q, k, v)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for got, want in zip(grads, want_grads):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_dot_product_refuses_sinks():
+    cfg = ModelConfig(d_model=D, attention_sinks=True)
+    with pytest.raises(ValueError, match="attention_impl.*sink"):
+        dataclasses.replace(cfg, attention_impl="dot_product")
+    x, positions, params = _init(cfg)
+    module = dataclasses.replace(_module(cfg), attention_impl="dot_product")
+    with pytest.raises(ValueError, match="cannot apply attention sinks"):
+        module.apply({"params": params}, x, positions)

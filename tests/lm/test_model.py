@@ -12,7 +12,7 @@ from model_reference import ref_transformer
 import jmoe
 from jmoe.lm.config import ModelConfig
 from jmoe.lm.model import Transformer, flops_per_token, init_cache, update_moe_state
-from jmoe.lm.param_layout import layer_segments, stack_layers, unstack_layers
+from jmoe.lm.param_layout import LayerKind, layer_segments, stack_layers, unstack_layers
 from jmoe.moe.config import MoEConfig
 
 B, S, V = 2, 6, 32
@@ -202,7 +202,8 @@ def test_scan_with_remat_matches_unrolled():
     )
     variables = _init(cfg, bias_scale=0.05)
     scan_cfg = dataclasses.replace(cfg, scan_layers=True, remat="dots")
-    assert layer_segments(cfg) == [(0, 1, (False,)), (1, 2, (True, False))]
+    dense, moe = LayerKind(moe=False), LayerKind(moe=True)
+    assert layer_segments(cfg) == [(0, 1, (dense,)), (1, 2, (moe, dense))]
     scanned = {k: stack_layers(cfg, v) for k, v in variables.items()}
     assert set(scanned["params"]) == {"embed", "final_norm", "stacks_0", "stacks_1"}
     assert scanned["params"]["stacks_1"]["block_0"]["moe"]["router"]["kernel"].shape == (2, 16, 4)
@@ -241,11 +242,23 @@ def test_full_remat_gives_identical_grads():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), remat_grads, grads)
 
 
-@pytest.mark.parametrize("scan, n_layers", [(False, 2), (True, 3)], ids=["unrolled", "scan"])
-def test_decode_matches_forward_rows_at_different_positions(scan, n_layers):
+GPT_OSS_ATTENTION = dict(attention_sinks=True, o_bias=True, qkv_bias=True, sliding_window=2)
+
+
+@pytest.mark.parametrize(
+    "scan, n_layers, gpt_oss",
+    [(False, 2, False), (True, 3, False), (False, 3, True), (True, 4, True)],
+    ids=["unrolled", "scan", "unrolled_sinks_sliding", "scan_sinks_sliding"],
+)
+def test_decode_matches_forward_rows_at_different_positions(scan, n_layers, gpt_oss):
     """Prefill (right-padded prompts of lengths 2 and 4), then token-by-token decoding with each
-    row at its own position, equals the full forward of each row."""
-    cfg = _config(n_layers=n_layers, first_dense_layers=1, qk_norm=True)
+    row at its own position, equals the full forward of each row (also with sinks and sliding
+    layers of window 2 alternating with full ones)."""
+    features = {}
+    if gpt_oss:
+        types = ("sliding_attention", "full_attention") * n_layers
+        features = dict(GPT_OSS_ATTENTION, layer_types=types[:n_layers])
+    cfg = _config(n_layers=n_layers, first_dense_layers=1, qk_norm=True, **features)
     variables = _init(cfg, bias_scale=0.05)
     tokens = _tokens(5, (B, 8))
     full_logits = ref_transformer(variables, tokens, cfg)

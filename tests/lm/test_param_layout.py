@@ -5,6 +5,7 @@ import pytest
 
 from jmoe.lm.config import ModelConfig
 from jmoe.lm.param_layout import (
+    LayerKind,
     layer_locations,
     layer_segments,
     moe_layers,
@@ -12,7 +13,7 @@ from jmoe.lm.param_layout import (
     unstack_layers,
 )
 
-D, M = (False,), (True,)
+D, M = (LayerKind(moe=False),), (LayerKind(moe=True),)
 
 
 def _config(n_layers, first_dense_layers, moe_every):
@@ -41,8 +42,8 @@ def test_layer_segments(n_layers, first_dense, every, want):
     kinds = [
         unit[u] for _, repeats, unit in segments for _ in range(repeats) for u in range(len(unit))
     ]
-    assert kinds == [cfg.is_moe_layer(i) for i in range(n_layers)]
-    assert moe_layers(cfg) == [i for i, moe in enumerate(kinds) if moe]
+    assert [k.moe for k in kinds] == [cfg.is_moe_layer(i) for i in range(n_layers)]
+    assert moe_layers(cfg) == [i for i, kind in enumerate(kinds) if kind.moe]
 
 
 def _unrolled_tree(cfg, moe_only=False):

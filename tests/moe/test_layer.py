@@ -15,6 +15,13 @@ import moe_reference as ref
 D, F = 8, 16
 B, S = 2, 6
 
+GPT_OSS = dict(
+    router_bias=True,
+    expert_bias=True,
+    activation="clamped_swiglu",
+    swiglu_limit=0.5,
+    swiglu_alpha=1.5,
+)
 VARIANTS = {
     "mixtral_top2": dict(num_experts=4, router=jmoe.TopK(k=2)),
     "switch_k1": dict(num_experts=4, router=jmoe.TopK(k=1, normalize=False)),
@@ -32,6 +39,16 @@ VARIANTS = {
         num_experts=4, activation="relu", d_ff_shared=12, router=jmoe.TopK(k=2)
     ),
     "capacity_drops": dict(num_experts=4, capacity_factor=0.5, router=jmoe.TopK(k=2)),
+    "deepseek_v2_group_max": dict(
+        num_experts=8,
+        router=jmoe.TopK(k=3, score="sigmoid", n_groups=4, top_groups=2, group_score="max"),
+    ),
+    # GPT-OSS: router and expert biases, clamped SwiGLU (a low limit, so the clamps bite); with
+    # capacity drops no bias may reach a dropped slot
+    "gpt_oss": dict(num_experts=4, router=jmoe.TopK(k=2), **GPT_OSS),
+    "gpt_oss_capacity_drops": dict(
+        num_experts=4, capacity_factor=0.5, router=jmoe.TopK(k=2), **GPT_OSS
+    ),
 }
 
 
@@ -39,7 +56,18 @@ def _setup(cfg: jmoe.MoEConfig, seed=0, bias_scale=0.0):
     x = jax.random.normal(jax.random.key(seed), (B, S, cfg.d_model))
     variables = jmoe.MoE(cfg).init(jax.random.key(seed + 1), x)
     bias = bias_scale * jax.random.normal(jax.random.key(seed + 2), (cfg.num_experts,))
-    variables = {**variables, "moe_state": {"bias": bias}}
+    # learned biases start at zero: give them values, so the test sees them
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, a: (
+            0.5 * jax.random.normal(jax.random.key(seed + 3 + a.size), a.shape)
+            if jax.tree_util.keystr(path).endswith(
+                ("['bias']", "['b_gate']", "['b_up']", "['b_down']")
+            )
+            else a
+        ),
+        variables["params"],
+    )
+    variables = {**variables, "params": params, "moe_state": {"bias": bias}}
     return x, variables
 
 
@@ -47,6 +75,8 @@ def _reference(cfg, variables, x):
     """Reference ids / kept mask and the differentiable reference output."""
     x_TxD = np.asarray(x).reshape(-1, cfg.d_model)
     logits = x_TxD @ np.asarray(variables["params"]["router"]["kernel"])
+    if cfg.router_bias:
+        logits = logits + np.asarray(variables["params"]["router"]["bias"])
     ids, _, _ = ref.ref_top_k(
         logits,
         cfg.router.k,
@@ -57,6 +87,7 @@ def _reference(cfg, variables, x):
         n_groups=cfg.router.n_groups,
         top_groups=cfg.router.top_groups,
         renorm_when_k1=cfg.router.renorm_when_k1,
+        group_score=cfg.router.group_score,
     )
     kept = np.ones(ids.shape, bool)
     capacity = cfg.capacity(x_TxD.shape[0], deterministic=True)

@@ -166,28 +166,35 @@ def test_compiled_check_interpreted(backend, shape):
     check_gating(backend, *shape, interpret=True)
 
 
-def _group_limited_loop(sel_TxE, k, n_groups, top_groups):
-    """NumPy, one token at a time: the ids of DeepSeek-V3 group-limited top-k (groups scored by
-    the sum of their `max(1, k // top_groups)` best scores; ties to the lowest index)."""
+def _group_limited_loop(sel_TxE, k, n_groups, top_groups, group_score):
+    """NumPy, one token at a time: the ids of group-limited top-k (groups scored by the sum of
+    their 2 best scores, "top2_sum", or their best, "max"; ties to the lowest index)."""
     t, e = sel_TxE.shape
     size, ids = e // n_groups, []
     for row in np.asarray(sel_TxE, np.float64):
         groups = row.reshape(n_groups, size)
-        score_G = np.sort(groups, axis=1)[:, ::-1][:, : max(1, k // top_groups)].sum(1)
+        best = {"top2_sum": 2, "max": 1}[group_score]
+        score_G = np.sort(groups, axis=1)[:, ::-1][:, :best].sum(1)
         kept = sorted(range(n_groups), key=lambda g: (-score_G[g], g))[:top_groups]
         eligible = [i for i in range(e) if i // size in kept]
         ids.append(sorted(eligible, key=lambda i: (-row[i], i))[:k])
     return np.array(ids)
 
 
-# (E, k, n_groups, top_groups): one expert per group scored, two (k // top_groups = 2), and 12
+# (E, k, n_groups, top_groups, group_score): k below, at and above 2 * top_groups, and 12
 # experts (padded to 16 on the Triton path, so a padded column sits past the last group).
-GROUP_CASES = [(16, 3, 4, 2), (16, 4, 4, 2), (12, 6, 3, 3), (8, 2, 4, 1)]
+GROUP_CASES = [
+    (16, 3, 4, 2, "top2_sum"),
+    (16, 4, 4, 2, "max"),
+    (12, 6, 3, 3, "top2_sum"),
+    (8, 2, 4, 1, "top2_sum"),
+    (16, 7, 4, 2, "max"),
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
-@pytest.mark.parametrize("e,k,n_groups,top_groups", GROUP_CASES)
-def test_group_limited_matches_per_token_loop(backend, e, k, n_groups, top_groups):
+@pytest.mark.parametrize("e,k,n_groups,top_groups,group_score", GROUP_CASES)
+def test_group_limited_matches_per_token_loop(backend, e, k, n_groups, top_groups, group_score):
     rng = np.random.default_rng(e + k)
     x = rng.normal(size=(37, 24)).astype(np.float32)
     w = rng.normal(size=(24, e)).astype(np.float32)
@@ -195,9 +202,11 @@ def test_group_limited_matches_per_token_loop(backend, e, k, n_groups, top_group
     bias = np.linspace(0.0, 0.1, e, dtype=np.float32)
     ids, weights, counts, probs, _ = gating.top_k_gating(
         x, w, k, score="sigmoid", bias=bias, normalize=True, n_groups=n_groups,
-        top_groups=top_groups, block_tokens=TT, backend=backend, interpret=True,
+        top_groups=top_groups, group_score=group_score, block_tokens=TT, backend=backend,
+        interpret=True,
     )  # fmt: skip
-    np.testing.assert_array_equal(ids, _group_limited_loop(probs + bias, k, n_groups, top_groups))
+    expected = _group_limited_loop(probs + bias, k, n_groups, top_groups, group_score)
+    np.testing.assert_array_equal(ids, expected)
     chosen = np.take_along_axis(np.asarray(probs), np.asarray(ids), -1)
     np.testing.assert_allclose(weights, chosen / chosen.sum(-1, keepdims=True), rtol=1e-6)
     np.testing.assert_array_equal(counts, np.bincount(np.ravel(ids), minlength=e))

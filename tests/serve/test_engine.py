@@ -8,12 +8,15 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import SLOTS, TOKENIZER_VOCAB
+from conftest import SLOTS, TINY, TOKENIZER_VOCAB
 
 import jmoe
+from jmoe.lm.model import Transformer
 from jmoe.lm.param_layout import stack_layers
 from jmoe.serve import Engine, InvalidRequestError, SamplingParams
+from jmoe.serve.batching import Request
 from jmoe.serve.steps import compilations
+from jmoe.train.run_config import load_config
 from jmoe.train.tokenizer import ByteTokenizer
 
 # Lengths in every prompt bucket (16, 32, 64), more prompts than slots.
@@ -91,6 +94,27 @@ def test_logprobs_and_echo_match_the_full_forward(engine, forward):
     )
 
 
+def test_penalties_match_a_numpy_reference_on_the_full_forward(engine, forward):
+    presence, frequency, steps = 0.7, 1.3, 10
+    prompts = [_ids("aaaa"), _ids("def f(x):")]
+    got = engine.generate(
+        prompts, max_tokens=steps, presence_penalty=presence, frequency_penalty=frequency
+    )
+    rows = [list(p) for p in prompts]
+    for _ in range(steps):  # greedy on mu[j] - c[j] * frequency - (c[j] > 0) * presence
+        logits = forward.logits_of(rows)
+        for r, ids in enumerate(rows):
+            counts = np.bincount(ids[len(prompts[r]) :], minlength=TOKENIZER_VOCAB)
+            mu = logits[r, len(ids) - 1, :TOKENIZER_VOCAB] - counts * frequency
+            ids.append(int(np.argmax(mu - (counts > 0) * presence)))
+    want = [ids[len(p) :] for ids, p in zip(rows, prompts, strict=True)]
+    for completion, w in zip(got, want, strict=True):
+        ids = list(completion.token_ids)
+        assert ids == w[: len(ids)] and (len(ids) == steps or ids[-1] == ByteTokenizer.eos_id)
+    plain = [list(c.token_ids) for c in engine.generate(prompts, max_tokens=steps)]
+    assert plain != [list(c.token_ids) for c in got]  # the penalties changed the text
+
+
 def test_active_experts_per_token(engine):
     [c] = engine.generate("def", max_tokens=5)
     assert c.active_experts == 2.0 and c.prompt_active_experts == 2.0  # top-2, dropless
@@ -121,8 +145,9 @@ def test_nothing_compiles_after_warmup(engine):
     engine.generate(["q" * 63], max_tokens=1)  # the longest bucket
     engine.generate(PROMPTS[:2], max_tokens=4, temperature=0.8, top_k=5, top_p=0.5, seed=3)
     engine.generate(PROMPTS[3:], max_tokens=3, stop=["\n"], logprobs=2)
+    engine.generate(PROMPTS[:3], max_tokens=3, presence_penalty=1.0, frequency_penalty=-0.5)
     assert compilations() == before
-    row = dict(temperature=0.0, top_k=0, top_p=1.0, seed=0)
+    row = Request([0], SamplingParams(), engine.tokenizer).sampling_row()
     engine.steps.prefill(0, [1, 2], 8, row, False)  # a length outside the buckets compiles...
     assert compilations() > before  # ...which shows that the counter sees the engine's steps
 
@@ -170,3 +195,29 @@ def test_a_non_causal_router_is_refused_and_serving_is_dropless(engine):
     with pytest.raises(ValueError, match="'expert_choice' is not causal"):
         Engine(dataclasses.replace(engine.config, moe=moe), {}, tokenizer=None)
     assert engine.config.moe.capacity_factor is None
+
+
+def test_an_mla_model_serves_the_full_forward_greedy_text():
+    """The engine's slot cache holds MLA's latents and rotated keys; greedy text through it
+    (prefill, then absorbed decode steps, two requests in two slots) is the full forward's."""
+    mla = "{kv_lora_rank: 8, qk_nope_head_dim: 4, qk_rope_head_dim: 4, v_head_dim: 6}"
+    scaling = "{factor: 4, original_max_position_embeddings: 16, mscale_all_dim: 1.0}"
+    config = load_config(None, [*TINY, f"model.mla={mla}", f"model.rope_scaling={scaling}"]).model
+    model = Transformer(config)
+    variables = model.init(jax.random.key(0), np.zeros((1, 8), np.int32))
+    engine = Engine(config, variables, ByteTokenizer(), num_slots=2)
+    assert {k: v.shape[-1] for k, v in engine.steps.cache.items()} == {"latent": 8, "k_rope": 4}
+    prompts, max_tokens = PROMPTS[:2], 6
+    rows = [_ids(p) for p in prompts]
+    apply = jax.jit(lambda t: model.apply(variables, t)[0])
+    for _ in range(max_tokens):  # right-padded rows: causal attention never sees the padding
+        tokens = np.zeros((len(rows), 16), np.int32)
+        for r, ids in enumerate(rows):
+            tokens[r, : len(ids)] = ids
+        logits = np.asarray(apply(tokens))
+        for r, ids in enumerate(rows):
+            ids.append(int(np.argmax(logits[r, len(ids) - 1, :TOKENIZER_VOCAB])))
+    got = engine.generate(prompts, max_tokens=max_tokens)
+    for completion, ids, prompt in zip(got, rows, prompts, strict=True):
+        want = ids[len(_ids(prompt)) :]
+        assert list(completion.token_ids) == want[: len(completion.token_ids)]

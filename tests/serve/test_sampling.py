@@ -8,7 +8,9 @@ import pytest
 from jmoe.serve.sampling import (
     InvalidRequestError,
     SamplingParams,
+    choice_seeds,
     filtered_logits,
+    penalized_logits,
     sample,
     token_logprobs,
 )
@@ -115,9 +117,39 @@ def test_token_logprobs_are_the_log_softmax():
         ("stop", [""]),
         ("seed", -3),
         ("logprobs", 6),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3),
+        ("frequency_penalty", "1"),
     ],
 )
 def test_params_name_the_bad_field(field, value):
     with pytest.raises(InvalidRequestError, match=field) as info:
         SamplingParams(**{field: value})
     assert info.value.param == field
+
+
+def test_penalized_logits_follow_the_openai_definition():
+    rng = np.random.default_rng(3)
+    b, v = 6, 13
+    logits = rng.normal(size=(b, v)).astype(np.float32)
+    counts = rng.integers(0, 4, (b, v)).astype(np.int32) * (rng.random((b, v)) < 0.4)
+    presence = rng.uniform(-2, 2, b).astype(np.float32)
+    frequency = rng.uniform(-2, 2, b).astype(np.float32)
+    got = np.asarray(penalized_logits(logits, counts, presence, frequency))
+    for r in range(b):
+        for j in range(v):  # mu[j] - c[j] * alpha_frequency - float(c[j] > 0) * alpha_presence
+            want = (
+                logits[r, j] - counts[r, j] * frequency[r] - float(counts[r, j] > 0) * presence[r]
+            )
+            np.testing.assert_allclose(got[r, j], want, rtol=1e-6, atol=1e-6)
+    zero = np.zeros(b, np.float32)
+    np.testing.assert_array_equal(penalized_logits(logits, counts, zero, zero), logits)
+
+
+def test_choice_seeds_keep_the_first_and_derive_the_rest():
+    seeds = choice_seeds(7, 4)
+    assert seeds[0] == 7 and len(set(seeds)) == 4
+    assert all(0 <= s < 2**32 for s in seeds)
+    assert choice_seeds(7, 2) == seeds[:2]  # a choice's seed does not depend on n
+    assert choice_seeds(8, 4)[1:] != seeds[1:]
+    assert choice_seeds(None, 3) == [None] * 3

@@ -15,6 +15,7 @@ import pytest
 from conftest import API_KEY, MAX_QUEUE
 
 from jmoe.serve import SamplingParams
+from jmoe.serve.sampling import choice_seeds
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -131,7 +132,15 @@ ERRORS = [
     ({"prompt": "a", "top_p": 1.5}, 400, "top_p"),
     ({"prompt": "a", "stream": "yes"}, 400, "stream"),
     ({"prompt": "a", "logprobs": 9}, 400, "logprobs"),
-    ({"prompt": "a", "n": 2}, 400, "n"),
+    ({"prompt": "a", "n": 0}, 400, "n"),
+    ({"prompt": "a", "n": 17}, 400, "n"),
+    ({"prompt": "a", "n": 2, "best_of": 3}, 400, "best_of"),
+    ({"prompt": "a", "suffix": "b"}, 400, "suffix"),
+    ({"prompt": "a", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ({"prompt": "a", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"prompt": "a", "frequency_penalty": -3}, 400, "frequency_penalty"),
+    ({"prompt": "a", "tools": []}, 400, "tools"),  # unknown to the completions API
+    ({"prompt": "a", "stream_options": {"x": 1}}, 400, "stream_options"),
     ({"prompt": "x" * 70, "max_tokens": 0}, 400, "prompt"),
     ({"prompt": "x" * 60, "max_tokens": 10}, 400, "max_tokens"),
     ({"prompt": "a", "max_tokens": 1000}, 400, "max_tokens"),
@@ -235,3 +244,97 @@ def test_the_readme_client_example_runs_against_a_server(server, engine):
     namespace = {}
     exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["out"].choices[0].text and "jmoe" in namespace["out"].model_extra
+
+
+def test_n_choices_have_their_own_seeds_and_openai_indices(client, engine):
+    kw = dict(max_tokens=6, temperature=1.0)
+    resp = client.completions.create(model=engine.name, prompt=["ab", "cd"], n=3, seed=21, **kw)
+    assert [c.index for c in resp.choices] == list(range(6))
+    seeds = choice_seeds(21, 3)
+    want = [engine.generate(p, seed=s, **kw)[0] for p in ("ab", "cd") for s in seeds]
+    assert [c.text for c in resp.choices] == [w.text for w in want]
+    assert resp.usage.prompt_tokens == 4  # each prompt counted once
+    assert resp.usage.completion_tokens == sum(len(w.token_ids) for w in want)
+    assert len({c.text for c in resp.choices[:3]}) > 1  # the choices differ
+    stream = client.completions.create(
+        model=engine.name, prompt="ab", n=3, seed=21, stream=True, **kw
+    )
+    texts = ["", "", ""]
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [w.text for w in want[:3]]
+
+
+def test_penalties_through_the_server_equal_engine_generate(client, engine):
+    kw = dict(max_tokens=8, temperature=0, presence_penalty=0.5, frequency_penalty=1.5)
+    resp = client.completions.create(model=engine.name, prompt="aaa", **kw)
+    assert resp.choices[0].text == engine.generate("aaa", **kw)[0].text
+
+
+TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def test_chat_content_parts_are_joined_and_other_kinds_refused(client, server, engine, monkeypatch):
+    monkeypatch.setattr(engine, "chat_template", TEMPLATE)
+    parts = [{"type": "text", "text": "be"}, {"type": "text", "text": "brief"}]
+    messages = [{"role": "system", "content": parts}, {"role": "user", "content": "hi"}]
+    [want] = engine.generate("<system>be\nbrief\n<user>hi\n<assistant>", max_tokens=5)
+    resp = client.chat.completions.create(
+        model=engine.name, messages=messages, max_tokens=5, temperature=0
+    )
+    assert resp.choices[0].message.content == want.text
+    raw = _post(
+        server, "/v1/chat/completions", dict(messages=messages, max_tokens=5, temperature=0)
+    )
+    assert raw.status_code == 200 and raw.json()["choices"][0]["message"]["content"] == want.text
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(openai.BadRequestError, match="'image_url'.*text-only") as info:
+        client.chat.completions.create(
+            model=engine.name, messages=[{"role": "user", "content": [parts[0], image]}]
+        )
+    assert info.value.body["param"] == "messages"
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    raw = _post(
+        server, "/v1/chat/completions", dict(messages=[{"role": "user", "content": [audio]}])
+    )
+    assert raw.status_code == 400 and "'input_audio'" in raw.json()["error"]["message"]
+
+
+def test_chat_n_choices_and_fields_it_refuses(client, server, engine, monkeypatch):
+    monkeypatch.setattr(engine, "chat_template", TEMPLATE)
+    messages = [{"role": "user", "content": "hi"}]
+    kw = dict(max_tokens=5, temperature=1.0)
+    resp = client.chat.completions.create(
+        model=engine.name, messages=messages, n=2, seed=4, response_format={"type": "text"}, **kw
+    )
+    want = [engine.generate("<user>hi\n<assistant>", seed=s, **kw)[0] for s in choice_seeds(4, 2)]
+    assert [c.message.content for c in resp.choices] == [w.text for w in want]
+    assert [c.index for c in resp.choices] == [0, 1]
+    stream = client.chat.completions.create(
+        model=engine.name, messages=messages, n=2, seed=4, stream=True, **kw
+    )
+    texts = ["", ""]
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == [w.text for w in want]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    for extra, param in [
+        ({"tools": [tool]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logit_bias": {"3": 1.0}}, "logit_bias"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"audio": {"voice": "x"}}, "audio"),
+    ]:
+        raw = _post(server, "/v1/chat/completions", dict(messages=messages, **extra))
+        assert raw.status_code == 400, (extra, raw.text)
+        error = raw.json()["error"]
+        assert error["param"] == param and param in error["message"]
+    bad_message = [{"role": "assistant", "content": "x", "tool_calls": []}]
+    raw = _post(server, "/v1/chat/completions", dict(messages=bad_message))
+    assert raw.status_code == 400 and "tool_calls" in raw.json()["error"]["message"]

@@ -189,6 +189,12 @@ def test_packing_matches_a_loop_reference():
         assert batch["inputs"].dtype == batch["targets"].dtype == np.int32
         assert batch["mask"].dtype == bool
         np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
+        assert batch["segment_ids"].dtype == np.int32
+        for inputs_S, segments_S in zip(batch["inputs"], batch["segment_ids"]):
+            document = 0  # an end-of-text input opens the next document
+            for token, segment in zip(inputs_S, segments_S):
+                document += int(token == BYTE.eos_id)
+                assert segment == document
     np.testing.assert_array_equal(_rows(batches), reference)
     pad = len(batches) * batch_size - len(reference)
     assert 0 < pad < batch_size  # the example really exercises the padded tail
@@ -242,7 +248,7 @@ def test_shards_are_disjoint_slices_of_the_global_batch(num_epochs, batch_size):
         shards = [_take(it, n_steps) for it in shard_its]
     assert all(len(shard) == len(global_batches) for shard in shards)
     for step, global_batch in enumerate(global_batches):
-        for key in ("inputs", "targets", "mask"):
+        for key in ("inputs", "targets", "mask", "segment_ids"):
             stacked = np.concatenate([shard[step][key] for shard in shards])
             np.testing.assert_array_equal(stacked, global_batch[key])
     if num_epochs == 1:  # together the shards cover every window once

@@ -9,6 +9,8 @@ import yaml
 
 import jmoe
 from jmoe.lm.config import ModelConfig
+from jmoe.lm.mla import MLAConfig
+from jmoe.lm.rope import YarnScaling
 from jmoe.train.config import Config, DataConfig, TrainConfig
 from jmoe.train.run_config import config_diff, config_to_dict, load_config, save_config
 
@@ -210,6 +212,7 @@ def test_preset_routing_features():
         return load_config(os.path.join(os.path.dirname(PRESETS[0]), name)).model
 
     ds = preset("deepseek_v3_style.yaml")
+    assert ds.mla == MLAConfig(512, 128, 64, 128)
     assert (
         ds.moe.router.score,
         ds.moe.router.n_groups,
@@ -242,3 +245,57 @@ def test_preset_routing_features():
     )
     olmoe = preset("olmoe_1b_7b.yaml")
     assert (olmoe.moe.num_experts, olmoe.moe.router.k, olmoe.moe.router.normalize) == (64, 8, False)
+
+
+MLA_OVERRIDES = [
+    "model.mla.kv_lora_rank=8",
+    "model.mla.qk_nope_head_dim=4",
+    "model.mla.qk_rope_head_dim=2",
+    "model.mla.v_head_dim=6",
+]
+
+
+def test_optional_sections_mla_and_rope_scaling(tmp_path):
+    """`model.mla` / `model.rope_scaling` are off (None) until a key turns them on; the required
+    fields must then all be given, the others keep their defaults, and null turns them off."""
+    scaling = "model.rope_scaling={factor: 4, original_max_position_embeddings: 64}"
+    cfg = load_config(None, [*MLA_OVERRIDES, scaling, "model.rope_scaling.truncate=false"])
+    assert cfg.model.mla == MLAConfig(8, 4, 2, 6)
+    assert cfg.model.rope_scaling == YarnScaling(4.0, 64, truncate=False)
+    assert isinstance(cfg.model.rope_scaling.factor, float)
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    path = tmp_path / "x.yaml"
+    path.write_text(
+        "model:\n  mla: {kv_lora_rank: 8, qk_nope_head_dim: 4, qk_rope_head_dim: 2,"
+        " v_head_dim: 6, q_lora_rank: 12}\n"
+    )
+    assert load_config(path).model.mla == MLAConfig(8, 4, 2, 6, q_lora_rank=12)
+    assert load_config(path, ["model.mla=null"]).model.mla is None
+    assert load_config().model.mla is None and load_config().model.rope_scaling is None
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (
+            ["model.mla.kv_lora_rank=8"],
+            "'model.mla' is incomplete: set model.mla.qk_nope_head_dim, "
+            "model.mla.qk_rope_head_dim, model.mla.v_head_dim (or model.mla=null",
+        ),
+        (
+            [*MLA_OVERRIDES, "model.mla.qk_rope_head_dim=3"],
+            "model.mla: MLAConfig.qk_rope_head_dim=3 is invalid: must be an even integer",
+        ),
+        (["model.rope_scaling.factr=2"], "did you mean 'model.rope_scaling.factor'"),
+        (["model.rope_scaling=4"], "model.rope_scaling must be a mapping"),
+        (
+            ["model.rope_scaling={factor: 4, original_max_position_embeddings: 0}"],
+            "model.rope_scaling: YarnScaling.original_max_position_embeddings=0",
+        ),
+    ],
+)
+def test_optional_section_errors_name_the_key(overrides, fragment):
+    with pytest.raises(ValueError) as info:
+        load_config(None, overrides)
+    assert fragment in str(info.value), str(info.value)

@@ -115,6 +115,24 @@ def test_one_step_each_preset_shrunk(path):
     assert any(jax.tree.leaves(bias_moved)) == updates
 
 
+def test_one_step_with_mla_and_yarn():
+    """Multi-head latent attention with a low-rank query and YaRN RoPE, set from overrides:
+    the step is finite and moves every parameter (the gradient reaches each one)."""
+    cfg = _shrunk(
+        extra=[
+            "model.mla={kv_lora_rank: 8, qk_nope_head_dim: 4, qk_rope_head_dim: 4, v_head_dim: 6}",
+            "model.mla.q_lora_rank=12",
+            "model.rope_scaling={factor: 4, original_max_position_embeddings: 8}",
+            "model.rope_scaling.mscale_all_dim=1.0",
+        ]
+    )
+    state, new, metrics = _one_step(cfg)
+    assert set(state.params["layers_0"]["attn"]) == {
+        "q_a", "q_a_norm", "q_b", "kv_a", "kv_a_norm", "kv_b", "o"
+    }  # fmt: skip
+    _assert_stepped(cfg, state, new, metrics)
+
+
 def test_decay_mask_skips_norms_and_biases():
     cfg = _shrunk(extra=["model.qkv_bias=true", "model.qk_norm=true"])
     params = _state(cfg, Transformer(cfg.model), optax.identity()).params

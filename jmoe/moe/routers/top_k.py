@@ -1,5 +1,5 @@
 """`TopK`: token-choice top-k routing with softmax or sigmoid scores, a selection-only bias
-(auxiliary-loss-free balancing) and DeepSeek-V3 group-limited selection."""
+(auxiliary-loss-free balancing) and DeepSeek-V2/V3 group-limited selection."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typing
 import jax
 import jax.numpy as jnp
 
-from jmoe.kernels import check_groups
+from jmoe.kernels import GROUP_SCORES, check_groups
 from jmoe.moe import gating, losses, routing
 from jmoe.moe.routers.base import Router, register_router
 from jmoe.validation import check, check_choice
@@ -26,7 +26,10 @@ class TopK(Router):
       normalize: renormalise the k weights (only when k > 1 unless `renorm_when_k1`).
       renorm_when_k1: renormalise a single weight too (HF parity; cuts the router gradient).
       scale: routed scaling factor applied to the weights.
-      n_groups, top_groups: DeepSeek-V3 group-limited selection (both or neither).
+      n_groups, top_groups: group-limited selection (both or neither): only each token's
+        `top_groups` best of `n_groups` equal expert groups are eligible.
+      group_score: a group's score from its members' biased selection scores: "top2_sum" (the
+        sum of the two best, DeepSeek-V3, whatever k) or "max" (the best, DeepSeek-V2).
       bias_update_rate: auxiliary-loss-free balancing rate of the selection bias
         (`moe_state/bias`; 0 leaves it fixed).
       seq_balance_coef: DeepSeek-V3 sequence-wise balance loss coefficient.
@@ -40,19 +43,21 @@ class TopK(Router):
     scale: float = 1.0
     n_groups: int | None = None
     top_groups: int | None = None
+    group_score: str = "top2_sum"
     bias_update_rate: float = 0.0
     seq_balance_coef: float = 0.0
 
     def __post_init__(self):
         check("k", self.k, self.k >= 1, "an integer >= 1", self.owner)
         check_choice("score", self.score, routing.SCORES, self.owner)
+        check_choice("group_score", self.group_score, tuple(GROUP_SCORES), self.owner)
         for name in ("bias_update_rate", "seq_balance_coef"):
             check(name, getattr(self, name), getattr(self, name) >= 0, "a number >= 0", self.owner)
 
     def check_layer(self, num_experts: int, chain_steps: int) -> None:
         check("k", self.k, self.k <= num_experts, f"at most num_experts={num_experts}", self.owner)
         try:
-            check_groups(num_experts, self.k, self.n_groups, self.top_groups)
+            check_groups(num_experts, self.k, self.n_groups, self.top_groups, self.group_score)
         except ValueError as e:
             raise ValueError(f"{self.owner}: {e}") from None
 
@@ -78,6 +83,7 @@ class TopK(Router):
             bias=bias if bias.ndim == 1 else bias[step],
             n_groups=self.n_groups,
             top_groups=self.top_groups,
+            group_score=self.group_score,
             renorm_when_k1=self.renorm_when_k1,
         )
 
