@@ -154,7 +154,8 @@ def _start_from(params, fresh):
     shape or dtype is refused, naming the first mismatch."""
     fresh_paths = dict(jax.tree_util.tree_flatten_with_path(fresh)[0])
     given_paths = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-    for path in fresh_paths.keys() | given_paths.keys():
+    extra = [path for path in given_paths if path not in fresh_paths]
+    for path in [*fresh_paths, *extra]:  # the model's order: the first mismatch is named
         old, new = fresh_paths.get(path), given_paths.get(path)
         if old is None or new is None or old.shape != new.shape or old.dtype != new.dtype:
             where = jax.tree_util.keystr(path)
