@@ -5,7 +5,9 @@ model (`trainer`), resumes from the newest checkpoint that restores (`checkpoint
 step by step with metrics (`metrics`), held-out evaluation and async checkpoints, until
 `train.steps`, a SIGTERM / SIGINT (`preemption`: a checkpoint at the current step, then
 `RunStopped`) or `train.max_bad_steps` non-finite steps in a row (`Diverged`). It ends with
-`report.png` and `summary.json`. Everything runs from a notebook as well:
+`report.png` and `summary.json`. `load_state` reads a run directory's config and newest state
+back (to evaluate it, or to fine-tune from it with `init_params`). Everything runs from a
+notebook as well:
 
     >>> from jmoe.train.run_config import load_config
     >>> final = train_and_evaluate(load_config(None, ["train.steps=20"]), "/tmp/run")
@@ -37,7 +39,9 @@ from jmoe.train import (
 )
 from jmoe.train.config import Config
 from jmoe.train.errors import UserError
+from jmoe.train.run_config import load_config
 from jmoe.train.trainer import (
+    TrainState,
     evaluate,
     init_state,
     learning_rate_schedule,
@@ -85,13 +89,21 @@ def _make_inputs(config: Config, tokenizer, train_docs, eval_docs, mesh):
     return train_iter, [_put_batch(batch, mesh) for batch in eval_batches]
 
 
-def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, Any]:
+def train_and_evaluate(
+    config: Config, workdir: str | os.PathLike, *, init_params: Any = None
+) -> dict[str, Any]:
     """Trains `config` in `workdir`, resuming from its newest checkpoint that restores.
 
     Writes `config.yaml`, `tokenizer/`, `checkpoints/`, `metrics.jsonl`, `tensorboard/`,
     `report.png` and `summary.json` there, holding the directory's lock meanwhile. A finished
     run (its checkpoint at `train.steps`) returns its saved summary at once; a larger
     `train.steps` continues it (see `learning_rate_schedule`).
+
+    `init_params` (a "params" tree shaped like this config's, e.g. `load_state(other)[1].params`
+    converted with `jmoe.with_null_experts`) starts a fresh run from those weights instead of
+    the seeded initialisation, with a fresh optimizer and MoE state: fine-tuning from a jmoe
+    run (`model.init_from` imports a Hugging Face checkpoint instead). A run that resumes from
+    its own checkpoint ignores it.
 
     Returns:
       Final metrics: `step`, `loss` (last logged train cross-entropy), `eval_loss`,
@@ -119,10 +131,50 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
                     "to do; raise train.steps to train on"
                 )
             return summary
-        return _train(config, workdir, latest, wall_start)
+        return _train(config, workdir, latest, wall_start, init_params)
 
 
-def _train(config: Config, workdir: str, latest: int | None, wall_start: float) -> dict:
+def load_state(workdir: str | os.PathLike) -> tuple[Config, TrainState]:
+    """The config and the newest restorable train state of a run directory (on one device or
+    the default mesh), e.g. to evaluate a finished run or to fine-tune from it."""
+    workdir = os.fspath(workdir)
+    config_path = os.path.join(workdir, checkpoint.CONFIG_FILE)
+    if not os.path.exists(config_path):
+        raise UserError(f"{workdir!r} is not a run directory: it has no {checkpoint.CONFIG_FILE}")
+    config = load_config(config_path)
+    model = Transformer(config.model, make_mesh(config))
+    target = init_state(config, model, make_optimizer(config.train))
+    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    with checkpoint.Checkpointer(directory, max_to_keep=config.train.max_to_keep) as ckpt:
+        return config, ckpt.restore_newest(target).state
+
+
+def _start_from(params, fresh):
+    """`params` placed like the freshly initialised `fresh` params; a different tree structure,
+    shape or dtype is refused, naming the first mismatch."""
+    fresh_paths = dict(jax.tree_util.tree_flatten_with_path(fresh)[0])
+    given_paths = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    extra = [path for path in given_paths if path not in fresh_paths]
+    for path in [*fresh_paths, *extra]:  # the model's order: the first mismatch is named
+        old, new = fresh_paths.get(path), given_paths.get(path)
+        if old is None or new is None or old.shape != new.shape or old.dtype != new.dtype:
+            where = jax.tree_util.keystr(path)
+            want = "absent" if old is None else f"{old.shape} {old.dtype}"
+            got = "absent" if new is None else f"{new.shape} {new.dtype}"
+            raise UserError(
+                f"init_params{where} is {got} but this config's model has {want}: convert the "
+                "weights to the new config first (e.g. jmoe.with_null_experts for a router "
+                "with null experts)"
+            )
+    # A copy: the train step donates the state, which must not delete the caller's arrays.
+    return jax.tree.map(
+        lambda new, old: jax.device_put(new, old.sharding, may_alias=False), params, fresh
+    )
+
+
+def _train(
+    config: Config, workdir: str, latest: int | None, wall_start: float, init_params: Any
+) -> dict:
     train_cfg, chief = config.train, multihost.is_chief()
     say = report.status if chief else _quiet
     tokenizer, train_docs, eval_docs = prepare_data(config, workdir, latest is not None, say)
@@ -137,6 +189,8 @@ def _train(config: Config, workdir: str, latest: int | None, wall_start: float) 
     say("model: initialising the parameters...")
     # no schedule shapes the state
     state = init_state(config, model, make_optimizer(train_cfg), initial)
+    if init_params is not None and latest is None:  # zero moments fit any weights
+        state = state.replace(params=_start_from(init_params, state.params))
     directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
     with checkpoint.Checkpointer(directory, max_to_keep=train_cfg.max_to_keep) as ckpt:
         decay_steps = train_cfg.steps
