@@ -343,7 +343,8 @@ class Scheduler:
 
     def stop(self, cancel: bool = False) -> None:
         """Stops accepting requests; finishes (or, with `cancel`, cancels) the ones in flight
-        and waits for the loop to end."""
+        and waits for the loop to end. Once it returns, the scheduler is idle and accepts
+        requests again (stepped by `run_until_idle`, or by a new `start`)."""
         with self._wakeup:
             self._accepting = False
             self._running = False
@@ -356,3 +357,5 @@ class Scheduler:
             self._thread = None
         elif cancel:
             self.run_until_idle()
+        with self._wakeup:
+            self._accepting = True

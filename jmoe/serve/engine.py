@@ -251,11 +251,11 @@ class Engine:
     ) -> list[Completion]:
         """Completes each prompt; all of them are batched together.
 
+        The keyword arguments are the fields of `SamplingParams`: temperature 0, the default,
+        is greedy, and `seed` applies to each prompt.
+
         Args:
           prompts: a text, a list of token ids, or a list of either.
-          max_tokens, temperature, top_k, top_p, stop, stop_token_ids, seed, logprobs, echo,
-            presence_penalty, frequency_penalty: see `SamplingParams` (temperature 0, the
-            default, is greedy; `seed` applies to each prompt).
 
         Returns:
           One `Completion` per prompt, in order.
@@ -310,5 +310,6 @@ class Engine:
         self.scheduler.start()
 
     def stop(self, cancel: bool = False) -> None:
-        """Stops accepting requests, then finishes (or cancels) those in flight."""
+        """Stops accepting requests, then finishes (or cancels) those in flight; afterwards the
+        engine is idle and usable again (`generate`, or `start` for another server)."""
         self.scheduler.stop(cancel)

@@ -221,3 +221,17 @@ def test_an_mla_model_serves_the_full_forward_greedy_text():
     for completion, ids, prompt in zip(got, rows, prompts, strict=True):
         want = ids[len(_ids(prompt)) :]
         assert list(completion.token_ids) == want[: len(completion.token_ids)]
+
+
+def test_a_stopped_engine_serves_again(engine):
+    """A server's shutdown (`stop`) leaves the engine idle, not closed: `generate` and a new
+    `start` work as before."""
+    before = engine.generate(PROMPTS[0], max_tokens=4)[0].text
+    engine.start()
+    engine.stop()
+    assert engine.generate(PROMPTS[0], max_tokens=4)[0].text == before
+    engine.start()
+    try:
+        assert engine.generate(PROMPTS[0], max_tokens=4)[0].text == before
+    finally:
+        engine.stop()
