@@ -9,6 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 BENCH = pathlib.Path(__file__).parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -25,6 +26,7 @@ def test_one_hot_einsum_dispatch_equals_a_loop():
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # every benchmark at tiny sizes (minutes of CPU): `pytest -m slow` runs it
 def test_run_all_tiny_writes_the_page(tmp_path):
     page = tmp_path / "docs" / "benchmarks.md"
     result = subprocess.run(

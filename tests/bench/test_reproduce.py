@@ -16,6 +16,9 @@ sys.path.insert(0, str(BENCH.parent / "tests" / "train"))
 import reproduce  # noqa: E402
 from run_cases import write_corpus  # noqa: E402
 
+# A miniature training run of every experiment (minutes of CPU): `pytest -m slow` runs it.
+pytestmark = pytest.mark.slow
+
 MINI = reproduce.Mode(
     "quick",
     (
