@@ -149,17 +149,16 @@ def cudnn_fits(dtype, head_dim: int) -> bool:
     )
 
 
-def write_cache(cache: KVCache, k_BxSxGxA, v_BxSxGxA, positions_BxS) -> KVCache:
-    """The cache with each row's new keys and values stored at that row's positions.
+def write_cache(cache: dict[str, jax.Array], positions_BxS, **new_BxSx) -> dict[str, jax.Array]:
+    """The cache with each row's new entries (`name=[B, S, ...]` per cache array `[B, M, ...]`,
+    e.g. `k=..., v=...`) stored at that row's positions.
 
     Positions outside `[0, M)` are dropped.
     """
     rows_Bx1 = jnp.arange(positions_BxS.shape[0])[:, None]
     return {
-        name: cache[name]
-        .at[rows_Bx1, positions_BxS]
-        .set(new.astype(cache[name].dtype), mode="drop")
-        for name, new in (("k", k_BxSxGxA), ("v", v_BxSxGxA))
+        name: c.at[rows_Bx1, positions_BxS].set(new_BxSx[name].astype(c.dtype), mode="drop")
+        for name, c in cache.items()
     }
 
 
@@ -252,7 +251,7 @@ class Attention(nn.Module):
         if cache is None:
             out = self._self_attend(q, k, v, sinks_H, segment_ids_BxS)
         else:
-            cache = write_cache(cache, k, v, positions_BxS)
+            cache = write_cache(cache, positions_BxS, k=k, v=v)
             keys, values = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
             key_pos_BxM = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
             mask_BxSxM = visible_keys(positions_BxS, key_pos_BxM, self.sliding_window)

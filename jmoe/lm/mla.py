@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jmoe.lm.attention import same_segment
+from jmoe.lm.attention import same_segment, write_cache
 from jmoe.lm.rope import YarnScaling, rope
 from jmoe.validation import check as _check
 
@@ -107,20 +107,6 @@ class _Kernel(nn.Module):
     def __call__(self) -> jax.Array:
         init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
         return self.param("kernel", init, self.shape, self.param_dtype)
-
-
-def write_latent_cache(cache: MLACache, latent_BxSxR, k_rope_BxSxP, positions_BxS) -> MLACache:
-    """The cache with each row's new latents and rotated keys at that row's positions.
-
-    Positions outside `[0, M)` are dropped.
-    """
-    rows_Bx1 = jnp.arange(positions_BxS.shape[0])[:, None]
-    return {
-        name: cache[name]
-        .at[rows_Bx1, positions_BxS]
-        .set(new.astype(cache[name].dtype), mode="drop")
-        for name, new in (("latent", latent_BxSxR), ("k_rope", k_rope_BxSxP))
-    }
 
 
 def _softmax(scores_BxHxSxT: jax.Array, visible_BxSxT: jax.Array) -> jax.Array:
@@ -241,7 +227,7 @@ class MLA(nn.Module):
         else:
             if segment_ids_BxS is not None:
                 raise ValueError("segment ids apply to the full forward only, not to cached decode")
-            cache = write_latent_cache(cache, latent_BxSxR, k_rope_BxSxP, positions_BxS)
+            cache = write_cache(cache, positions_BxS, latent=latent_BxSxR, k_rope=k_rope_BxSxP)
             m = cache["latent"].shape[1]
             visible_BxSxM = jnp.arange(m)[None, None, :] <= positions_BxS[:, :, None]
             out_BxSxHxW = attend_absorbed(

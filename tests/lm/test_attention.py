@@ -126,7 +126,7 @@ def test_write_cache_per_row_positions_drops_out_of_range():
     cache = {"k": jnp.zeros((2, 4, 1, 2)), "v": jnp.zeros((2, 4, 1, 2))}
     new = jnp.arange(1, 9, dtype=jnp.float32).reshape(2, 2, 1, 2)
     positions = jnp.array([[0, 1], [3, 4]])  # row 1's second entry is past the cache
-    out = write_cache(cache, new, -new, positions)
+    out = write_cache(cache, positions, k=new, v=-new)
     want = np.zeros((2, 4, 1, 2))
     want[0, 0], want[0, 1], want[1, 3] = new[0, 0], new[0, 1], new[1, 0]
     np.testing.assert_array_equal(out["k"], want)
