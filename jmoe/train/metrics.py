@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from jmoe.lm.model import flops_per_token
+from jmoe.lm.flops import flops_per_token
 from jmoe.train import report
 from jmoe.train.config import Config, TrainConfig
 from jmoe.train.errors import UserError

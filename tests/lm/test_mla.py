@@ -11,8 +11,9 @@ import pytest
 from mla_reference import ref_mla
 
 from jmoe.lm.config import ModelConfig
+from jmoe.lm.flops import flops_per_token
 from jmoe.lm.mla import MLA, MLAConfig
-from jmoe.lm.model import Transformer, flops_per_token, init_cache
+from jmoe.lm.model import Transformer, init_cache
 from jmoe.lm.param_layout import stack_layers
 from jmoe.lm.rope import YarnScaling
 from jmoe.moe.config import MoEConfig

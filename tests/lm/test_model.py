@@ -11,7 +11,8 @@ from model_reference import ref_transformer
 
 import jmoe
 from jmoe.lm.config import ModelConfig
-from jmoe.lm.model import Transformer, flops_per_token, init_cache, update_moe_state
+from jmoe.lm.flops import flops_per_token
+from jmoe.lm.model import Transformer, init_cache, update_moe_state
 from jmoe.lm.param_layout import LayerKind, layer_segments, stack_layers, unstack_layers
 from jmoe.moe.config import MoEConfig
 
