@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from decode_check import assert_decode_matches_forward
 from mla_reference import ref_mla
 
 from jmoe.lm.config import ModelConfig
@@ -188,21 +189,7 @@ def test_transformer_decode_matches_forward(scan):
         "latent": (3, B, 12, 8),
         "k_rope": (3, B, 12, 6),
     }
-    decode = jax.jit(
-        lambda v, t, p, c: Transformer(cfg).apply(v, t, p, c, method=Transformer.decode)
-    )
-    lengths = np.array([2, 4])
-    prompt = np.where(np.arange(4) < lengths[:, None], tokens[:, :4], 0)
-    logits, cache = decode(variables, prompt, np.broadcast_to(np.arange(4), (B, 4)), cache)
-    for b, n in enumerate(lengths):
-        np.testing.assert_allclose(logits[b, :n], full_logits[b, :n], atol=1e-4)
-    position = lengths.copy()
-    for _ in range(3):
-        step = tokens[np.arange(B), position][:, None]
-        logits, cache = decode(variables, step, position[:, None], cache)
-        for b in range(B):
-            np.testing.assert_allclose(logits[b, 0], full_logits[b, position[b]], atol=1e-4)
-        position += 1
+    assert_decode_matches_forward(cfg, variables, tokens, full_logits, cache)
 
 
 def test_flops_per_token_counts_mla_projections():

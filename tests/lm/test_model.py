@@ -7,6 +7,7 @@ import functools
 import jax
 import numpy as np
 import pytest
+from decode_check import assert_decode_matches_forward
 from model_reference import ref_transformer
 
 import jmoe
@@ -266,23 +267,9 @@ def test_decode_matches_forward_rows_at_different_positions(scan, n_layers, gpt_
     if scan:
         variables = {k: stack_layers(cfg, v) for k, v in variables.items()}
         cfg = dataclasses.replace(cfg, scan_layers=True)
-    lengths = np.array([2, 4])
-    decode = jax.jit(
-        lambda v, t, p, c: Transformer(cfg).apply(v, t, p, c, method=Transformer.decode)
-    )
     cache = init_cache(cfg, B, 12)
     assert cache["k"].shape == (n_layers, B, 12, cfg.kv_heads, cfg.dim_per_head)
-    prompt = np.where(np.arange(4) < lengths[:, None], tokens[:, :4], 0)
-    logits, cache = decode(variables, prompt, np.broadcast_to(np.arange(4), (B, 4)), cache)
-    for b, n in enumerate(lengths):
-        np.testing.assert_allclose(logits[b, :n], full_logits[b, :n], atol=1e-4)
-    position = lengths.copy()
-    for _ in range(3):
-        step = tokens[np.arange(B), position][:, None]
-        logits, cache = decode(variables, step, position[:, None], cache)
-        for b in range(B):
-            np.testing.assert_allclose(logits[b, 0], full_logits[b, position[b]], atol=1e-4)
-        position += 1
+    assert_decode_matches_forward(cfg, variables, tokens, np.asarray(full_logits), cache)
 
 
 def test_update_moe_state_budget_controller():
