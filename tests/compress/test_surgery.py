@@ -1,6 +1,7 @@
 """`jmoe.compress.surgery`: keeping a subset of experts gives an ordinary model whose outputs
 match the original wherever no token routed to a removed expert."""
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -71,3 +72,22 @@ def test_bad_rewrites_name_the_problem():
         surgery.with_experts(config, variables, uneven)
     with pytest.raises(ValueError, match="k"):
         surgery.with_experts(config, variables, [surgery.take_experts(w, [0]) for w in weights])
+
+
+def test_layer_routings_match_the_top_k_of_their_logits_in_either_layout():
+    from jmoe.compress.trace import layer_routings
+    from jmoe.lm.param_layout import stack_layers
+
+    config, variables, tokens = _model()
+    scanned = dataclasses.replace(config, scan_layers=True)
+    scanned_variables = {k: stack_layers(scanned, v) for k, v in variables.items()}
+    routings = layer_routings(config, variables, tokens)
+    assert sorted(routings) == [0, 1]
+    for layer, (routing,) in routings.items():
+        assert routing.logits.shape == (12, 4) and routing.expert_ids.shape == (12, 2)
+        top2 = np.argsort(-np.asarray(routing.logits), axis=-1, kind="stable")[:, :2]
+        np.testing.assert_array_equal(np.sort(routing.expert_ids, -1), np.sort(top2, -1))
+        (same,) = layer_routings(scanned, scanned_variables, tokens)[layer]
+        np.testing.assert_allclose(same.logits, routing.logits, atol=1e-5)
+    # the two layers see different inputs, so their logits differ
+    assert not np.allclose(routings[0][0].logits, routings[1][0].logits)
