@@ -91,7 +91,15 @@ def to_hf(
 
     Raises:
       CheckpointError: the config fits no family, or a variable has no HF tensor.
+      ValueError: the experts are quantized (`MoEConfig.expert_quantization`), which the HF
+        families here do not hold.
     """
+    if config.moe.expert_quantization is not None:
+        raise ValueError(
+            f"to_hf: the experts are quantized (expert_quantization="
+            f"{config.moe.expert_quantization!r}) and Hugging Face checkpoints hold float experts: "
+            "export the float model, or jmoe.compress.quantize.dequantize_experts first"
+        )
     family, fields = _family(config, model_type)
     model_type = fields["model_type"]
     out_dir = os.fspath(out_dir)

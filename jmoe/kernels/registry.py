@@ -10,7 +10,9 @@ each op the MoE layer runs:
 `implementation=None` takes the first implementation of `fallback_order(backend)` that supports
 the op, the shapes and the dtype. A forced name is used whatever the shapes (the Pallas kernels run
 interpreted off TPU and GPU); an implementation without the op (only "ragged_dot" has no gating)
-runs its always-working XLA twin.
+runs its always-working XLA twin. Quantized weights (`jmoe.kernels.quantization`) are taken by
+"xla" and "ragged_dot" only: `implementation=None` never picks "pallas" for them, and a forced
+"pallas" runs the XLA twin.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class Implementation:
       expert_mlp: `(x_MxD, w_in, w_down_GxFxD, group_sizes_G, activation) -> y_MxD`.
       supports: `(backend, shapes, dtype) -> bool`: whether `implementation=None` may pick it on
         `backend` for matmuls `[*, k] x [k, n]` of every `(k, n)` in `shapes`, in `dtype`.
+      quantized: whether its ops take quantized weights with column scales (extra trailing
+        arguments: `scale_GxN` of `grouped_matmul`; `scales_in, scale_down_GxD` of
+        `expert_mlp`).
     """
 
     name: str
@@ -47,17 +52,19 @@ class Implementation:
     grouped_matmul: Callable[..., jax.Array]
     expert_mlp: Callable[..., jax.Array]
     supports: Callable[[str, tuple[tuple[int, int], ...], object], bool] = _any_shape
+    quantized: bool = False
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
     impl.name: impl
     for impl in (
-        Implementation("xla", OPS, xla_tiled.grouped_matmul, xla_tiled.expert_mlp),
+        Implementation("xla", OPS, xla_tiled.grouped_matmul, xla_tiled.expert_mlp, quantized=True),
         Implementation(
             "ragged_dot",
             ("grouped_matmul", "expert_mlp"),
             ragged_dot.grouped_matmul,
             ragged_dot.expert_mlp,
+            quantized=True,
         ),
         Implementation("pallas", OPS, pallas.grouped_matmul, pallas.expert_mlp, pallas.supports),
     )
@@ -94,6 +101,7 @@ def resolve(
     *,
     shapes: tuple[tuple[int, int], ...] = (),
     dtype=None,
+    quantized: bool = False,
 ) -> Implementation:
     """The implementation that runs `op` on the default backend.
 
@@ -103,6 +111,8 @@ def resolve(
         `dtype`) or a name of `IMPLEMENTATIONS` (used if it has `op`, else "xla").
       shapes: `(k, n)` of each `[*, k] x [k, n]` matmul the op runs.
       dtype: the rows' dtype.
+      quantized: the weights are quantized: only implementations that take them qualify (a
+        forced one that does not runs the XLA twin).
     """
     if op not in OPS:
         raise ValueError(f"op={op!r} is not one of {OPS}")
@@ -113,5 +123,7 @@ def resolve(
     return next(
         impl
         for impl in map(IMPLEMENTATIONS.__getitem__, order)
-        if op in impl.ops and (forced or impl.supports(backend, shapes, dtype))
+        if op in impl.ops
+        and (impl.quantized or not quantized)
+        and (forced or impl.supports(backend, shapes, dtype))
     )

@@ -9,6 +9,10 @@ same shape, accumulating weight gradients tile by tile (`jax.custom_vjp`).
 `expert_mlp` runs a whole expert MLP (gate and up projections, activation, down projection) per
 tile, keeping the `[tile, F]` intermediates out of the `[M, F]` round trips of three separate
 grouped matmuls; its backward reuses the saved pre-activations.
+
+Quantized weights (`jmoe.kernels.quantization`, int8 or fp8 with column scales) are converted to
+the rows' dtype one group's matrix at a time inside the loop, and each product's columns are
+multiplied by that group's scales; they have no backward pass (inference only).
 """
 
 from __future__ import annotations
@@ -136,24 +140,46 @@ def _f32_zeros(shape):
     return jnp.zeros(shape, jnp.float32)
 
 
+def _tile_weight(w_GxKxN, scale_GxN, g, dtype):
+    """Group `g`'s `[K, N]` weight; a quantized one (with scales) converted to `dtype` here, one
+    group at a time, so no full-precision `[G, K, N]` copy exists."""
+    return w_GxKxN[g] if scale_GxN is None else w_GxKxN[g].astype(dtype)
+
+
+def _scaled(y_f32, scale_GxN, g):
+    """`y * scale[g]` per output column (`x @ (q * s) == (x @ q) * s`); `y` without scales."""
+    return y_f32 if scale_GxN is None else y_f32 * scale_GxN[g].astype(jnp.float32)
+
+
+def _check_differentiable(*scales):
+    if any(s is not None for s in scales):
+        raise NotImplementedError(
+            "the grouped matmul has no backward pass for quantized expert weights: they are for "
+            "inference (MoEConfig.expert_quantization); train with float weights"
+        )
+
+
 # ---------------------------------------------------------------- grouped matmul on padded rows
 
 
 @jax.custom_vjp
-def _gmm_padded(x_PxK: jax.Array, w_GxKxN: jax.Array, plan: TilePlan) -> jax.Array:
+def _gmm_padded(x_PxK, w_GxKxN, scale_GxN, plan: TilePlan) -> jax.Array:
     def tile(g, row0, y):
-        return _put(y, _dot(_rows(x_PxK, row0, plan.tile), w_GxKxN[g]), row0)
+        x_t = _rows(x_PxK, row0, plan.tile)
+        y_t = _scaled(_dot(x_t, _tile_weight(w_GxKxN, scale_GxN, g, x_t.dtype)), scale_GxN, g)
+        return _put(y, y_t, row0)
 
     y0 = jnp.zeros((x_PxK.shape[0], w_GxKxN.shape[2]), x_PxK.dtype)
     return _over_tiles(plan, tile, y0)
 
 
-def _gmm_padded_fwd(x_PxK, w_GxKxN, plan):
-    return _gmm_padded(x_PxK, w_GxKxN, plan), (x_PxK, w_GxKxN, plan)
+def _gmm_padded_fwd(x_PxK, w_GxKxN, scale_GxN, plan):
+    return _gmm_padded(x_PxK, w_GxKxN, scale_GxN, plan), (x_PxK, w_GxKxN, scale_GxN, plan)
 
 
 def _gmm_padded_bwd(res, dy_PxN):
-    x_PxK, w_GxKxN, plan = res
+    x_PxK, w_GxKxN, scale_GxN, plan = res
+    _check_differentiable(scale_GxN)
 
     def tile(g, row0, carry):
         dx, dw = carry
@@ -162,40 +188,54 @@ def _gmm_padded_bwd(res, dy_PxN):
         return dx, dw.at[g].add(_dot_t(_rows(x_PxK, row0, plan.tile), dy_t))
 
     dx, dw = _over_tiles(plan, tile, (jnp.zeros_like(x_PxK), _f32_zeros(w_GxKxN.shape)))
-    return dx, dw.astype(w_GxKxN.dtype), None
+    return dx, dw.astype(w_GxKxN.dtype), None, None
 
 
 _gmm_padded.defvjp(_gmm_padded_fwd, _gmm_padded_bwd)
 
 
 def grouped_matmul(
-    x_MxK: jax.Array, w_GxKxN: jax.Array, group_sizes_G: jax.Array, *, tile: int | None = None
+    x_MxK: jax.Array,
+    w_GxKxN: jax.Array,
+    group_sizes_G: jax.Array,
+    scale_GxN: jax.Array | None = None,
+    *,
+    tile: int | None = None,
 ) -> jax.Array:
-    """`y[r] = x[r] @ w[group(r)]` for rows sorted by group; rows past the groups are zero."""
+    """`y[r] = x[r] @ w[group(r)]` for rows sorted by group; rows past the groups are zero.
+
+    With `scale_GxN` (quantized `w`, `jmoe.kernels.quantization`) each tile converts its group's
+    `w` to the rows' dtype and multiplies the product's columns by the group's scales
+    (forward only)."""
     x_MxK, w_GxKxN = jnp.asarray(x_MxK), jnp.asarray(w_GxKxN)
     m, g = x_MxK.shape[0], w_GxKxN.shape[0]
     plan = make_tile_plan(group_sizes_G, m, tile or default_tile(m, g))
-    return plan.unpad(_gmm_padded(plan.pad(x_MxK), w_GxKxN, plan))
+    return plan.unpad(_gmm_padded(plan.pad(x_MxK), w_GxKxN, scale_GxN, plan))
 
 
 # ---------------------------------------------------------------- fused expert MLP on padded rows
 
 
-def _mlp_padded_loop(x_PxD, w_in, w_down, b_in, b_down, plan, activation, save_pre):
+def _mlp_padded_loop(x_PxD, w_in, w_down, b_in, b_down, s_in, s_down, plan, activation, save_pre):
     """Forward over the valid tiles; also returns the pre-activations if `save_pre`.
 
     Padded rows of a tile (zero rows of `x`) pick up the biases too, but `unpad` drops them and
     their output cotangents are zero, so they add nothing to any gradient."""
     act = activation_fn(activation)
+    none = (None,) * len(w_in)
 
     def tile(g, row0, carry):
         y, pres = carry
         x_t = _rows(x_PxD, row0, plan.tile)
         pre = tuple(
-            _biased(_dot(x_t, w[g]), b, g).astype(x_t.dtype)
-            for w, b in zip(w_in, b_in or (None,) * len(w_in), strict=True)
+            _biased(_scaled(_dot(x_t, _tile_weight(w, s, g, x_t.dtype)), s, g), b, g).astype(
+                x_t.dtype
+            )
+            for w, s, b in zip(w_in, s_in or none, b_in or none, strict=True)
         )
-        y = _put(y, _biased(_dot(act(*pre), w_down[g]), b_down, g), row0)
+        h = act(*pre)
+        y_t = _scaled(_dot(h, _tile_weight(w_down, s_down, g, h.dtype)), s_down, g)
+        y = _put(y, _biased(y_t, b_down, g), row0)
         if save_pre:
             pres = tuple(_put(p, p_t, row0) for p, p_t in zip(pres, pre, strict=True))
         return y, pres
@@ -210,17 +250,20 @@ def _biased(y_f32, bias_GxN, g):
     return y_f32 if bias_GxN is None else y_f32 + bias_GxN[g].astype(jnp.float32)
 
 
-def _mlp_padded_impl(x_PxD, w_in, w_down, b_in, b_down, plan, activation):
-    return _mlp_padded_loop(x_PxD, w_in, w_down, b_in, b_down, plan, activation, False)[0]
+def _mlp_padded_impl(x_PxD, w_in, w_down, b_in, b_down, s_in, s_down, plan, activation):
+    weights = (w_in, w_down, b_in, b_down, s_in, s_down)
+    return _mlp_padded_loop(x_PxD, *weights, plan, activation, False)[0]
 
 
-def _mlp_padded_fwd(x_PxD, w_in, w_down, b_in, b_down, plan, activation):
-    y, pres = _mlp_padded_loop(x_PxD, w_in, w_down, b_in, b_down, plan, activation, True)
-    return y, (x_PxD, w_in, w_down, b_in, b_down, plan, pres)
+def _mlp_padded_fwd(x_PxD, w_in, w_down, b_in, b_down, s_in, s_down, plan, activation):
+    weights = (w_in, w_down, b_in, b_down, s_in, s_down)
+    y, pres = _mlp_padded_loop(x_PxD, *weights, plan, activation, True)
+    return y, (x_PxD, *weights, plan, pres)
 
 
 def _mlp_padded_bwd(activation, res, dy_PxD):
-    x_PxD, w_in, w_down, b_in, b_down, plan, pres = res
+    x_PxD, w_in, w_down, b_in, b_down, s_in, s_down, plan, pres = res
+    _check_differentiable(s_down, *s_in)
     act = activation_fn(activation)
 
     def tile(g, row0, carry):
@@ -251,10 +294,11 @@ def _mlp_padded_bwd(activation, res, dy_PxD):
     dx, dw_in, dw_down, db_in, db_down = _over_tiles(plan, tile, init)
     cast = lambda ds, xs: tuple(d.astype(x.dtype) for d, x in zip(ds, xs, strict=True))  # noqa: E731
     db_down = None if b_down is None else db_down.astype(b_down.dtype)
-    return dx, cast(dw_in, w_in), dw_down.astype(w_down.dtype), cast(db_in, b_in), db_down, None
+    dw_in, dw_down = cast(dw_in, w_in), dw_down.astype(w_down.dtype)
+    return dx, dw_in, dw_down, cast(db_in, b_in), db_down, (), None, None
 
 
-_mlp_padded = jax.custom_vjp(_mlp_padded_impl, nondiff_argnums=(6,))
+_mlp_padded = jax.custom_vjp(_mlp_padded_impl, nondiff_argnums=(8,))
 _mlp_padded.defvjp(_mlp_padded_fwd, _mlp_padded_bwd)
 
 
@@ -266,6 +310,8 @@ def expert_mlp(
     activation: Activation,
     b_in: tuple[jax.Array, ...] = (),
     b_down_GxD: jax.Array | None = None,
+    scales_in: tuple[jax.Array, ...] = (),
+    scale_down_GxD: jax.Array | None = None,
     *,
     tile: int | None = None,
 ) -> jax.Array:
@@ -279,11 +325,15 @@ def expert_mlp(
       group_sizes_G: int32 rows per group.
       activation: a key of `ACTIVATIONS` or a `ClampedSwiGLU`.
       b_in: `()` or one `[G, F]` bias per `w_in` entry; `b_down_GxD`: None or `[G, D]`.
+      scales_in, scale_down_GxD: `()` / None, or the column scales (`[G, F]` per `w_in` entry,
+        `[G, D]`) of quantized weights (`jmoe.kernels.quantization`): each tile converts only
+        its group's weights to the rows' dtype and scales the products' columns (forward only).
       tile: rows per tile (default `default_tile`).
     """
     x_MxD, w_down_GxFxD = jnp.asarray(x_MxD), jnp.asarray(w_down_GxFxD)
     w_in = tuple(map(jnp.asarray, w_in))
     m, g = x_MxD.shape[0], w_down_GxFxD.shape[0]
     plan = make_tile_plan(group_sizes_G, m, tile or default_tile(m, g))
-    y_PxD = _mlp_padded(plan.pad(x_MxD), w_in, w_down_GxFxD, b_in, b_down_GxD, plan, activation)
+    weights = (w_in, w_down_GxFxD, b_in, b_down_GxD, tuple(scales_in), scale_down_GxD)
+    y_PxD = _mlp_padded(plan.pad(x_MxD), *weights, plan, activation)
     return plan.unpad(y_PxD)

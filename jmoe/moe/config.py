@@ -15,6 +15,7 @@ import typing
 
 from jmoe import validation
 from jmoe.kernels import ACTIVATIONS, IMPLEMENTATIONS
+from jmoe.kernels.quantization import QUANTIZATIONS
 from jmoe.moe.losses import NORMALIZATIONS
 from jmoe.moe.routers import Router, TopK
 from jmoe.validation import DTYPES
@@ -59,6 +60,11 @@ class MoEConfig:
       eval_capacity_factor: capacity factor when `deterministic=True` (default: same).
       capacity_includes_k, capacity_rounding, min_capacity: the capacity rule.
       implementation: grouped-matmul implementation (None picks the fastest for the backend).
+      expert_quantization: None (float experts), "int8" or "fp8" (float8 e4m3): the routed
+        experts' `w_gate` / `w_up` / `w_down` are stored in that dtype with float32 column scales
+        `experts/<name>_scale` and dequantised inside the grouped matmul
+        (`jmoe.compress.quantize.quantize_experts` converts a trained model). Inference only: a
+        quantized model cannot be trained, and "pallas" runs as "xla" for it.
       lb_coef: load-balance loss coefficient, for the `lb_normalization` named (expert choice
         is balanced by construction and has no such loss).
       lb_normalization: one of `NORMALIZATIONS` (docs/algorithms.md, "Load-balance loss").
@@ -111,6 +117,7 @@ class MoEConfig:
     capacity_rounding: str = "ceil"
     min_capacity: int = 0
     implementation: str | None = None
+    expert_quantization: str | None = None
     lb_coef: float = 0.01
     lb_normalization: str = "per_assignment_over_k"
     z_loss_coef: float = 0.0
@@ -135,6 +142,7 @@ class MoEConfig:
         _check("swiglu_limit", self.swiglu_limit, self.swiglu_limit > 0, "a number > 0")
         _check_choice("lb_normalization", self.lb_normalization, NORMALIZATIONS)
         _check_choice("implementation", self.implementation, (None, *IMPLEMENTATIONS))
+        _check_choice("expert_quantization", self.expert_quantization, (None, *QUANTIZATIONS))
         _check_choice("capacity_rounding", self.capacity_rounding, CAPACITY_ROUNDINGS)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("param_dtype", self.param_dtype, DTYPES)

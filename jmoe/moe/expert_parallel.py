@@ -75,7 +75,7 @@ def _send_layout(kept: Routing, num_experts: int, n: int, chunk: int):
     return src_slot_B, slot_to_buf_M, counts_NxE
 
 
-def _local_experts(recv_NxCxD, counts_NxE, w_in, w_down, b_in, b_down, mlp_options, tensor):
+def _local_experts(recv_NxCxD, counts_NxE, w_in, w_down, b_in, b_down, scales, mlp_options, tensor):
     """Received rows -> sorted by local expert -> expert MLP -> received order.
 
     With one source (`n == 1`) the rows already arrive sorted by expert, padding last. Padding
@@ -105,6 +105,8 @@ def _local_experts(recv_NxCxD, counts_NxE, w_in, w_down, b_in, b_down, mlp_optio
         counts_NxE.sum(0),
         b_in=b_in,
         b_down_GxD=b_down,
+        scales_in=scales[0],
+        scale_down_GxD=scales[1],
         **mlp_options,
     )
     if tensor > 1:
@@ -124,6 +126,8 @@ def expert_parallel_mlp(
     capacity: int | None,
     b_in: tuple[jax.Array, ...] | None = None,
     b_down_ExD: jax.Array | None = None,
+    scales_in: tuple[jax.Array, ...] | None = None,
+    scale_down_ExD: jax.Array | None = None,
     **mlp_options,
 ) -> tuple[jax.Array, jax.Array]:
     """Routed expert MLPs with experts split over the "expert" mesh axis.
@@ -137,6 +141,9 @@ def expert_parallel_mlp(
         Overflow is dropped per shard in position-priority order (`dispatch.apply_capacity`).
       b_in, b_down_ExD: optional expert biases (`[E, F]` each, `[E, D]`), split with their
         experts (and `b_in` over "tensor" with F).
+      scales_in, scale_down_ExD: the column scales of quantized weights (`[E, F]` each, `[E, D]`),
+        split like the biases (a down projection's partial sums over "tensor" are scaled before
+        the `psum`, which is linear).
       **mlp_options: `activation`, `swiglu_alpha`, `swiglu_limit`, `implementation`, as in
         `jmoe.kernels.expert_mlp`.
 
@@ -163,8 +170,12 @@ def expert_parallel_mlp(
 
     b_in = tuple(b_in or ())
     b_down = () if b_down_ExD is None else (b_down_ExD,)  # () or one array: shard_map operands
+    scales_in = tuple(scales_in or ())
+    scale_down = () if scale_down_ExD is None else (scale_down_ExD,)
 
-    def body(x_TxD, ids_TxK, weights_TxK, valid_TxK, w_in, w_down, b_in, b_down):
+    def body(
+        x_TxD, ids_TxK, weights_TxK, valid_TxK, w_in, w_down, b_in, b_down, scales_in, scale_down
+    ):
         # probs / logits are not used by the capacity rule: the weights stand in for them
         kept = Routing(ids_TxK, weights_TxK, valid_TxK, probs=weights_TxK, logits=weights_TxK)
         if capacity is not None:
@@ -180,7 +191,10 @@ def expert_parallel_mlp(
         else:
             recv = send_NxCxD
         biases = (b_in or None, b_down[0] if b_down else None)
-        y_NxCxD = _local_experts(recv, counts_NxE, w_in, w_down, *biases, mlp_options, tensor)
+        scales = (scales_in or None, scale_down[0] if scale_down else None)
+        y_NxCxD = _local_experts(
+            recv, counts_NxE, w_in, w_down, *biases, scales, mlp_options, tensor
+        )
         if n > 1:
             y_NxCxD = jax.lax.all_to_all(y_NxCxD, "expert", 0, 0, tiled=True)
         plan = dispatch.DispatchPlan(src_slot_B, slot_to_buf_M, counts_NxE.reshape(-1))
@@ -195,6 +209,8 @@ def expert_parallel_mlp(
         P(expert, hidden),
         (P(expert, hidden),) * len(b_in),
         (P(expert, None),) * len(b_down),
+        (P(expert, hidden),) * len(scales_in),
+        (P(expert, None),) * len(scale_down),
     )
     y_TxD, kept_valid = jax.shard_map(
         body,
@@ -211,5 +227,7 @@ def expert_parallel_mlp(
         w_down_ExFxD,
         b_in,
         b_down,
+        scales_in,
+        scale_down,
     )
     return y_TxD, kept_valid

@@ -2,7 +2,8 @@
 
 `MoE(config)` maps `[..., D] -> [..., D]` and returns `(y, stats)`. Parameters (float32 by
 default) live under `router/kernel` (and `router/bias` with `router_bias`),
-`experts/{w_gate,w_up,w_down}` (and `experts/{b_gate,b_up,b_down}` with `expert_bias`),
+`experts/{w_gate,w_up,w_down}` (and `experts/{b_gate,b_up,b_down}` with `expert_bias`; int8 /
+fp8 with `experts/{w_gate,w_up,w_down}_scale` under `expert_quantization`),
 `shared/{w_gate,w_up,w_down}` and `shared_gate/kernel`; the router's own non-trainable
 variables (the top-k selection bias `moe_state/bias`, a compute budget `moe_state/budget`) are
 updated after each optimizer step with `update_state`.
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jmoe import kernels, sharding
+from jmoe.kernels import quantization
 from jmoe.moe import dispatch, expert_parallel, stats
 from jmoe.moe.config import MoEConfig
 from jmoe.moe.routers import Router
@@ -99,12 +101,16 @@ class ExpertWeights(NamedTuple):
     """The E expert MLPs' weights in the compute dtype: `w_in` (`(w_gate, w_up)` for the gated
     activations, `(w_up,)` for "gelu" / "relu"), each `[E, D, F]`, `w_down` `[E, F, D]`, and
     their biases (None without `expert_bias`): `b_in` one `[E, F]` per `w_in`, `b_down` `[E, D]`.
+    Quantized weights stay in their int8 / fp8 dtype, with their float32 column scales
+    `scales_in` (one `[E, F]` per `w_in`) and `scale_down` `[E, D]` (None when not quantized).
     """
 
     w_in: tuple[jax.Array, ...]
     w_down: jax.Array
     b_in: tuple[jax.Array, ...] | None = None
     b_down: jax.Array | None = None
+    scales_in: tuple[jax.Array, ...] | None = None
+    scale_down: jax.Array | None = None
 
 
 class Experts(nn.Module):
@@ -112,6 +118,9 @@ class Experts(nn.Module):
 
     Parameters: `w_gate` / `w_up` `[E, D, F]`, `w_down` `[E, F, D]`; with `use_bias` also
     `b_gate` / `b_up` `[E, F]` and `b_down` `[E, D]` (zeros at init), named after their weights.
+    With `quantization` ("int8" / "fp8") the weights are stored in that dtype beside float32
+    column scales `w_gate_scale` / `w_up_scale` `[E, F]` and `w_down_scale` `[E, D]`
+    (`jmoe.kernels.quantization`; init quantizes the float init); biases stay float.
     """
 
     num_experts: int
@@ -120,26 +129,43 @@ class Experts(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     use_bias: bool = False
+    quantization: str | None = None
 
     @nn.compact
     def __call__(self, d_model: int) -> ExpertWeights:
         e, f = self.num_experts, self.d_ff
-        init = _fan_in_init(batch_axis=(0,))
         names = stats.mlp_weight_names(self.activation)
-        w_in = tuple(
-            self.param(name, init, (e, d_model, f), self.param_dtype).astype(self.dtype)
-            for name in names
-        )
-        w_down = self.param("w_down", init, (e, f, d_model), self.param_dtype).astype(self.dtype)
+        w_in, scales_in = zip(*(self._weight(n, (e, d_model, f)) for n in names), strict=True)
+        w_down, scale_down = self._weight("w_down", (e, f, d_model))
+        quant = {}
+        if self.quantization is not None:
+            quant = dict(scales_in=scales_in, scale_down=scale_down)
         if not self.use_bias:
-            return ExpertWeights(w_in, w_down)
+            return ExpertWeights(w_in, w_down, **quant)
         zeros = nn.initializers.zeros_init()
         b_in = tuple(
             self.param("b" + name[1:], zeros, (e, f), self.param_dtype).astype(self.dtype)
             for name in names
         )
         b_down = self.param("b_down", zeros, (e, d_model), self.param_dtype).astype(self.dtype)
-        return ExpertWeights(w_in, w_down, b_in, b_down)
+        return ExpertWeights(w_in, w_down, b_in, b_down, **quant)
+
+    def _weight(self, name: str, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array | None]:
+        """`(weight, scales)`: the float weight in the compute dtype and None, or the quantized
+        weight as stored and its `<name>_scale`."""
+        init = _fan_in_init(batch_axis=(0,))
+        if self.quantization is None:
+            return self.param(name, init, shape, self.param_dtype).astype(self.dtype), None
+        # 1. One float init, quantized into both parameters, so they must share its key. After
+        #    initialization flax evaluates the init functions for their shapes only (under
+        #    `eval_shape`), so any key serves then.
+        key = self.make_rng("params") if self.is_initializing() else jax.random.key(0)
+
+        def quantized():
+            return quantization.quantize(init(key, shape, self.param_dtype), self.quantization)
+
+        q = self.param(name, lambda _: quantized()[0])
+        return q, self.param(name + "_scale", lambda _: quantized()[1])
 
 
 class SharedMLP(nn.Module):
@@ -248,6 +274,7 @@ class MoE(nn.Module):
             dtype,
             param_dtype,
             cfg.expert_bias,
+            cfg.expert_quantization,
             name="experts",
         )(cfg.d_model)
         shared = None
@@ -316,6 +343,8 @@ class MoE(nn.Module):
                 experts.w_down,
                 b_in=experts.b_in,
                 b_down_ExD=experts.b_down,
+                scales_in=experts.scales_in,
+                scale_down_ExD=experts.scale_down,
                 mesh=self.mesh,
                 capacity=expert_parallel.local_capacity(
                     cfg.capacity, num_tokens, self.mesh, deterministic
@@ -335,6 +364,8 @@ class MoE(nn.Module):
             plan.group_sizes,
             b_in=experts.b_in,
             b_down_GxD=experts.b_down,
+            scales_in=experts.scales_in,
+            scale_down_GxD=experts.scale_down,
             **mlp_options,
         )
         return dispatch.combine(y_RxD, plan, kept.weights), kept.valid

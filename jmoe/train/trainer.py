@@ -116,6 +116,7 @@ def init_state(
     `initial` (`{"params": ...}`, optionally with "moe_state", shaped like the model's own)
     replaces the random parameters: the start of a fine-tuning run (`jmoe.train.init_from`).
     """
+    check_trainable(model)
     batch = sharding.axis_size(model.mesh, sharding.BATCH_AXES)
     tokens_BxS = jnp.zeros((batch, config.data.seq_len), jnp.int32)
 
@@ -145,13 +146,29 @@ def cross_entropy(logits_BxSxV, targets_BxS, mask_BxS) -> tuple[jax.Array, jax.A
     return (ce_BxS * mask_BxS).sum(), mask_BxS.sum()
 
 
+def check_trainable(model: Transformer) -> None:
+    """Raises a `UserError` for a model that cannot be trained: quantized experts
+    (`model.moe.expert_quantization`) have no gradients."""
+    kind = model.config.moe.expert_quantization
+    if kind is not None:
+        raise UserError(
+            f"model.moe.expert_quantization={kind!r}: quantized experts are for inference and "
+            "cannot be trained; train the float model (expert_quantization: null) and quantize "
+            "it afterwards (jmoe.compress.quantize.quantize_experts, or serve.py --quantize)"
+        )
+
+
 def make_train_step(model: Transformer, tx: optax.GradientTransformation):
     """`train_step(state, batch) -> (state, metrics)`, to be jitted.
 
     A step whose loss, gradient norm, updated parameters or MoE state are not all finite leaves
     params, optimizer and MoE state as they were and increments `bad_steps` (reset by the next
     finite step), so a checkpoint never holds an Inf or NaN weight.
+
+    Raises:
+      UserError: a model that cannot be trained (`check_trainable`).
     """
+    check_trainable(model)
     model_config = model.config
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
