@@ -5,7 +5,8 @@ checkpoints/), or a Hugging Face checkpoint directory (config.json, safetensors 
 tokenizer.json and its chat template), and serves an OpenAI-compatible HTTP API on
 127.0.0.1:8000 (`/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`,
 `/metrics`); the model id is the directory's name. With `--prompt TEXT` it prints one completion
-(greedy unless `--temperature` is given) and exits.
+(greedy unless `--temperature` is given) and exits. `--quantize int8|fp8` stores the experts
+quantized before serving (`/v1/models` reports it as `expert_quantization`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 
 import jax
 
+from jmoe.kernels.quantization import QUANTIZATIONS
 from jmoe.serve.app import serve
 from jmoe.serve.engine import Engine
 from jmoe.serve.sampling import InvalidRequestError
@@ -31,6 +33,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--dtype", help="with --hf: bfloat16, float32, ... (default: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        help="store the experts as int8 or fp8 with per-channel scales (about 4x less expert "
+        "memory than float32; jmoe.compress.quantize)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
     parser.add_argument("--port", type=int, default=8000)
@@ -56,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{name.replace('_', '-')}={value} must be positive")
     if args.run is not None and (args.max_seq_len or args.dtype):
         parser.error("--max-seq-len and --dtype go with --hf (a run serves its own config)")
-    options = dict(num_slots=args.slots, max_queue=args.max_queue)
+    options = dict(num_slots=args.slots, max_queue=args.max_queue, quantize=args.quantize)
     try:
         if args.hf is not None:
             engine = Engine.from_hf(
@@ -76,9 +84,10 @@ def main(argv: list[str] | None = None) -> None:
         print(completion.text, flush=True)
         return
     kinds = sorted({d.device_kind for d in jax.devices()})
+    quantized = f", {args.quantize} experts" if args.quantize else ""
     print(
         f"jax {jax.__version__} on {', '.join(kinds)}: serving {engine.name!r} "
-        f"({engine.num_slots} slots, context {engine.max_seq_len}); compiling...",
+        f"({engine.num_slots} slots, context {engine.max_seq_len}{quantized}); compiling...",
         flush=True,
     )
     engine.warmup()

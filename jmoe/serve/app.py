@@ -242,7 +242,12 @@ def create_app(
     @app.get("/v1/models")
     async def models():
         card = dict(
-            id=engine.name, object="model", created=started, owned_by="jmoe", max_model_len=context
+            id=engine.name,
+            object="model",
+            created=started,
+            owned_by="jmoe",
+            max_model_len=context,
+            expert_quantization=engine.config.moe.expert_quantization,  # None: float experts
         )
         return dict(object="list", data=[card])
 

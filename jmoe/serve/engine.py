@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from jmoe.compress.quantize import quantize_experts
 from jmoe.convert import from_hf
 from jmoe.hf_tokenizer import load_hf_tokenizer
 from jmoe.lm.config import ModelConfig
@@ -101,16 +102,27 @@ class Engine:
         )
 
     @classmethod
-    def from_run(cls, run_dir: str | os.PathLike, **kwargs) -> Engine:
+    def from_run(
+        cls, run_dir: str | os.PathLike, *, quantize: str | None = None, **kwargs
+    ) -> Engine:
         """An engine for the newest checkpoint of a `train.py` run directory (its config,
         tokenizer and chat template); the model id is the directory's name.
+
+        Args:
+          run_dir: the run directory.
+          quantize: None, or "int8" / "fp8" to quantize the experts before serving
+            (`jmoe.compress.quantize.quantize_experts`).
+          **kwargs: as for `Engine`.
 
         Raises:
           FileNotFoundError: naming what the directory lacks.
         """
         run = load_run(run_dir)
+        config, variables = run.config.model, run.variables
+        if quantize is not None:
+            config, variables = quantize_experts(config, variables, quantize)
         kwargs = {"name": run.name, "chat_template": run.chat_template, **kwargs}
-        return cls(run.config, run.variables, run.tokenizer, **kwargs)
+        return cls(config, variables, run.tokenizer, **kwargs)
 
     @classmethod
     def from_hf(
@@ -119,6 +131,7 @@ class Engine:
         *,
         dtype=None,
         max_seq_len: int | None = None,
+        quantize: str | None = None,
         **kwargs,
     ) -> Engine:
         """An engine for a Hugging Face checkpoint directory (`jmoe.convert.from_hf`) with its
@@ -130,6 +143,8 @@ class Engine:
           dtype: parameter and compute dtype (default: the checkpoint's).
           max_seq_len: the longest sequence served (default: the checkpoint's
             `max_position_embeddings`); the KV cache holds this many positions per slot.
+          quantize: None, or "int8" / "fp8" to quantize the experts before serving
+            (`jmoe.compress.quantize.quantize_experts`).
           **kwargs: as for `Engine`.
 
         Raises:
@@ -142,6 +157,8 @@ class Engine:
             raise FileNotFoundError(f"checkpoint directory {str(root)!r} does not exist")
         tokenizer = load_hf_tokenizer(root)
         config, variables = from_hf(root, dtype=dtype)
+        if quantize is not None:
+            config, variables = quantize_experts(config, variables, quantize)
         if max_seq_len is not None:
             config = dataclasses.replace(config, max_seq_len=max_seq_len)
         if bad := [i for i in tokenizer.eos_ids if i >= config.vocab_size]:
