@@ -140,6 +140,23 @@ def case_expert_biases():
             _compare_on(cfg, mesh_name, x, variables, None, 2e-5, want)
 
 
+def case_quantized_experts():
+    """int8 experts (forward only): the column scales are split with their experts, and over
+    "tensor" with F for the input projections; the sharded layer equals the one-device one."""
+    cfg = _cfg(num_experts=8, router=jmoe.TopK(k=2), expert_bias=True, expert_quantization="int8")
+    x, variables = _setup(cfg)
+    y0, _ = jax.jit(jmoe.MoE(cfg).apply)(variables, x)
+    for mesh_name in ("tensor", "2x4"):
+        mesh = sharding.make_mesh(MESHES[mesh_name])
+        sharded = sharding.shard_params(variables, mesh)
+        if mesh_name == "tensor":
+            specs = jax.tree.map(lambda s: s.spec, sharding.param_shardings(sharded, mesh))
+            want = jax.sharding.PartitionSpec("expert", "tensor")
+            assert specs["params"]["experts"]["w_up_scale"] == want
+        y1, _ = jax.jit(jmoe.MoE(cfg, mesh=mesh).apply)(sharded, x)
+        np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=2e-5, err_msg=f"y on {mesh_name}")
+
+
 def _reference(cfg, x, variables):
     (loss0, (y0, s0)), g0 = _step_fn(jmoe.MoE(cfg))(variables, variables["params"], x, None)
     return loss0, y0, s0, g0

@@ -16,7 +16,7 @@ TESTS = pathlib.Path(__file__).parents[1]
 GROUPS = {
     "meshes": ["top_k_meshes", "param_shardings", "bad_meshes"],
     "routers": ["sigmoid_groups_fsdp", "null_experts", "top_p", "chain_of_experts"],
-    "biases": ["expert_biases"],
+    "biases": ["expert_biases", "quantized_experts"],
     "loads": ["skewed_to_one_device", "capacity_overflow"],
     "trainer": ["train_steps"],
 }
