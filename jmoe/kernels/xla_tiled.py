@@ -140,15 +140,15 @@ def _f32_zeros(shape):
     return jnp.zeros(shape, jnp.float32)
 
 
-def _tile_weight(w_GxKxN, scale_GxN, g, dtype):
-    """Group `g`'s `[K, N]` weight; a quantized one (with scales) converted to `dtype` here, one
-    group at a time, so no full-precision `[G, K, N]` copy exists."""
-    return w_GxKxN[g] if scale_GxN is None else w_GxKxN[g].astype(dtype)
-
-
-def _scaled(y_f32, scale_GxN, g):
-    """`y * scale[g]` per output column (`x @ (q * s) == (x @ q) * s`); `y` without scales."""
-    return y_f32 if scale_GxN is None else y_f32 * scale_GxN[g].astype(jnp.float32)
+def _project(x_t, w_GxKxN, scale_GxN, bias_GxN, g):
+    """`x_t @ w[g] (+ bias[g])` in float32. A quantized `w` (with scales) has only group `g`'s
+    `[K, N]` matrix converted to the rows' dtype, so no full-precision `[G, K, N]` copy exists,
+    and the product's columns are scaled: `x @ (q * s) == (x @ q) * s`."""
+    if scale_GxN is None:
+        y_f32 = _dot(x_t, w_GxKxN[g])
+    else:
+        y_f32 = _dot(x_t, w_GxKxN[g].astype(x_t.dtype)) * scale_GxN[g].astype(jnp.float32)
+    return _biased(y_f32, bias_GxN, g)
 
 
 def _check_differentiable(*scales):
@@ -165,9 +165,7 @@ def _check_differentiable(*scales):
 @jax.custom_vjp
 def _gmm_padded(x_PxK, w_GxKxN, scale_GxN, plan: TilePlan) -> jax.Array:
     def tile(g, row0, y):
-        x_t = _rows(x_PxK, row0, plan.tile)
-        y_t = _scaled(_dot(x_t, _tile_weight(w_GxKxN, scale_GxN, g, x_t.dtype)), scale_GxN, g)
-        return _put(y, y_t, row0)
+        return _put(y, _project(_rows(x_PxK, row0, plan.tile), w_GxKxN, scale_GxN, None, g), row0)
 
     y0 = jnp.zeros((x_PxK.shape[0], w_GxKxN.shape[2]), x_PxK.dtype)
     return _over_tiles(plan, tile, y0)
@@ -228,14 +226,10 @@ def _mlp_padded_loop(x_PxD, w_in, w_down, b_in, b_down, s_in, s_down, plan, acti
         y, pres = carry
         x_t = _rows(x_PxD, row0, plan.tile)
         pre = tuple(
-            _biased(_scaled(_dot(x_t, _tile_weight(w, s, g, x_t.dtype)), s, g), b, g).astype(
-                x_t.dtype
-            )
+            _project(x_t, w, s, b, g).astype(x_t.dtype)
             for w, s, b in zip(w_in, s_in or none, b_in or none, strict=True)
         )
-        h = act(*pre)
-        y_t = _scaled(_dot(h, _tile_weight(w_down, s_down, g, h.dtype)), s_down, g)
-        y = _put(y, _biased(y_t, b_down, g), row0)
+        y = _put(y, _project(act(*pre), w_down, s_down, b_down, g), row0)
         if save_pre:
             pres = tuple(_put(p, p_t, row0) for p, p_t in zip(pres, pre, strict=True))
         return y, pres
