@@ -4,6 +4,7 @@ quantized engine's, and `/v1/models` reports the quantization."""
 import subprocess
 
 import httpx
+import numpy as np
 from conftest import LiveServer
 from test_cli import _env, _serve
 
@@ -30,3 +31,22 @@ def test_quantize_flag_serves_quantized_experts(run):
         _serve("--run", run[0], "--quantize", "int4"), capture_output=True, text=True, timeout=300
     )
     assert bad.returncode != 0 and "--quantize" in bad.stderr and "int8" in bad.stderr
+
+
+def test_from_hf_quantizes_the_imported_experts(tmp_path):
+    from hf_fixtures import write_hf_checkpoint
+
+    from jmoe.convert import from_hf
+
+    checkpoint = write_hf_checkpoint(tmp_path / "tiny-mixtral")
+    engine = Engine.from_hf(checkpoint, quantize="fp8", num_slots=1, max_seq_len=16)
+    assert engine.config.moe.expert_quantization == "fp8"
+    _, variables = from_hf(checkpoint)
+    float_experts = variables["params"]["layers_0"]["moe"]["experts"]
+    experts = engine.steps.variables["params"]["layers_0"]["moe"]["experts"]
+    assert experts["w_gate"].dtype == "float8_e4m3fn"
+    w = np.asarray(float_experts["w_gate"], np.float32)
+    scale = np.asarray(experts["w_gate_scale"])[:, None]
+    deq = np.asarray(experts["w_gate"], np.float32) * scale
+    # half an e4m3 step: 2^-4 |w| for normals, 2^-10 scale below the smallest normal
+    assert np.all(np.abs(deq - w) <= np.maximum(np.abs(w) * 2.0**-4, scale * 2.0**-10) * 1.0001)
