@@ -2,9 +2,10 @@
 
 For float, int8 and fp8 experts (`jmoe.compress.quantize.quantize_experts`) of one `train.py`
 run: the routed experts' bytes, the next-token loss and the logits against the float model's on
-held-out text (the Python standard library's `json` and `csv` sources, which a run trained on
-other stdlib files has not seen verbatim), and the engine's decode step time with every slot
-busy (variants interleaved, medians).
+a fixed text (the Python standard library's `json.decoder` and `csv` sources; a run trained on
+the stdlib corpus may have seen them, which matters little when comparing the variants with
+each other), and the engine's decode step time with every slot busy (variants interleaved,
+medians).
 
     python bench/quantize.py --run runs/tiny    # prints a table, writes bench/results/quantize.json
 """
@@ -35,7 +36,7 @@ from jmoe.serve.sampling import SamplingParams
 KINDS = ("int8", "fp8")
 
 
-def held_out_tokens(tokenizer, seq_len: int, rows: int) -> np.ndarray:
+def text_tokens(tokenizer, seq_len: int, rows: int) -> np.ndarray:
     """`[rows, seq_len + 1]` token ids cut from the `json` and `csv` module sources."""
     text = inspect.getsource(json.decoder) + inspect.getsource(csv)
     ids = np.asarray(tokenizer.encode(text), np.int32)
@@ -75,7 +76,7 @@ def main(argv=None) -> None:
     parser.add_argument("--slots", type=int, default=8, help="decode slots, all busy")
     parser.add_argument("--cache", type=int, default=128, help="cache length the step reads")
     parser.add_argument("--runs", type=int, default=15, help="timed steps per variant")
-    parser.add_argument("--rows", type=int, default=8, help="held-out sequences")
+    parser.add_argument("--rows", type=int, default=8, help="text sequences scored")
     parser.add_argument("--out", default="bench/results/quantize.json")
     args = parser.parse_args(argv)
 
@@ -84,7 +85,7 @@ def main(argv=None) -> None:
     models = {"float32": (config, variables)}
     models.update({kind: quantize_experts(config, variables, kind) for kind in KINDS})
     seq_len = min(run.config.data.seq_len, config.max_seq_len - 1)
-    tokens = jnp.asarray(held_out_tokens(run.tokenizer, seq_len, args.rows))
+    tokens = jnp.asarray(text_tokens(run.tokenizer, seq_len, args.rows))
 
     results, ref_logits = {}, None
     for name, (cfg, var) in models.items():
@@ -126,7 +127,7 @@ def main(argv=None) -> None:
         "slots": args.slots,
         "cache": args.cache,
         "runs": args.runs,
-        "held_out_tokens": int(tokens[:, 1:].size),
+        "scored_tokens": int(tokens[:, 1:].size),
         "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind,
         "machine": platform.processor() or platform.machine(),
