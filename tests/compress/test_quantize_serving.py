@@ -103,3 +103,16 @@ def test_bad_saves_write_nothing(source_run, tmp_path):
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]
     with pytest.raises(FileNotFoundError, match="config.yaml"):
         save_compressed(tmp_path / "taken", tmp_path / "new", config.model, variables)
+
+
+def test_a_save_failing_midway_leaves_nothing(source_run, tmp_path, monkeypatch):
+    from jmoe.compress import save
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    directory, config, variables = source_run
+    monkeypatch.setattr(save.Checkpointer, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_compressed(directory, tmp_path / "out", config.model, variables)
+    assert list(tmp_path.iterdir()) == []
