@@ -180,8 +180,10 @@ def merge_layer(
     A group's merging weights are its experts' usage divided by their sum (equal weights when
     the group was never used). The merged expert's router column is the same average of the
     group's router columns, and so are its logit bias (`router/bias`) and top-k selection bias
-    (`moe_state/bias`, one per chain step); null-expert columns are kept unchanged. Since the
-    logits are linear in the column and bias, this rule keeps, on every token:
+    (`moe_state/bias`, one per chain step): the router column is merged like the expert's other
+    weights, with the most used members counting most, rather than kept from the dominant
+    expert alone. Null-expert columns are kept unchanged. Since the logits are linear in the
+    column and bias, this rule keeps, on every token:
     - the merged expert's logit equal to the usage-weighted mean of its members' logits, so a
       group of experts with identical columns keeps its exact logit (and its sigmoid score);
     - the logits of the other groups and of the null experts.
@@ -193,8 +195,13 @@ def merge_layer(
     params = weights.params
     experts = {name: np.asarray(a, np.float64) for name, a in params["experts"].items()}
     for name in experts:
-        _hidden_axis(name)
+        _hidden_axis(name)  # unknown (quantized) parameters fail before any work
     num_experts = next(iter(experts.values())).shape[0]
+    if sorted(e for group in groups for e in group) != list(range(num_experts)) or not all(groups):
+        raise ValueError(
+            f"merge_layer: groups {[list(g) for g in groups]} must be non-empty and hold each "
+            f"expert of [0, {num_experts}) once"
+        )
     usage_E = np.asarray(usage_E, np.float64)
     router = params["router"]
     num_outputs = router["kernel"].shape[-1]

@@ -284,3 +284,7 @@ def test_bad_merges_name_the_problem(biased):
     quantized = _layer([_random_expert(rng, ("w_up", "w_up_scale"))] * 2, np.zeros((D, 2)))
     with pytest.raises(ValueError, match="'w_up_scale' is not one of"):
         merge.merge_layer(quantized, [[0, 1]], np.ones(2))
+    layer = surgery.moe_layer_weights(config, variables)[0]
+    for groups in ([[0, 1], [2]], [[0, 1], [1, 2, 3]], [[0, 1, 2, 3], []]):
+        with pytest.raises(ValueError, match="must be non-empty and hold each expert"):
+            merge.merge_layer(layer, groups, np.ones(4))
