@@ -193,7 +193,7 @@ def merge_layer(
     model gives those slots to other groups.
     """
     params = weights.params
-    experts = {name: np.asarray(a, np.float64) for name, a in params["experts"].items()}
+    experts = params["experts"]
     for name in experts:
         _hidden_axis(name)  # unknown (quantized) parameters fail before any work
     num_experts = next(iter(experts.values())).shape[0]
@@ -215,10 +215,10 @@ def merge_layer(
         total = usage_E[group].sum()
         w_M = usage_E[group] / total if total > 0 else np.full(len(group), 1.0 / len(group))
         mix[group, g] = w_M
-        dominant = {name: a[group[0]] for name, a in experts.items()}
+        dominant = _expert(experts, group[0])
         sums = {name: w_M[0] * a for name, a in dominant.items()}
         for member, w in zip(group[1:], w_M[1:], strict=True):
-            expert = {name: a[member] for name, a in experts.items()}
+            expert = _expert(experts, member)
             aligned = permute_hidden_units(expert, match_hidden_units(dominant, expert))
             sums = {name: s + w * aligned[name] for name, s in sums.items()}
         for name, s in sums.items():
@@ -236,6 +236,12 @@ def merge_layer(
         for name, a in weights.state.items()
     }
     return dataclasses.replace(weights, params=new_params, state=state)
+
+
+def _expert(experts: dict, index: int) -> dict[str, np.ndarray]:
+    """One expert's parameters in float32 (one expert at a time: a layer's experts in float
+    could be larger than the host memory)."""
+    return {name: np.asarray(a[index], np.float32) for name, a in experts.items()}
 
 
 def _mix(columns, mix):
