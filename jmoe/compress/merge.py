@@ -13,7 +13,9 @@ On calibration tokens, every MoE layer is merged the same way:
 4. merging: the group's aligned weights and biases are averaged with the members' usage as
    weights, and so are its router columns, logit biases and selection biases (`merge_layer`).
 
-The result is an ordinary model of `num_groups` experts per MoE layer (`merge_experts`).
+The result is an ordinary model of `num_groups` experts per MoE layer (`merge_experts`). The
+paper may leave different layers different expert counts (dominant experts chosen by usage over
+all layers at once); a jmoe model has one `MoEConfig`, so every MoE layer keeps `num_groups`.
 """
 
 from __future__ import annotations
