@@ -51,7 +51,8 @@ def merge_experts(
       config, variables: the model (either layer layout; float experts, not quantized ones).
       tokens_BxS: int calibration token ids.
       mask_BxS: bool, False for padding (None: every token counts).
-      num_groups: experts per MoE layer after merging, in `[max(1, router slots), E]`.
+      num_groups: experts per MoE layer after merging, in `[1, E]` and enough for the router
+        (a top-k router needs at least k).
 
     Returns:
       `(config, variables)` of an ordinary model with `moe.num_experts = num_groups`; merged
@@ -87,10 +88,10 @@ def merge_method(num_groups: int) -> Callable:
     """`merge_experts` as a compression method `(config, variables, context) -> (config,
     variables)`, where `context` has the calibration `tokens_BxS` and `mask_BxS`."""
 
-    def merge(config: ModelConfig, variables: dict, context) -> tuple[ModelConfig, dict]:
+    def method(config: ModelConfig, variables: dict, context) -> tuple[ModelConfig, dict]:
         return merge_experts(config, variables, context.tokens_BxS, context.mask_BxS, num_groups)
 
-    return merge
+    return method
 
 
 def expert_usage(routings: Sequence[Routing], mask_T, num_experts: int) -> np.ndarray:
@@ -139,7 +140,7 @@ def group_experts(usage_E, similarity_ExE, num_groups: int) -> list[list[int]]:
     groups = [[int(d)] for d in dominant_G]
     for expert in range(num_experts):
         if expert not in dominant_G:
-            # 2. argmax takes the first of equal similarities: the lowest dominant index.
+            # 1. argmax takes the first of equal similarities: the lowest dominant index.
             groups[int(np.argmax(similarity_ExE[expert, dominant_G]))].append(expert)
     return groups
 
