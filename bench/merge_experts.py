@@ -85,7 +85,10 @@ def _keep_most_used(config, variables, tokens_BxS, num_groups: int):
 
 def _merge_unaligned(config, variables, tokens_BxS, num_groups: int):
     """Ablation: MC-SMoE merging with every member's hidden units left in their own order."""
-    identity = lambda dominant, member: np.arange(config.moe.d_ff)  # noqa: E731
+
+    def identity(dominant, member):
+        return np.arange(config.moe.d_ff)
+
     with mock.patch.object(merge, "match_hidden_units", identity):
         return merge.merge_experts(config, variables, tokens_BxS, None, num_groups)
 
