@@ -111,11 +111,21 @@ def keep_experts(config: ModelConfig, variables: dict, ids_LxR) -> tuple[ModelCo
             f"keep_experts: ids of shape {ids_LxR.shape} must be [L_moe={len(layers)}, r]"
         )
     keep = ids_LxR.shape[1]
-    try:
-        dataclasses.replace(config.moe, num_experts=keep)
-    except ValueError as error:
+    error = _router_misfit(config, keep)
+    if error is not None:
+        allowed = [r for r in range(1, config.moe.num_experts + 1) if not _router_misfit(config, r)]
         raise ValueError(
-            f"prune_experts: keep={keep} experts do not fit the router {config.moe.router}: {error}"
-        ) from None
+            f"prune_experts: keep={keep} experts do not fit the router {config.moe.router} "
+            f"({error}); it allows keep in {allowed}"
+        )
     kept = [surgery.take_experts(w, ids) for w, ids in zip(layers, ids_LxR, strict=True)]
     return surgery.with_experts(config, variables, kept)
+
+
+def _router_misfit(config: ModelConfig, num_experts: int) -> str | None:
+    """Why the layer's router cannot run on `num_experts` experts (None when it can)."""
+    try:
+        dataclasses.replace(config.moe, num_experts=num_experts)
+    except ValueError as error:
+        return str(error)
+    return None

@@ -21,7 +21,9 @@ of E true experts (plus M null experts, if the router has them):
 
   The confidence threshold `r` keeps only the selections the router is sure of (a near-tie's
   runner-up does not count); `k` is the router's slots per token (`MoEConfig.slots`). Null
-  experts take part in the top-k and the renormalisation but get no score.
+  experts take part in the top-k and the renormalisation but get no score. (The paper's
+  released code sums the kept experts' raw logits instead of q; the probability keeps the
+  score in [0, 1] and comparable across layers and routers.)
 
 `router_stats(config, variables, tokens, mask)` computes them from a forward pass
 (`jmoe.compress.trace`); `RouterStats.save(run_dir / "router_stats" / f"{name}.json")` keeps them
