@@ -2,11 +2,12 @@
 
 Trains the default tiny model (configs/tiny.yaml; `--preset small` for configs/small.yaml) with
 `train_and_evaluate`, cached in `--runs` by a hash of its config like bench/reproduce.py, then
-measures router statistics on a calibration set (saved with the run under `router_stats/`) and
-applies every compression method of `METHODS` to the trained weights. For each it reports the
-routed experts' bytes (`surgery.expert_param_bytes`) and the held-out loss of the trainer's own
-evaluation (`eval_step` over the run's `train.eval_batches` held-out batches); it prints a
-table and writes JSON and a memory-vs-loss plot under bench/results/.
+measures router statistics on the even files of a calibration set (saved with the run under
+`router_stats/`) and applies every compression method of `METHODS` to the trained weights. For
+each it reports the routed experts' bytes (`surgery.expert_param_bytes`) and two held-out losses
+of the trainer's own evaluation (`eval_step` over `train.eval_batches` batches): on the run's
+held-out documents, and on the calibration set's odd files (the task's own unseen text). It
+prints a table and writes JSON and a memory-vs-loss plot under bench/results/.
 
     python bench/compress.py --quick                  # CPU: a short run, minutes
     python bench/compress.py --preset small --steps 2000
@@ -32,7 +33,7 @@ from reproduce import FULL, QUICK, RUN_SETTINGS, finished, run_dir
 from results_io import write_results
 
 from jmoe.compress import surgery
-from jmoe.compress.calibration import CALIBRATION_SETS, calibration_tokens
+from jmoe.compress.calibration import CALIBRATION_SETS, calibration_texts, calibration_tokens
 from jmoe.compress.prune import prune_experts
 from jmoe.compress.router_stats import RouterStats, router_stats, stats_path
 from jmoe.lm.config import ModelConfig
@@ -102,14 +103,16 @@ def bench_config(preset: str, quick: bool, steps: int | None) -> Config:
     return load_config(PRESETS[preset], overrides)
 
 
-def held_out_batches(config: Config, tokenizer) -> list[dict]:
-    """The run's held-out batches, as its evaluation reads them (one process)."""
+def held_out_docs(config: Config) -> list[str]:
+    """The run's held-out documents (its `data` split)."""
     corpus = data.read_corpus(config.data.source, max_bytes=config.data.max_bytes)
-    _, eval_docs = data.split_documents(
-        corpus.documents, config.data.eval_fraction, config.data.seed
-    )
+    return data.split_documents(corpus.documents, config.data.eval_fraction, config.data.seed)[1]
+
+
+def eval_batches(config: Config, tokenizer, docs: list[str]) -> list[dict]:
+    """`docs` in the batches the run's evaluation reads (its first `train.eval_batches`)."""
     batches = data.make_iterator(
-        eval_docs,
+        docs,
         tokenizer,
         seq_len=config.data.seq_len,
         batch_size=config.data.batch_size,
@@ -142,13 +145,16 @@ def run(args) -> dict:
         train_and_evaluate(config, workdir)
     trained = load_run(workdir)
     model, variables, tokenizer = trained.config.model, trained.variables, trained.tokenizer
+    # The calibration set's even files calibrate; its odd files are the task's held-out text.
+    task_texts = calibration_texts(args.calibration)
     tokens_BxS, mask_BxS = calibration_tokens(
-        args.calibration, tokenizer, seq_len=config.data.seq_len, max_sequences=args.sequences
+        task_texts[0::2], tokenizer, seq_len=config.data.seq_len, max_sequences=args.sequences
     )
     stats = router_stats(model, variables, tokens_BxS, mask_BxS, source=args.calibration)
     stats.save(stats_path(workdir, args.calibration))
     context = Context(stats, tokens_BxS, mask_BxS, tokenizer, workdir)
-    batches = held_out_batches(config, tokenizer)
+    batches = eval_batches(config, tokenizer, held_out_docs(config))
+    task_batches = eval_batches(config, tokenizer, task_texts[1::2])
     rows = {}
     for name in args.methods or METHODS:
         started = time.perf_counter()
@@ -157,6 +163,7 @@ def run(args) -> dict:
             "experts_per_layer": new_model.moe.num_experts,
             "expert_bytes": surgery.expert_param_bytes(new_model, new_variables),
             "eval_loss": held_out_loss(new_model, new_variables, batches),
+            "task_loss": held_out_loss(new_model, new_variables, task_batches),
             "seconds": time.perf_counter() - started,
         }
         print(f"{name}: {rows[name]}", flush=True)
@@ -167,11 +174,14 @@ def run(args) -> dict:
         "steps": config.train.steps,
         "calibration": {
             "set": args.calibration,
+            "files": f"{len(task_texts[0::2])} even files (the {len(task_texts[1::2])} odd ones "
+            "are the task's held-out text)",
             "sequences": int(tokens_BxS.shape[0]),
             "tokens": int(stats.num_tokens),
             "confidence": stats.confidence,
         },
         "held_out_tokens": int(sum(batch["mask"].sum() for batch in batches)),
+        "task_held_out_tokens": int(sum(batch["mask"].sum() for batch in task_batches)),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
         "backend": jax.default_backend(),
         "methods": rows,
@@ -180,11 +190,13 @@ def run(args) -> dict:
 
 def markdown_table(result: dict) -> str:
     base = result["methods"].get("none")
-    head = ["method", "experts / layer", "expert MB", "memory vs none", "held-out loss", "Δ loss"]
+    head = ["method", "experts / layer", "expert MB", "memory vs none", "held-out loss", "Δ"]
+    head += [f"{result.get('calibration', {}).get('set', 'task')} held-out loss", "Δ"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in result["methods"].items():
         ratio = f"{row['expert_bytes'] / base['expert_bytes']:.2f}" if base else "n/a"
         delta = f"{row['eval_loss'] - base['eval_loss']:+.4f}" if base else "n/a"
+        task_delta = f"{row['task_loss'] - base['task_loss']:+.4f}" if base else "n/a"
         cells = [
             name,
             str(row["experts_per_layer"]),
@@ -192,6 +204,8 @@ def markdown_table(result: dict) -> str:
             ratio,
             f"{row['eval_loss']:.4f}",
             delta,
+            f"{row['task_loss']:.4f}",
+            task_delta,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -204,15 +218,17 @@ def plot(result: dict, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for name, row in result["methods"].items():
-        ax.scatter(row["expert_bytes"] / 1e6, row["eval_loss"], label=name)
-    ax.legend(fontsize=8)
-    ax.set(
-        xlabel="routed expert weights (MB)",
-        ylabel="held-out loss (nats / token)",
-        title=f"{result['preset']} preset, calibration on {result['calibration']['set']!r}",
-    )
+    task = result["calibration"]["set"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharex=True)
+    for ax, key, what in [(axes[0], "eval_loss", "corpus"), (axes[1], "task_loss", task)]:
+        for name, row in result["methods"].items():
+            ax.scatter(row["expert_bytes"] / 1e6, row[key], label=name)
+        ax.set(
+            xlabel="routed expert weights (MB)",
+            ylabel="held-out loss (nats / token)",
+            title=f"{what} held-out text ({result['preset']}, calibrated on {task!r})",
+        )
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -223,7 +239,7 @@ def main():
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--quick", action="store_true", help="a short CPU run")
     parser.add_argument("--steps", type=int, help="training steps of the run")
-    parser.add_argument("--calibration", choices=sorted(CALIBRATION_SETS), default="asyncio")
+    parser.add_argument("--calibration", choices=sorted(CALIBRATION_SETS), default="email")
     parser.add_argument("--sequences", type=int, default=32, help="calibration sequences")
     parser.add_argument("--methods", choices=sorted(METHODS), action="append")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))

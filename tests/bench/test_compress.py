@@ -42,8 +42,14 @@ def test_every_method_returns_a_model_of_the_promised_size():
 
 def test_the_table_compares_each_method_with_none():
     rows = {
-        "none": {"experts_per_layer": 8, "expert_bytes": 8e6, "eval_loss": 4.0},
-        "prune_tcess_0.5": {"experts_per_layer": 4, "expert_bytes": 4e6, "eval_loss": 4.25},
+        "none": {"experts_per_layer": 8, "expert_bytes": 8e6, "eval_loss": 4.0, "task_loss": 3.0},
+        "prune_tcess_0.5": {
+            "experts_per_layer": 4,
+            "expert_bytes": 4e6,
+            "eval_loss": 4.25,
+            "task_loss": 3.5,
+        },
     }
-    table = compress.markdown_table({"methods": rows})
-    assert "| prune_tcess_0.5 | 4 | 4.000 | 0.50 | 4.2500 | +0.2500 |" in table
+    table = compress.markdown_table({"methods": rows, "calibration": {"set": "email"}})
+    assert "| email held-out loss |" in table
+    assert "| prune_tcess_0.5 | 4 | 4.000 | 0.50 | 4.2500 | +0.2500 | 3.5000 | +0.5000 |" in table
