@@ -67,15 +67,25 @@ class Context:
     run_dir: pathlib.Path
 
 
+CONTROL_SET = "asyncio"  # another task's calibration, for the control rows
 Method = Callable[[ModelConfig, dict, Context], tuple[ModelConfig, dict]]
 
 
-def _pruning(score: str, fraction: float) -> Method:
-    """Pruning to `round(fraction * E)` experts per layer by `score`."""
+def _pruning(score: str, fraction: float, calibration: str | None = None) -> Method:
+    """Pruning to `round(fraction * E)` experts per layer by `score`, on the context's
+    statistics or, with `calibration`, on another set's (the control: is the task's own
+    calibration better for the task than another's?)."""
 
     def method(config: ModelConfig, variables: dict, context: Context):
+        stats = context.stats
+        if calibration is not None:
+            b, s = context.tokens_BxS.shape
+            tokens_BxS, mask_BxS = calibration_tokens(
+                calibration, context.tokenizer, seq_len=s, max_sequences=b
+            )
+            stats = router_stats(config, variables, tokens_BxS, mask_BxS, source=calibration)
         keep = max(round(fraction * config.moe.num_experts), 1)
-        return prune_experts(config, variables, context.stats, keep, score=score)
+        return prune_experts(config, variables, stats, keep, score=score)
 
     return method
 
@@ -86,6 +96,10 @@ METHODS: dict[str, Method] = {
         f"prune_{score}_{fraction:g}": _pruning(score, fraction)
         for score in ("tcess", "frequency")
         for fraction in (0.75, 0.5, 0.25)
+    },
+    **{
+        f"prune_tcess_{CONTROL_SET}_{fraction:g}": _pruning("tcess", fraction, CONTROL_SET)
+        for fraction in (0.5, 0.25)
     },
 }
 

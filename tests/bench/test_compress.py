@@ -14,6 +14,7 @@ import compress  # noqa: E402
 
 from jmoe.compress import surgery  # noqa: E402
 from jmoe.compress.router_stats import RouterStats  # noqa: E402
+from jmoe.train.tokenizer import ByteTokenizer  # noqa: E402
 
 
 def test_every_method_returns_a_model_of_the_promised_size():
@@ -29,7 +30,9 @@ def test_every_method_returns_a_model_of_the_promised_size():
         confidence=0.1,
         top_k=2,
     )
-    context = compress.Context(stats, np.asarray(tokens), np.ones(tokens.shape, bool), None, None)
+    context = compress.Context(
+        stats, np.asarray(tokens), np.ones(tokens.shape, bool), ByteTokenizer(), None
+    )
     assert "none" in compress.METHODS
     for name, method in compress.METHODS.items():
         new_config, new_variables = method(config, variables, context)
