@@ -34,6 +34,7 @@ from results_io import write_results
 
 from jmoe.compress import surgery
 from jmoe.compress.calibration import CALIBRATION_SETS, calibration_texts, calibration_tokens
+from jmoe.compress.merge import merge_method
 from jmoe.compress.prune import prune_experts
 from jmoe.compress.router_stats import RouterStats, router_stats, stats_path
 from jmoe.lm.config import ModelConfig
@@ -71,6 +72,17 @@ CONTROL_SET = "asyncio"  # another task's calibration, for the control rows
 Method = Callable[[ModelConfig, dict, Context], tuple[ModelConfig, dict]]
 
 
+def _merging(fraction: float, align: bool = True) -> Method:
+    """MC-SMoE merging to `round(fraction * E)` experts per layer on the context's calibration
+    tokens (`align=False`: without the hidden-unit alignment, the ablation)."""
+
+    def method(config: ModelConfig, variables: dict, context: Context):
+        num_groups = max(round(fraction * config.moe.num_experts), 1)
+        return merge_method(num_groups, align=align)(config, variables, context)
+
+    return method
+
+
 def _pruning(score: str, fraction: float, calibration: str | None = None) -> Method:
     """Pruning to `round(fraction * E)` experts per layer by `score`, on the context's
     statistics or, with `calibration`, on another set's (the control: is the task's own
@@ -101,6 +113,8 @@ METHODS: dict[str, Method] = {
         f"prune_tcess_{CONTROL_SET}_{fraction:g}": _pruning("tcess", fraction, CONTROL_SET)
         for fraction in (0.5, 0.25)
     },
+    **{f"merge_{fraction:g}": _merging(fraction) for fraction in (0.75, 0.5, 0.25)},
+    "merge_unaligned_0.5": _merging(0.5, align=False),
 }
 
 

@@ -44,6 +44,8 @@ def merge_experts(
     tokens_BxS,
     mask_BxS,
     num_groups: int,
+    *,
+    align: bool = True,
 ) -> tuple[ModelConfig, dict]:
     """The model with each MoE layer's E experts merged into `num_groups` (module docstring).
 
@@ -53,6 +55,8 @@ def merge_experts(
       mask_BxS: bool, False for padding (None: every token counts).
       num_groups: experts per MoE layer after merging, in `[1, E]` and enough for the router
         (a top-k router needs at least k).
+      align: permute each member's hidden units to its dominant expert's before averaging
+        (False: average them as they are, the ablation of step 3).
 
     Returns:
       `(config, variables)` of an ordinary model with `moe.num_experts = num_groups`; merged
@@ -80,16 +84,18 @@ def merge_experts(
         usage_E = expert_usage(steps, mask_T, num_experts)
         similarity_ExE = logit_similarity(steps, mask_T, num_experts)
         groups = group_experts(usage_E, similarity_ExE, num_groups)
-        layers.append(merge_layer(weights, groups, usage_E))
+        layers.append(merge_layer(weights, groups, usage_E, align=align))
     return surgery.with_experts(config, variables, layers)
 
 
-def merge_method(num_groups: int) -> Callable:
+def merge_method(num_groups: int, *, align: bool = True) -> Callable:
     """`merge_experts` as a compression method `(config, variables, context) -> (config,
     variables)`, where `context` has the calibration `tokens_BxS` and `mask_BxS`."""
 
     def method(config: ModelConfig, variables: dict, context) -> tuple[ModelConfig, dict]:
-        return merge_experts(config, variables, context.tokens_BxS, context.mask_BxS, num_groups)
+        return merge_experts(
+            config, variables, context.tokens_BxS, context.mask_BxS, num_groups, align=align
+        )
 
     return method
 
@@ -175,10 +181,15 @@ def permute_hidden_units(expert: dict, perm_F) -> dict:
 
 
 def merge_layer(
-    weights: surgery.MoELayerWeights, groups: Sequence[Sequence[int]], usage_E
+    weights: surgery.MoELayerWeights,
+    groups: Sequence[Sequence[int]],
+    usage_E,
+    *,
+    align: bool = True,
 ) -> surgery.MoELayerWeights:
     """The layer with one expert per group (in the order given): the usage-weighted average of
-    the group's experts, each member aligned to the group's first (dominant) expert.
+    the group's experts, each member aligned to the group's first (dominant) expert (unless
+    `align` is False).
 
     A group's merging weights are its experts' usage divided by their sum (equal weights when
     the group was never used). The merged expert's router column is the same average of the
@@ -222,8 +233,9 @@ def merge_layer(
         sums = {name: w_M[0] * a for name, a in dominant.items()}
         for member, w in zip(group[1:], w_M[1:], strict=True):
             expert = _expert(experts, member)
-            aligned = permute_hidden_units(expert, match_hidden_units(dominant, expert))
-            sums = {name: s + w * aligned[name] for name, s in sums.items()}
+            if align:
+                expert = permute_hidden_units(expert, match_hidden_units(dominant, expert))
+            sums = {name: s + w * expert[name] for name, s in sums.items()}
         for name, s in sums.items():
             merged[name].append(s)
     new_params = {
