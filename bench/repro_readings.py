@@ -2,8 +2,11 @@
 experiment-specific columns, the one-line reading of each experiment and its plot.
 
 A reading compares variants by their position in the experiment's YAML (the first is the
-baseline) and states only what the numbers say: a difference counts as "lower" or "higher" when
-it exceeds the larger of the two seed standard deviations, else "within the seed spread".
+baseline) and states only what the numbers say. Variants are compared seed by seed (seed i of
+every variant shares its data split, data order and initialisation, so a seed's difference
+cancels what the seeds share): a difference counts as "lower" or "higher" when the mean of the
+per-seed differences exceeds their standard deviation over the seeds, else "within the seed
+spread".
 """
 
 from __future__ import annotations
@@ -37,11 +40,17 @@ def _mean(row: dict, key: str) -> float:
     return row[key]["mean"]
 
 
+def paired_difference(a: dict, b: dict, key: str = "eval_loss") -> tuple[float, float]:
+    """The mean over seeds of `a - b` for a scalar, and the standard deviation (ddof 1; 0 for
+    one seed) of those per-seed differences."""
+    diffs_S = np.asarray(a[key]["values"], float) - np.asarray(b[key]["values"], float)
+    return float(diffs_S.mean()), float(diffs_S.std(ddof=1)) if diffs_S.size > 1 else 0.0
+
+
 def compare(a: dict, b: dict, key: str = "eval_loss") -> tuple[float, str]:
-    """`a - b` of a scalar's seed means and the word for it ("lower", "higher", "within the
-    seed spread")."""
-    diff = _mean(a, key) - _mean(b, key)
-    spread = max(a[key]["std"], b[key]["std"])
+    """`a - b` of a scalar (mean of the per-seed differences) and the word for it ("lower",
+    "higher", "within the seed spread")."""
+    diff, spread = paired_difference(a, b, key)
     if abs(diff) <= spread:
         return diff, "within the seed spread"
     return diff, "lower" if diff < 0 else "higher"
@@ -59,10 +68,10 @@ def _loss_sentence(name_a: str, a: dict | None, name_b: str, b: dict | None) -> 
     if missing:
         return " and ".join(missing) + " not run"
     diff, word = compare(a, b)
-    spread = max(a["eval_loss"]["std"], b["eval_loss"]["std"])
+    _, spread = paired_difference(a, b)
     return (
         f"{name_a} {_mean(a, 'eval_loss'):.3f} vs {name_b} {_mean(b, 'eval_loss'):.3f} "
-        f"({diff:+.3f}, {word}; seed std {spread:.3f})"
+        f"({diff:+.3f}, {word}; std of the per-seed differences {spread:.3f})"
     )
 
 
@@ -89,7 +98,10 @@ def read_top_p(result: dict, spec: dict) -> str:
             parts.append(f"{name} not run")
             continue
         layers = row["experts_per_layer"]
-        order = "decreasing" if all(np.diff(layers) <= 0) else "not monotone"
+        steps = np.diff(layers)
+        order = (
+            "decreasing" if all(steps <= 0) else "increasing" if all(steps >= 0) else "not monotone"
+        )
         first_more = "more" if layers[0] > layers[-1] else "fewer"
         rho = row["loss_experts_spearman"]
         corr = "n/a" if rho["mean"] is None else f"{rho['mean']:+.3f}"

@@ -131,7 +131,7 @@ def _config(mode: Mode, spec: dict, overrides, seed: int, steps: int | None = No
     return load_config(BASE_PRESET, every)
 
 
-def _run_dir(runs: pathlib.Path, config: Config, start_from: str | None) -> pathlib.Path:
+def run_dir(runs: pathlib.Path, config: Config, start_from: str | None) -> pathlib.Path:
     """The cache directory of a run: a hash of its config and of the run it starts from."""
     key = yaml.safe_dump({"config": config_to_dict(config), "from": start_from})
     return runs / hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -217,7 +217,7 @@ def train_variant(
     runs: pathlib.Path, config: Config, init_from: pathlib.Path | None = None
 ) -> tuple[pathlib.Path, dict]:
     """Trains (or reads back) one run; returns its directory and its numbers."""
-    workdir = _run_dir(runs, config, None if init_from is None else init_from.name)
+    workdir = run_dir(runs, config, None if init_from is None else init_from.name)
     final = report.load_summary(workdir)
     measured = workdir / MEASURED_FILE
     if final is not None and final.get("step") == config.train.steps and measured.exists():
@@ -253,11 +253,11 @@ def run_experiment(
             init_from = None
             if phase == "finetune":
                 source = _config(mode, spec, spec["variants"][finetune["from"]], seed)
-                init_from = _run_dir(runs, source, None)
+                init_from = run_dir(runs, source, None)
             for name, overrides in variants.items():
                 config = _config(mode, spec, overrides, seed, steps=steps if init_from else None)
                 configs[(phase, name)] = config
-                if cached_only and not _finished(runs, config, init_from):
+                if cached_only and not finished(runs, config, init_from):
                     not_run[phase].append(name)
                     continue
                 per_seed[phase][name].append(train_variant(runs, config, init_from)[1])
@@ -287,8 +287,9 @@ def run_experiment(
     return render(result, spec, out)
 
 
-def _finished(runs: pathlib.Path, config: Config, init_from: pathlib.Path | None) -> bool:
-    workdir = _run_dir(runs, config, None if init_from is None else init_from.name)
+def finished(runs: pathlib.Path, config: Config, init_from: pathlib.Path | None) -> bool:
+    """Whether the run of `config` (started from `init_from`) is in the cache, finished."""
+    workdir = run_dir(runs, config, None if init_from is None else init_from.name)
     final = report.load_summary(workdir)
     return final is not None and final.get("step") == config.train.steps
 

@@ -6,6 +6,11 @@ byte-level BPE trained on a few sentences, whose post-processor adds a leading `
 `tokenizer_config.json` (special tokens, a ChatML chat template) and `generation_config.json`
 (two end ids: `</s>` and `<|im_end|>`). `write_hf_checkpoint(directory)` adds a tiny Mixtral's
 config.json and safetensors (from tests/fixtures/hf) with a vocabulary that fits the tokenizer.
+
+`python tests/hf_fixtures.py` rewrites `tests/fixtures/hf/olmoe_servable`
+(`write_servable_fixture`): the OLMoE fixture's weights and reference logits (linked, not copied)
+with a tokenizer small enough for its 96-symbol vocabulary, the checkpoint that
+notebooks/huggingface.ipynb imports at the test size.
 """
 
 from __future__ import annotations
@@ -100,3 +105,57 @@ def write_hf_checkpoint(
     save_file(tensors, directory / "model.safetensors")
     write_hf_tokenizer(directory, chat_template=chat_template, vocab_size=vocab_size)
     return directory
+
+
+SMALL_VOCAB_SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def small_vocab_bpe(texts: list[str], vocab_size: int) -> tokenizers.Tokenizer:
+    """A BPE of at most `vocab_size` symbols for a tiny model's vocabulary: `<unk>`, `<s>`,
+    `</s>` (ids 0..2), the most frequent characters of `texts` (others become `<unk>`) and
+    merges; spaces are kept as `▁` (Metaspace) and a prompt gets a leading `<s>`."""
+    tokenizer = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SMALL_VOCAB_SPECIALS,
+        limit_alphabet=vocab_size - len(SMALL_VOCAB_SPECIALS) - 16,  # room for 16+ merges
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+    )
+    return tokenizer
+
+
+def write_servable_fixture(directory: pathlib.Path, family: str = "olmoe") -> pathlib.Path:
+    """The committed `family` fixture made servable without touching its weights: links to its
+    `model.safetensors` and `reference.npz`, its config with the end ids of a `small_vocab_bpe`
+    (trained on the first 300 kB of the Python standard library) that fits its vocabulary."""
+    from jmoe.train.data import read_corpus
+
+    source = FIXTURES / family
+    directory.mkdir(parents=True, exist_ok=True)
+    config = json.loads((source / "config.json").read_text())
+    tokenizer = small_vocab_bpe(
+        read_corpus("stdlib", max_bytes=300_000).documents, config["vocab_size"]
+    )
+    bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+    config.update(bos_token_id=bos, eos_token_id=eos, pad_token_id=None)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in ("model.safetensors", "reference.npz"):
+        link = directory / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(pathlib.Path("..") / family / name)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(special, indent=2) + "\n")
+    generation = {"bos_token_id": bos, "eos_token_id": eos}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return directory
+
+
+if __name__ == "__main__":  # rewrites the servable fixture the Hugging Face notebook imports
+    print(write_servable_fixture(FIXTURES / "olmoe_servable"))

@@ -1,11 +1,12 @@
 """jmoe.hf_tokenizer: a checkpoint's tokenizer.json, special tokens, stop ids and chat template;
-streaming its tokens back to text."""
+streaming its tokens back to text; the small-vocabulary tokenizer of the servable OLMoE fixture
+(tests/fixtures/hf/olmoe_servable, which notebooks/huggingface.ipynb imports)."""
 
 import json
 
 import pytest
 import tokenizers
-from hf_fixtures import CHATML, SENTENCES, write_hf_tokenizer
+from hf_fixtures import CHATML, FIXTURES, SENTENCES, small_vocab_bpe, write_hf_tokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from jmoe.hf_tokenizer import PretrainedTokenizer, load_chat_template, load_hf_tokenizer
@@ -150,3 +151,28 @@ def test_streaming_keeps_the_first_word_space_of_sentencepiece_style_decoders():
     assert tok.decode(generated) == "brown fox"  # alone, the word-start space is lost
     assert "".join(_stream(tok, prompt, generated)) == " brown fox"
     assert "".join(_stream(tok, [], generated)) == "brown fox"  # no prompt: nothing to follow
+
+
+def test_small_vocab_bpe_fits_its_budget_and_round_trips():
+    text = "The quick brown fox"
+    for vocab_size in (96, 32):
+        tok = small_vocab_bpe(SENTENCES * 4, vocab_size=vocab_size)
+        assert tok.get_vocab_size() <= vocab_size
+        assert [tok.token_to_id(t) for t in ("<unk>", "<s>", "</s>")] == [0, 1, 2]
+        ids = tok.encode(text).ids
+        assert ids[0] == 1  # a leading <s>
+        if vocab_size == 96:  # every character kept: the text comes back
+            assert tok.decode(ids) == text and 0 not in ids
+        else:  # the rarest characters left out of the alphabet become <unk>
+            assert 0 in ids
+
+
+def test_the_servable_olmoe_fixture_is_the_olmoe_weights_with_a_fitting_tokenizer():
+    servable, olmoe = FIXTURES / "olmoe_servable", FIXTURES / "olmoe"
+    for name in ("model.safetensors", "reference.npz"):
+        assert (servable / name).resolve() == (olmoe / name).resolve()
+    tok = load_hf_tokenizer(servable)
+    vocab = json.loads((servable / "config.json").read_text())["vocab_size"]
+    assert tok.vocab_size <= vocab and max(tok.eos_ids) < vocab
+    text = "def main(x):\n    return x + 1\n"
+    assert tok.decode(tok.encode_prompt(text)) == text

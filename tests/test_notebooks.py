@@ -1,9 +1,12 @@
 """The notebooks run: each is executed on CPU with the small test size (`nbclient`, a fresh
 `ipykernel`), the committed copies carry the outputs of a real run with no errors, and the first
-cell installs jmoe from the URL the user sets, or skips where jmoe is installed."""
+cell installs jmoe from the URL the user sets, or skips where jmoe is installed. The Hugging Face
+notebook's run also shows the imported fixture's logits matching transformers' and the null
+experts cutting the true experts per token."""
 
 import importlib.util
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -20,7 +23,19 @@ def _outputs_text(cell) -> str:
 
 
 def test_there_are_notebooks():
-    assert {"quickstart.ipynb", "routers.ipynb"} <= {path.name for path in NOTEBOOKS}
+    names = {path.name for path in NOTEBOOKS}
+    assert {"quickstart.ipynb", "routers.ipynb", "huggingface.ipynb"} <= names
+
+
+def _check_huggingface(notebook) -> None:
+    text = "".join(_outputs_text(cell) for cell in notebook.cells)
+    difference = float(re.search(r"max \|difference\| (\S+)", text).group(1))
+    assert difference < 1e-4  # float32 logits against the fixture's transformers logits
+    before, after = (float(n) for n in re.findall(r"([\d.]+) true experts per token", text))
+    assert before == 2.0 and after < before  # k=2 at first, then the null experts take slots
+
+
+CHECKS = {"huggingface.ipynb": _check_huggingface}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
@@ -39,6 +54,7 @@ def test_notebook_runs_on_cpu_at_the_test_size(path, monkeypatch):
         o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})
     ]
     assert len(images) >= 2  # the plots were drawn
+    CHECKS.get(path.name, lambda notebook: None)(notebook)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
@@ -50,6 +66,7 @@ def test_committed_notebook_carries_outputs_of_a_run(path):
     outputs = [out for cell in code for out in cell.outputs]
     assert not [out for out in outputs if out.output_type == "error"]
     assert sum("image/png" in out.get("data", {}) for out in outputs) >= 2
+    CHECKS.get(path.name, lambda notebook: None)(notebook)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)

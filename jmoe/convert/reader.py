@@ -15,7 +15,7 @@ import struct
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from jmoe.convert import quant
 from jmoe.convert.errors import CheckpointError
@@ -41,7 +41,7 @@ class HFCheckpoint:
         self.path = os.fspath(path)
         if not os.path.isdir(self.path):
             raise CheckpointError(f"{self.path!r} is not a directory: pass a local HF model dir")
-        self.config = json.loads(self._read_text(CONFIG_FILE))
+        self.config = _parse_json(self._read_text(CONFIG_FILE), CONFIG_FILE)
         self.weight_map = self._weight_map()
         self._handles: dict[str, object] = {}
         self._used: set[str] = set()
@@ -57,7 +57,7 @@ class HFCheckpoint:
     def _weight_map(self) -> dict[str, str]:
         if os.path.isfile(os.path.join(self.path, INDEX_FILE)):
             self.listing = INDEX_FILE
-            index = json.loads(self._read_text(INDEX_FILE))
+            index = _parse_json(self._read_text(INDEX_FILE), INDEX_FILE)
             weight_map = dict(index.get("weight_map", {}))
             for file in sorted(set(weight_map.values())):
                 if not os.path.isfile(os.path.join(self.path, file)):
@@ -70,7 +70,7 @@ class HFCheckpoint:
                 f"missing file: {self.path!r} has neither {SINGLE_FILE} nor {INDEX_FILE}"
             )
         self.listing = SINGLE_FILE
-        with safe_open(os.path.join(self.path, SINGLE_FILE), framework="numpy") as f:
+        with _open(os.path.join(self.path, SINGLE_FILE)) as f:
             return dict.fromkeys(f.keys(), SINGLE_FILE)
 
     def _handle(self, file: str):
@@ -78,7 +78,7 @@ class HFCheckpoint:
         # released, so host memory holds the converted tensors, not the whole checkpoint too.
         if file not in self._handles:
             self._handles.clear()
-            self._handles[file] = safe_open(os.path.join(self.path, file), framework="numpy")
+            self._handles[file] = _open(os.path.join(self.path, file))
         return self._handles[file]
 
     def __contains__(self, name: str) -> bool:
@@ -137,6 +137,24 @@ class HFCheckpoint:
     def close(self) -> None:
         """Releases the open (memory-mapped) file; reading again reopens it."""
         self._handles.clear()
+
+
+def _open(file: str):
+    """`safe_open` of one file; a file that is not safetensors raises a CheckpointError."""
+    try:
+        return safe_open(file, framework="numpy")
+    except SafetensorError as e:
+        raise CheckpointError(
+            f"{file!r} is not a readable safetensors file ({e}): the download may be truncated "
+            "or corrupt; fetch the file again"
+        ) from None
+
+
+def _parse_json(text: str, name: str) -> dict:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{name} is not valid JSON ({e}): fix or re-download it") from None
 
 
 def _read_float8(file: str, name: str, dtype) -> np.ndarray:

@@ -111,3 +111,14 @@ def test_config_fields_that_change_the_math_are_named(copy, family, changes, mes
     c.config(**changes)
     with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("(", r"\(")):
         from_hf(c.path)
+
+
+def test_corrupt_files_named(copy):
+    c = copy()
+    weights = c.path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a truncated download
+    with pytest.raises(CheckpointError, match="model.safetensors.*not a readable safetensors"):
+        from_hf(c.path)
+    (c.path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        from_hf(c.path)
