@@ -125,7 +125,8 @@ class Scheduler:
         self._accepting = True
         self._running = False
         self._thread: threading.Thread | None = None
-        # the last decode step: its seconds, busy rows and (layer, expert) weight sets read
+        # the last decode step read: its seconds (since the step before was read, or since its
+        # dispatch if later: host work included), busy rows and (layer, expert) weight sets read
         self.last_decode: dict[str, float] = {}
         self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)
 
