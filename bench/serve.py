@@ -20,15 +20,18 @@ at `--adaptive-target` experts per token, as a model trained with that target wo
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
+import os
+import pathlib
 import platform
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 
-import httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,31 +169,28 @@ def prefill_profile(engine: Engine, runs: int) -> list[dict]:
     return rows
 
 
-async def _client(http, url, prompt, max_tokens) -> dict:
-    body = dict(prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-                stream_options={"include_usage": True})  # fmt: skip
-    start, first, tokens = time.perf_counter(), None, 0
-    async with http.stream("POST", f"{url}/v1/completions", json=body) as resp:
-        async for line in resp.aiter_lines():
-            if first is None and line.startswith("data: {") and '"text": ""' not in line:
-                first = time.perf_counter() - start
-            if '"usage"' in line and '"choices": []' in line:
-                tokens = int(line.split('"completion_tokens": ')[1].split(",")[0])
-    return dict(ttft=first, latency=time.perf_counter() - start, tokens=tokens)
+def _summary(rounds: list[dict], clients: int) -> dict:
+    """Medians over the rounds of one mode: tokens/s, and time to first text and latency."""
+    per_round = [sum(r["tokens"] for r in x["requests"]) / x["wall"] for x in rounds]
+    ttft = [1e3 * r["ttft"] for x in rounds for r in x["requests"] if r["ttft"] is not None]
+    latency = [1e3 * r["latency"] for x in rounds for r in x["requests"]]
+    return dict(
+        clients=clients,
+        tokens_per_s=statistics.median(per_round),
+        tokens_per_s_rounds=per_round,
+        ttft_p50_ms=float(np.percentile(ttft, 50)),
+        ttft_p95_ms=float(np.percentile(ttft, 95)),
+        latency_p50_ms=float(np.percentile(latency, 50)),
+        latency_p95_ms=float(np.percentile(latency, 95)),
+    )
 
 
-async def _load(url, jobs, concurrent: bool) -> tuple[list[dict], float]:
-    async with httpx.AsyncClient(timeout=600) as http:
-        start = time.perf_counter()
-        if concurrent:
-            results = await asyncio.gather(*(_client(http, url, *job) for job in jobs))
-        else:
-            results = [await _client(http, url, *job) for job in jobs]
-        return results, time.perf_counter() - start
-
-
-def load_test(engine: Engine, clients: int, max_tokens: int) -> dict:
-    """N concurrent streaming clients vs one at a time, over real HTTP on localhost."""
+def load_test(
+    engine: Engine, clients: int, max_tokens: int, rounds: int, kinds=("raw", "openai")
+) -> dict:
+    """N concurrent streaming clients vs one at a time, over real HTTP on localhost, for each
+    client kind of `serve_clients.py` (run in a process of its own). The modes alternate
+    within each round; the speedup is the median over rounds of the per-round ratio."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
@@ -200,23 +200,31 @@ def load_test(engine: Engine, clients: int, max_tokens: int) -> dict:
         time.sleep(0.05)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     jobs = [(p, max_tokens) for p in prompts(clients, 32, engine.tokenizer)]
-    asyncio.run(_load(url, jobs[:2], True))  # warm the HTTP path
+    out = dict(load_average_before=os.getloadavg())
     before = compilations()
-    out = {}
-    for name, concurrent in (("sequential", False), ("concurrent", True)):
-        results, wall = asyncio.run(_load(url, jobs, concurrent))
-        ttft = [r["ttft"] for r in results]
-        latency = [r["latency"] for r in results]
-        out[name] = dict(
-            clients=clients if concurrent else 1,
-            tokens_per_s=sum(r["tokens"] for r in results) / wall,
-            ttft_p50_ms=1e3 * float(np.percentile(ttft, 50)),
-            ttft_p95_ms=1e3 * float(np.percentile(ttft, 95)),
-            latency_p50_ms=1e3 * float(np.percentile(latency, 50)),
-            latency_p95_ms=1e3 * float(np.percentile(latency, 95)),
-        )
-    out["speedup"] = out["concurrent"]["tokens_per_s"] / out["sequential"]["tokens_per_s"]
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(jobs, f)
+        f.flush()
+        for kind in kinds:
+            command = [sys.executable, str(pathlib.Path(__file__).with_name("serve_clients.py")),
+                       url, "--model", engine.name, "--prompts", f.name, "--client", kind,
+                       "--rounds", str(rounds)]  # fmt: skip
+            lines = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            results = [json.loads(line) for line in lines.splitlines()]
+            modes = ("sequential", "concurrent")
+            by_mode = {m: [r for r in results if r["mode"] == m] for m in modes}
+            ratios = [
+                _summary([c], clients)["tokens_per_s"] / _summary([s], 1)["tokens_per_s"]
+                for s, c in zip(by_mode["sequential"], by_mode["concurrent"], strict=True)
+            ]
+            out[kind] = dict(
+                sequential=_summary(by_mode["sequential"], 1),
+                concurrent=_summary(by_mode["concurrent"], clients),
+                speedup=statistics.median(ratios),
+                speedup_rounds=ratios,
+            )
     out["compilations_after_warmup"] = compilations() - before
+    out["load_average_after"] = os.getloadavg()
     server.should_exit = True
     thread.join(60)
     return out
@@ -238,6 +246,26 @@ def make_engine(config, variables, slots: int, tokenizer=None, warmup=True) -> E
     return engine
 
 
+def print_load_test(load: dict, clients: int) -> None:
+    print(f"\n{'load test':>22} {'tok/s':>8} {'TTFT p50/p95 ms':>17} {'latency p50/p95 ms':>20}")
+    for kind in ("raw", "openai"):
+        for name in ("sequential", "concurrent"):
+            r = load[kind][name]
+            print(
+                f"{kind + ' ' + name + ' x' + str(r['clients']):>22} {r['tokens_per_s']:8.0f} "
+                f"{r['ttft_p50_ms']:8.0f}/{r['ttft_p95_ms']:<8.0f} "
+                f"{r['latency_p50_ms']:9.0f}/{r['latency_p95_ms']:<9.0f}"
+            )
+        print(
+            f"{kind} clients: {clients} at once give {load[kind]['speedup']:.1f}x the tokens/s "
+            "of one at a time (median of the rounds' ratios)"
+        )
+    print(
+        f"compilations after warm-up: {load['compilations_after_warmup']}; load average "
+        f"{load['load_average_before'][0]:.1f} before, {load['load_average_after'][0]:.1f} after"
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", help="a trained run directory (default: random tiny model)")
@@ -246,6 +274,8 @@ def main():
     parser.add_argument("--runs", type=int, default=9, help="prefill timings per length")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64, help="per load-test request")
+    parser.add_argument("--load-rounds", type=int, default=9, help="load-test rounds per client")
+    parser.add_argument("--load-only", action="store_true", help="only the load test")
     parser.add_argument("--adaptive-target", type=float, default=1.0)
     parser.add_argument("--out", default="bench/results/serve.json")
     args = parser.parse_args()
@@ -264,6 +294,12 @@ def main():
         ref = Engine.from_run(args.run, num_slots=1)
         base, variables, tokenizer = ref.config, ref.steps.variables, ref.tokenizer
 
+    if args.load_only:
+        engine = make_engine(base, variables, 16, tokenizer)
+        result["load_test"] = load_test(engine, args.clients, args.max_tokens, args.load_rounds)
+        print_load_test(result["load_test"], args.clients)
+        write_results(args.out, result)
+        return
     engines = {b: make_engine(base, variables, b, tokenizer) for b in (1, 4, 16)}
     result["prefill"] = prefill_profile(engines[1], args.runs)
     print(f"{'prefill tokens':>15} {'ms':>8} {'tokens/s':>10}")
@@ -275,20 +311,9 @@ def main():
     for b, r in decode.items():
         print(f"{b:15d} {r['step_ms']:8.2f} {r['tokens_per_s']:10.0f}")
 
-    load = load_test(engines[16], args.clients, args.max_tokens)
+    load = load_test(engines[16], args.clients, args.max_tokens, args.load_rounds)
     result["load_test"] = load
-    print(f"\n{'load test':>15} {'tok/s':>8} {'TTFT p50/p95 ms':>17} {'latency p50/p95 ms':>20}")
-    for name in ("sequential", "concurrent"):
-        r = load[name]
-        print(
-            f"{name + ' x' + str(r['clients']):>15} {r['tokens_per_s']:8.0f} "
-            f"{r['ttft_p50_ms']:8.0f}/{r['ttft_p95_ms']:<8.0f} "
-            f"{r['latency_p50_ms']:9.0f}/{r['latency_p95_ms']:<9.0f}"
-        )
-    print(
-        f"{args.clients} concurrent clients: {load['speedup']:.1f}x the tokens/s of one at a "
-        f"time; compilations after warm-up: {load['compilations_after_warmup']}"
-    )
+    print_load_test(load, args.clients)
 
     profiled, calibrated = {}, {}
     for name, config in variants.items():

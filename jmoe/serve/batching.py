@@ -2,9 +2,12 @@
 and leave the moment they finish.
 
 Each `Scheduler.step()` first admits waiting requests into free slots (one prefill each, which
-also draws their first token), then runs one decode step over all slots. A finished request
-frees its slot at once, so a long request never holds short ones back, and a new one joins
-between two decode steps. Prompts are padded to a few bucket lengths, a decode step reads the
+also draws their first token), then dispatches one decode step over all slots and, while the
+device runs it, reads and hands out the tokens of the step dispatched before (a step takes its
+input tokens from the device, so it need not wait for the host). A finished request frees its
+slot at once, so a long request never holds short ones back, and a new one joins between two
+decode steps; a request that stops (a stop token or string) has had one more step run for it,
+whose token is dropped. Prompts are padded to a few bucket lengths, a decode step reads the
 cache up to the bucket above its furthest row, and a lone request decodes its own slot only, so
 nothing recompiles once each of these shapes has run (`Engine.warmup`).
 
@@ -21,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import jax
 import numpy as np
 
 from jmoe.serve.outputs import ClosedError, Completion, QueueFullError, TokenLogprob, Update
@@ -40,6 +44,7 @@ class Request:
         self.stream = TextStream(tokenizer, params.stop, self.prompt_ids)
         self.stop_ids = {*tokenizer.eos_ids, *params.stop_token_ids}
         self.output_ids: list[int] = []
+        self.in_flight = 0  # tokens of dispatched decode steps not read yet
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob] | None = None
         self.active_sum = 0.0
@@ -71,6 +76,15 @@ class Request:
         )
 
 
+@dataclasses.dataclass
+class _Launch:
+    """A dispatched decode step: its device outputs and the request of each row it drew for."""
+
+    out: dict
+    rows: list[tuple[int, Request]]
+    start: float
+
+
 def _top(ids, logprobs, n: int) -> tuple[tuple[int, float], ...]:
     return tuple((int(i), float(lp)) for i, lp in zip(ids[:n], logprobs[:n], strict=True))
 
@@ -100,12 +114,19 @@ class Scheduler:
         self.cache_buckets = cache_buckets
         self.max_queue = max_queue
         self.slots: list[Request | None] = [None] * steps.num_slots
+        # Each slot's sampling parameters: its request's, or the defaults in a free slot (an
+        # idle row with a top-k or top-p would make every row of a step sort its logits).
+        self._idle_row = Request([0], SamplingParams(), tokenizer).sampling_row()
+        self._rows = {k: np.full(steps.num_slots, v) for k, v in self._idle_row.items()}
+        self._in_flight: _Launch | None = None  # the decode step dispatched and not read yet
+        self._last_read = 0.0
         self._waiting: collections.deque[Request] = collections.deque()
         self._wakeup = threading.Condition()
         self._accepting = True
         self._running = False
         self._thread: threading.Thread | None = None
-        # the last decode step: its seconds, busy rows and (layer, expert) weight sets read
+        # the last decode step read: its seconds (since the step before was read, or since its
+        # dispatch if later: host work included), busy rows and (layer, expert) weight sets read
         self.last_decode: dict[str, float] = {}
         self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)
 
@@ -152,13 +173,13 @@ class Scheduler:
         return self._thread is not None
 
     def has_work(self) -> bool:
-        return bool(self._waiting) or self.active_slots > 0
+        return bool(self._waiting) or self.active_slots > 0 or self._in_flight is not None
 
     # -------------------------------------------------------------------------- stepping
 
     def step(self) -> None:
-        """Drops cancelled requests, admits waiting ones into free slots, then runs one decode
-        step."""
+        """Drops cancelled requests, admits waiting ones into free slots, dispatches one decode
+        step, then reads the step dispatched before it."""
         with self._wakeup:
             cancelled = [r for r in self._waiting if r.cancelled]
             for request in cancelled:
@@ -172,8 +193,10 @@ class Scheduler:
                     break
                 request = self._waiting.popleft()
             self._admit(request, self.slots.index(None))
-        if self.active_slots:
-            self._decode()
+        launch = self._dispatch()
+        if self._in_flight is not None:
+            self._read(self._in_flight)
+        self._in_flight = launch
 
     def _admit(self, request: Request, slot: int) -> None:
         params = request.params
@@ -182,6 +205,7 @@ class Scheduler:
             self._finish(request, "length")
             return
         request.slot, self.slots[slot] = slot, request
+        self._set_row(slot, request.sampling_row())
         n = len(request.prompt_ids)
         bucket = next(b for b in self.buckets if b >= n)
         out = self.steps.prefill(
@@ -202,53 +226,71 @@ class Scheduler:
         if params.max_tokens == 0:
             self._finish(request, "length", Update("", (), (), prompt_logprobs=scored))
             return
-        self._accept(request, out, None, scored)
+        self._accept(request, int(out["token"]), float(out["active_experts"]), out, None, scored)
 
-    def _decode(self) -> None:
-        busy = [slot for slot, request in enumerate(self.slots) if request is not None]
+    def _set_row(self, slot: int, row: dict) -> None:
+        for key, value in row.items():
+            self._rows[key][slot] = value
+
+    def _dispatch(self) -> _Launch | None:
+        """Dispatches a decode step for every running request that needs another token."""
+        busy = [
+            slot
+            for slot, r in enumerate(self.slots)
+            if r is not None and len(r.output_ids) + r.in_flight < r.params.max_tokens
+        ]
+        if not busy:
+            return None
         # one running request decodes its slot alone; otherwise every slot runs
         first, n = (busy[0], 1) if len(busy) == 1 else (0, self.steps.num_slots)
-        tokens, positions = np.zeros(n, np.int32), np.zeros(n, np.int32)
-        rows = dict(
-            active=np.zeros(n, bool),
-            temperature=np.zeros(n, np.float32),
-            top_k=np.zeros(n, np.int32),
-            top_p=np.ones(n, np.float32),
-            seed=np.zeros(n, np.uint32),
-            presence=np.zeros(n, np.float32),
-            frequency=np.zeros(n, np.float32),
-            counter=np.zeros(n, np.int32),
-        )
+        positions, counter = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        active = np.zeros(n, bool)
+        rows = []
         for slot in busy:
             request, row = self.slots[slot], slot - first
-            tokens[row] = request.output_ids[-1]
-            positions[row] = len(request.prompt_ids) + len(request.output_ids) - 1
-            rows["active"][row] = True
-            rows["counter"][row] = len(request.output_ids)
-            for key, value in request.sampling_row().items():
-                rows[key][row] = value
+            drawn = len(request.output_ids) + request.in_flight  # tokens drawn or on their way
+            positions[row] = len(request.prompt_ids) + drawn - 1
+            counter[row], active[row] = drawn, True
+            request.in_flight += 1
+            rows.append((row, request))
+        sampling = {k: v[first : first + n].copy() for k, v in self._rows.items()}
+        sampling.update(active=active, counter=counter)
         length = next(b for b in self.cache_buckets if b > positions.max())
         start = time.perf_counter()
-        out = self.steps.decode(tokens, positions, rows, length, first)
+        return _Launch(self.steps.decode(positions, sampling, length, first), rows, start)
+
+    def _read(self, launch: _Launch) -> None:
+        """Waits for a dispatched step and hands each still running request its token."""
+        wanted = ["token", "active_experts", "experts_read"]
+        if any(request.params.logprobs is not None for _, request in launch.rows):
+            wanted += ["logprob", "top_ids", "top_logprobs"]
+        out = jax.device_get({key: launch.out[key] for key in wanted})
         now = time.perf_counter()
         self.last_decode = dict(
-            seconds=now - start, rows=len(busy), experts_read=int(out["experts_read"])
+            seconds=now - max(launch.start, self._last_read),
+            rows=len(launch.rows),
+            experts_read=int(out["experts_read"]),
         )
-        self._recent.append((now, len(busy)))
-        for slot in busy:
-            self._accept(self.slots[slot], out, slot - first)
+        self._last_read = now
+        self._recent.append((now, len(launch.rows)))
+        tokens, active = out["token"].tolist(), out["active_experts"].tolist()
+        for row, request in launch.rows:
+            request.in_flight -= 1
+            if request.completion is None:  # else it stopped or was cancelled meanwhile
+                self._accept(request, tokens[row], active[row], out, row)
 
-    def _accept(self, request: Request, out: dict, row: int | None, scored=None) -> None:
-        """Appends the token drawn for `request` (row `row` of a decode step, or a prefill
-        with the prompt's log-probabilities `scored`)."""
-        pick = (lambda a: a) if row is None else (lambda a: a[row])
-        token = int(pick(out["token"]))
+    def _accept(
+        self, request: Request, token: int, active: float, out: dict, row: int | None, scored=None
+    ) -> None:
+        """Appends `token`, drawn for `request` (row `row` of a decode step's outputs `out`, or
+        a prefill's, with the prompt's log-probabilities `scored`)."""
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         request.output_ids.append(token)
-        request.active_sum += float(pick(out["active_experts"]))
+        request.active_sum += active
         logprobs = ()
         if request.params.logprobs is not None:
+            pick = (lambda a: a) if row is None else (lambda a: a[row])
             top = _top(pick(out["top_ids"]), pick(out["top_logprobs"]), request.params.logprobs)
             logprobs = (TokenLogprob(token, float(pick(out["logprob"])), top),)
             request.logprobs.extend(logprobs)
@@ -269,6 +311,7 @@ class Scheduler:
     def _finish(self, request: Request, reason: str, last: Update | None = None) -> None:
         if request.slot is not None:
             self.slots[request.slot] = None
+            self._set_row(request.slot, self._idle_row)
             request.slot = None
         now = time.perf_counter()
         n = len(request.output_ids)
@@ -337,6 +380,7 @@ class Scheduler:
         with self._wakeup:
             failed = [*self._waiting, *filter(None, self.slots)]
             self._waiting.clear()
+        self._in_flight = None
         for request in failed:
             request.error = f"{type(error).__name__}: {error}"
             self._finish(request, "error")

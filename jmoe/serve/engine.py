@@ -18,6 +18,7 @@ import os
 import pathlib
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 
 from jmoe.compress.quantize import quantize_experts
@@ -320,7 +321,7 @@ class Engine:
         for length in self.cache_buckets:
             for n in {1, s}:  # a lone request, and every slot
                 rows_n = {k: v[:n] for k, v in rows.items()}
-                self.steps.decode(np.zeros(n, np.int32), np.zeros(n, np.int32), rows_n, length)
+                jax.block_until_ready(self.steps.decode(np.zeros(n, np.int32), rows_n, length))
 
     def start(self) -> None:
         """Runs the scheduler in a background thread (requests from `submit` then proceed)."""

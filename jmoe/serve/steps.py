@@ -3,7 +3,9 @@
 The KV cache stays on the device as one `[slots, M, G, A]` array per layer and name (with
 multi-head latent attention, the latents and rotated keys `[slots, M, R | P]`), so a step writes
 its rows in place with no copy of the whole cache, beside the count of each token generated so
-far per slot (for the penalties); each call donates them and gets them back updated. Shapes are
+far per slot (for the penalties) and each slot's last drawn token; each call donates them and
+gets them back updated. A decode step reads its input tokens there, so the host can dispatch
+the next step before it has read the last one's tokens (JAX dispatches asynchronously). Shapes are
 fixed per prompt bucket, cache length and row count, so after one call of each nothing
 recompiles (`compilations` counts every compilation in the process).
 
@@ -11,7 +13,7 @@ recompiles (`compilations` counts every compilation in the process).
   `Transformer.decode` into a fresh `[L, 1, P, G, A]` cache that is copied into the slot's
   first P positions (the padded tail holds garbage that decoding overwrites before any query
   can see it); the last real position's logits give the first generated token.
-- `decode`: one token per slot at that slot's own position, attending over the first L cache
+- `decode`: each slot's last token at that slot's own position, attending over the first L cache
   positions, L a bucket above every busy slot's position (short contexts read a short cache);
   only the new token's keys and values are written back into the cache. Either every slot
   runs (idle ones too, the shape being fixed, with their tokens masked out of the MoE
@@ -83,8 +85,9 @@ class ModelSteps:
         cache = {name: tuple(c[i] for i in range(config.n_layers)) for name, c in stacked.items()}
         self.cache = jax.device_put(cache, device)
         self.counts = jax.device_put(jnp.zeros((num_slots, config.vocab_size), jnp.int32), device)
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2), static_argnums=4)
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnums=4)
+        self.tokens = jax.device_put(jnp.zeros(num_slots, jnp.int32), device)  # last drawn
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=1, static_argnums=3)
+        self._decode = jax.jit(self._decode_fn, donate_argnums=1, static_argnums=3)
 
     # ---------------------------------------------------------------------------- host side
 
@@ -109,23 +112,26 @@ class ModelSteps:
         tokens = np.zeros((1, bucket), np.int32)
         tokens[0, : len(prompt)] = prompt
         arrays = {k: np.asarray(v)[None] for k, v in row.items()}
-        self.cache, self.counts, out = self._prefill(
+        (self.cache, self.counts, self.tokens), out = self._prefill(
             self.variables,
-            self.cache,
-            self.counts,
+            (self.cache, self.counts, self.tokens),
             (np.int32(slot), np.int32(len(prompt)), tokens, arrays),
             prompt_logprobs,
         )
         return jax.device_get(out)
 
     def decode(
-        self, tokens: np.ndarray, positions: np.ndarray, rows: dict, length: int, first: int = 0
-    ) -> dict[str, np.ndarray]:
-        """One decode step of the n slots `first .. first + n - 1` (n from the arrays' length:
-        every slot, or a single one whose cache row alone is read and written).
+        self, positions: np.ndarray, rows: dict, length: int, first: int = 0
+    ) -> dict[str, jax.Array]:
+        """Dispatches one decode step of the n slots `first .. first + n - 1` (n from the
+        arrays' length: every slot, or a single one whose cache row alone is read and written)
+        and returns at once, before the step has run: `jax.device_get` its outputs.
+
+        Each slot's input is its last drawn token (by the prefill or the step before); the
+        active slots' drawn tokens replace them.
 
         Args:
-          tokens, positions: `[n]` int32 last token and its position per slot.
+          positions: `[n]` int32 position of each slot's last token.
           rows: `[n]` arrays `active` (bool), `temperature`, `top_k`, `top_p`, `seed`,
             `counter` (index of the token being drawn in its request).
           length: attend over the first `length` cache positions only (above every position;
@@ -133,15 +139,15 @@ class ModelSteps:
           first: the first slot.
 
         Returns:
-          NumPy arrays `[n]`: `token`, `logprob`, `active_experts`; `[n, N]`: `top_ids`,
+          Device arrays `[n]`: `token`, `logprob`, `active_experts`; `[n, N]`: `top_ids`,
           `top_logprobs`; and `experts_read`, the distinct (layer, expert) weight sets the step
           ran (every row counts: idle slots are computed too).
         """
         first = np.int32(first)  # host scalars: a jnp scalar would cost an eager dispatch
-        self.cache, self.counts, out = self._decode(
-            self.variables, self.cache, self.counts, (first, tokens, positions, rows), length
+        (self.cache, self.counts, self.tokens), out = self._decode(
+            self.variables, (self.cache, self.counts, self.tokens), (first, positions, rows), length
         )
-        return jax.device_get(out)
+        return out
 
     # -------------------------------------------------------------------------- device side
 
@@ -179,7 +185,8 @@ class ModelSteps:
             token=token_B, logprob=logprob_B, top_ids=top_ids_BxN, top_logprobs=top_logprobs_BxN
         )
 
-    def _prefill_fn(self, variables, cache, counts, inputs, prompt_logprobs: bool):
+    def _prefill_fn(self, variables, state, inputs, prompt_logprobs: bool):
+        cache, counts, last_S = state
         slot, length, tokens_1xP, rows = inputs
         p = tokens_1xP.shape[1]
         positions_1xP = jnp.arange(p, dtype=jnp.int32)[None]
@@ -204,6 +211,7 @@ class ModelSteps:
         }
         first_V = jax.nn.one_hot(out["token"], counts.shape[1], dtype=jnp.int32)
         counts = jax.lax.dynamic_update_slice(counts, first_V[None], (slot, 0))
+        last_S = jax.lax.dynamic_update_slice(last_S, out["token"][None], (slot,))
         active_P = self._active_experts(routings, (1, p))[0]
         out["active_experts"] = active_P[length - 1]
         out["prompt_active_experts"] = jnp.sum(jnp.where(mask_1xP[0], active_P, 0.0)) / length
@@ -214,13 +222,15 @@ class ModelSteps:
             out.update(
                 prompt_logprobs=lp_P, prompt_top_ids=top_ids_PxN, prompt_top_logprobs=top_lp_PxN
             )
-        return cache, counts, out
+        return (cache, counts, last_S), out
 
-    def _decode_fn(self, variables, cache, counts, inputs, length):
-        first, tokens_S, positions_S, rows = inputs
+    def _decode_fn(self, variables, state, inputs, length):
+        cache, counts, last_S = state
+        first, positions_S, rows = inputs
+        s = positions_S.shape[0]
+        tokens_S = jax.lax.dynamic_slice(last_S, (first,), (s,))
         # The step reads and writes the cache rows of its slots, positions 0..length-1 only.
         # Every cache array is [slots, M, ...] (keys and values, or MLA's latent and rope key).
-        s = tokens_S.shape[0]
         view = {
             name: tuple(
                 jax.lax.dynamic_slice(c, (first,) + (0,) * (c.ndim - 1), (s, length, *c.shape[2:]))
@@ -249,6 +259,8 @@ class ModelSteps:
         drawn_SxV = jax.nn.one_hot(out["token"], counts.shape[1], dtype=jnp.int32)
         counts_SxV = counts_SxV + drawn_SxV * rows["active"][:, None]
         counts = jax.lax.dynamic_update_slice(counts, counts_SxV, (first, 0))
+        drawn_S = jnp.where(rows["active"], out["token"], tokens_S)
+        last_S = jax.lax.dynamic_update_slice(last_S, drawn_S, (first,))
         out["active_experts"] = self._active_experts(routings, (s, 1))[:, 0]
         num_experts = self.config.moe.num_experts
         out["experts_read"] = sum(
@@ -257,4 +269,4 @@ class ModelSteps:
             )
             for r in routings
         ) if routings else jnp.zeros((), jnp.int32)  # fmt: skip
-        return cache, counts, out
+        return (cache, counts, last_S), out

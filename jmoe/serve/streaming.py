@@ -1,9 +1,11 @@
 """Requests of one HTTP call on the event loop, and their server-sent event streams.
 
-The engine's thread hands each `Update` to the event loop (`call_soon_threadsafe`); a
-`Submission` collects them for a plain response, or the stream generators turn them into
-OpenAI-shaped chunks. Leaving early (a client that disconnects, or a stream that is closed)
-cancels the requests still running, which frees their decode slots.
+The engine's thread hands each `Update` to the event loop through a `Mailbox`, which wakes the
+loop once for all the updates posted before it runs (a decode step's tokens of every stream),
+not once per token; a `Submission` collects them for a plain response, or the stream generators
+turn them into OpenAI-shaped chunks, writing all the chunks that are ready at once. Leaving
+early (a client that disconnects, or a stream that is closed) cancels the requests still
+running, which frees their decode slots.
 """
 
 from __future__ import annotations
@@ -11,12 +13,51 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import threading
+import weakref
 from collections.abc import AsyncIterator, Callable
 
 from jmoe.serve import protocol
 from jmoe.serve.engine import Engine
 from jmoe.serve.outputs import Completion, Update
 from jmoe.serve.sampling import SamplingParams
+
+
+class Mailbox:
+    """Hands `(queue, item)` pairs from other threads to the queues of one event loop, with one
+    wake-up of the loop (`call_soon_threadsafe`) for everything posted before it runs."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._posted: list[tuple[asyncio.Queue, object]] = []
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        """Puts `item` into `queue` on the loop (callable from any thread)."""
+        with self._lock:
+            self._posted.append((queue, item))
+            if len(self._posted) > 1:  # a delivery is already scheduled
+                return
+        self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            posted, self._posted = self._posted, []
+        for queue, item in posted:
+            queue.put_nowait(item)
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def mailbox() -> Mailbox:
+    """The running event loop's `Mailbox`."""
+    loop = asyncio.get_running_loop()
+    if loop not in _mailboxes:
+        _mailboxes[loop] = Mailbox(loop)
+    return _mailboxes[loop]
 
 
 class Submission:
@@ -36,14 +77,14 @@ class Submission:
         params: SamplingParams | list[SamplingParams],
         on_done: Callable[[Completion], None],
     ):
-        loop = asyncio.get_running_loop()
+        post = mailbox().post
         self.queue: asyncio.Queue[tuple[int, Update]] = asyncio.Queue()
         self.engine, self.pending = engine, len(prompts)
 
         def push(index: int, update: Update) -> None:  # on the engine's thread
             if update.completion is not None:
                 on_done(update.completion)  # even after the client left
-            loop.call_soon_threadsafe(self.queue.put_nowait, (index, update))
+            post(self.queue, (index, update))
 
         listeners = [functools.partial(push, i) for i in range(len(prompts))]
         self.requests = engine.submit(prompts, params, listeners)
@@ -54,6 +95,15 @@ class Submission:
         if update.completion is not None:
             self.pending -= 1
         return index, update
+
+    async def ready(self) -> list[tuple[int, Update]]:
+        """The next update, and every other one already delivered."""
+        updates = [await self.next()]
+        while not self.queue.empty():
+            index, update = self.queue.get_nowait()
+            self.pending -= update.completion is not None
+            updates.append((index, update))
+        return updates
 
     async def collect(self, is_disconnected: Callable) -> list[Completion] | None:
         """Every completion, in order; None (after cancelling them) if the client left."""
@@ -101,23 +151,26 @@ async def stream_completions(
                 choice = dict(index=i, text=text, logprobs=None, finish_reason=None)
                 yield sse(dict(head, choices=[choice]))
         while run.pending:
-            i, update = await run.next()
-            entries = list(update.prompt_logprobs or ()) if echo else []
-            entries += update.logprobs
-            c = update.completion
-            if not (update.text or entries or c):
-                continue
-            choice = dict(
-                index=i,
-                text=update.text,
-                logprobs=protocol.completion_logprobs(tokenizer, entries) if entries else None,
-                finish_reason=None if c is None else c.finish_reason,
-            )
-            chunk = dict(head, choices=[choice])
-            if c is not None:
-                done[i] = c
-                chunk["jmoe"] = protocol.jmoe_stats([c])
-            yield sse(chunk)
+            events = []
+            for i, update in await run.ready():
+                entries = list(update.prompt_logprobs or ()) if echo else []
+                entries += update.logprobs
+                c = update.completion
+                if not (update.text or entries or c):
+                    continue
+                choice = dict(
+                    index=i,
+                    text=update.text,
+                    logprobs=protocol.completion_logprobs(tokenizer, entries) if entries else None,
+                    finish_reason=None if c is None else c.finish_reason,
+                )
+                chunk = dict(head, choices=[choice])
+                if c is not None:
+                    done[i] = c
+                    chunk["jmoe"] = protocol.jmoe_stats([c])
+                events.append(sse(chunk))
+            if events:
+                yield "".join(events)
         if include_usage:
             yield sse(
                 dict(
@@ -141,20 +194,23 @@ async def stream_chat(run: Submission, head: dict, include_usage: bool) -> Async
             first = dict(index=i, delta=dict(role="assistant", content=""), finish_reason=None)
             yield sse(dict(head, choices=[first]))
         while run.pending:
-            i, update = await run.next()
-            c = update.completion
-            if not update.text and c is None:
-                continue
-            choice = dict(
-                index=i,
-                delta=dict(content=update.text) if update.text else {},
-                finish_reason=None if c is None else c.finish_reason,
-            )
-            chunk = dict(head, choices=[choice])
-            if c is not None:
-                done[i] = c
-                chunk["jmoe"] = protocol.jmoe_stats([c])
-            yield sse(chunk)
+            events = []
+            for i, update in await run.ready():
+                c = update.completion
+                if not update.text and c is None:
+                    continue
+                choice = dict(
+                    index=i,
+                    delta=dict(content=update.text) if update.text else {},
+                    finish_reason=None if c is None else c.finish_reason,
+                )
+                chunk = dict(head, choices=[choice])
+                if c is not None:
+                    done[i] = c
+                    chunk["jmoe"] = protocol.jmoe_stats([c])
+                events.append(sse(chunk))
+            if events:
+                yield "".join(events)
         if include_usage:
             yield sse(dict(head, choices=[], usage=protocol.usage(done, len(done))))
         yield sse("[DONE]")

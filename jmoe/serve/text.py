@@ -5,9 +5,12 @@ back an incomplete UTF-8 character (decoded as U+FFFD until its last byte arrive
 that could still grow into a stop string. A completion that hits a stop string ends just before
 it (the stop string is not part of the text), as in the OpenAI API.
 
-Decoding a token alone can lose what it means after the prompt: SentencePiece-style decoders
-(Mistral, Llama 2) drop the word-start space of the first token they see. So the stream decodes
-its ids after the last few prompt ids and keeps only the text past theirs.
+Decoding a token alone can lose what it means after the ids before it: SentencePiece-style
+decoders (Mistral, Llama 2) drop the word-start space of the first token they see, and byte
+fallback spreads one character over several ids. So the stream decodes only its newest ids,
+after a few ids that came before them (the prompt's last ids at first), and keeps the text past
+theirs: each token costs a decode of a few ids, not of the whole completion. New ids whose
+text ends inside a character stay new until the character is complete.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 REPLACEMENT = "\ufffd"
-PREFIX_IDS = 4  # prompt ids decoded before the generated ones
+CONTEXT_IDS = 4  # ids decoded before the new ones, for their context
 
 
 class TextStream:
@@ -24,8 +27,8 @@ class TextStream:
     Args:
       tokenizer: anything with `decode(ids) -> str`.
       stop: stop strings (non-empty).
-      prompt_ids: the prompt; its last `PREFIX_IDS` ids are the context the generated ids
-        are decoded in.
+      prompt_ids: the prompt; its last `CONTEXT_IDS` ids (or a few more, to start on a
+        character) are the context the first generated ids are decoded in.
 
     Example:
       >>> stream = TextStream(tokenizer, stop=("\\n\\n",))
@@ -36,12 +39,10 @@ class TextStream:
     def __init__(self, tokenizer, stop: Sequence[str] = (), prompt_ids: Sequence[int] = ()):
         self._tokenizer = tokenizer
         self._stop = tuple(stop)
-        self._prefix = [int(i) for i in prompt_ids[len(prompt_ids) - PREFIX_IDS :]]
-        self._prefix_text = tokenizer.decode(self._prefix)
-        if self._prefix_text.endswith(REPLACEMENT):  # ends inside a character: no context
-            self._prefix, self._prefix_text = [], ""
-        self._ids: list[int] = []
+        self._set_context([int(i) for i in prompt_ids[len(prompt_ids) - CONTEXT_IDS - 3 :]])
+        self._new: list[int] = []  # ids whose text may still change (it ends inside a character)
         self._text = ""  # decoded text of every id so far (cut at a stop string once hit)
+        self._settled = 0  # characters of `_text` from ids before `_new`
         self._sent = 0  # characters of `_text` already handed out
         self.stopped = False
 
@@ -54,8 +55,12 @@ class TextStream:
         """Adds one id; returns the newly final text and whether a stop string was hit."""
         if self.stopped:
             raise RuntimeError("TextStream.push after a stop string was hit")
-        self._ids.append(token_id)
-        self._text = self._decode()
+        self._new.append(token_id)
+        new_text = self._decode_new()
+        self._text = self._text[: self._settled] + new_text
+        if not new_text.endswith(REPLACEMENT):  # whole characters: later ids cannot change it
+            self._set_context(self._context + self._new)
+            self._new, self._settled = [], len(self._text)
         cut = self._stop_index()
         if cut is not None:
             self._text, self.stopped = self._text[:cut], True
@@ -66,13 +71,26 @@ class TextStream:
         """The text still held back (call once, when the completion ends)."""
         return self._release(len(self._text))
 
-    def _decode(self) -> str:
-        """The text of the generated ids, read after the prompt's last ids."""
-        if self._prefix:
-            text = self._tokenizer.decode(self._prefix + self._ids)
-            if text.startswith(self._prefix_text):
-                return text[len(self._prefix_text) :]
-        return self._tokenizer.decode(self._ids)
+    def _set_context(self, ids: list[int]) -> None:
+        """Makes the last `CONTEXT_IDS` of `ids` the context of the next new ids, or up to 3
+        more ids where those start inside a character (a byte-fallback decoder turns a run of
+        bytes that starts there into U+FFFD, and drops the space that begins the text after)."""
+        for n in range(CONTEXT_IDS, CONTEXT_IDS + 4):
+            context = ids[-n:]
+            text = self._tokenizer.decode(context)
+            if not text.startswith(REPLACEMENT) or n >= len(ids):
+                break
+        if text.endswith(REPLACEMENT):  # ends inside a character: no context
+            context, text = [], ""
+        self._context, self._context_text = context, text
+
+    def _decode_new(self) -> str:
+        """The text of the new ids, read after the context ids."""
+        if self._context:
+            text = self._tokenizer.decode(self._context + self._new)
+            if text.startswith(self._context_text):
+                return text[len(self._context_text) :]
+        return self._tokenizer.decode(self._new)
 
     def _stop_index(self) -> int | None:
         """Where the first stop string starts (released text never holds one, nor ends with
