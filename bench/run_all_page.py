@@ -222,23 +222,31 @@ def _serve(data: dict, plot: pathlib.Path) -> list[str]:
             for r in data["prefill"]
         ],
     )
-    lines += ["", "HTTP load test (streaming clients over real HTTP):", ""]
+    kinds = [k for k in ("raw", "openai") if k in load]
+    lines += [
+        "",
+        "HTTP load test (streaming clients over real HTTP, in a process of their own; `raw`: "
+        "asyncio + httpx reading the server-sent events, `openai`: the official client):",
+        "",
+    ]
     lines += _table(
         ["clients", "tokens/s", "time to first token p50 / p95 ms", "latency p50 / p95 ms"],
         [
             [
-                f"{name} x{r['clients']}",
+                f"{kind} {name} x{r['clients']}",
                 f"{r['tokens_per_s']:.0f}",
                 f"{r['ttft_p50_ms']:.0f} / {r['ttft_p95_ms']:.0f}",
                 f"{r['latency_p50_ms']:.0f} / {r['latency_p95_ms']:.0f}",
             ]  # fmt: skip
-            for name, r in ((n, load[n]) for n in ("sequential", "concurrent"))
+            for kind in kinds
+            for name, r in ((n, load[kind][n]) for n in ("sequential", "concurrent"))
         ],
     )
+    speedups = ", ".join(f"{load[kind]['speedup']:.1f}x ({kind})" for kind in kinds)
     lines += [
         "",
-        f"Concurrent clients get {load['speedup']:.1f}x the tokens/s of one at a time; "
-        f"compilations after warm-up: {load['compilations_after_warmup']}.",
+        f"Concurrent clients get {speedups} the tokens/s of one at a time (the median of the "
+        f"per-round ratios); compilations after warm-up: {load['compilations_after_warmup']}.",
         "",
         "Decode per router (adaptive routers held at their calibrated active experts):",
         "",
