@@ -73,6 +73,17 @@ CONTROL_SET = "asyncio"  # another task's calibration, for the control rows
 Method = Callable[[ModelConfig, dict, Context], tuple[ModelConfig, dict]]
 
 
+def _then(*methods: Method) -> Method:
+    """The methods applied one after another (pruning or merging, then quantization)."""
+
+    def method(config: ModelConfig, variables: dict, context: Context):
+        for step in methods:
+            config, variables = step(config, variables, context)
+        return config, variables
+
+    return method
+
+
 def _merging(fraction: float, align: bool = True) -> Method:
     """MC-SMoE merging to `round(fraction * E)` experts per layer on the context's calibration
     tokens (`align=False`: without the hidden-unit alignment, the ablation)."""
@@ -117,6 +128,13 @@ METHODS: dict[str, Method] = {
     **{f"merge_{fraction:g}": _merging(fraction) for fraction in (0.75, 0.5, 0.25)},
     "merge_unaligned_0.5": _merging(0.5, align=False),
     **{f"quantize_{kind}": quantize_method(kind) for kind in ("int8", "fp8")},
+    **{
+        f"prune_tcess_{fraction:g}+int8": _then(
+            _pruning("tcess", fraction), quantize_method("int8")
+        )
+        for fraction in (0.5, 0.25)
+    },
+    "merge_0.5+int8": _then(_merging(0.5), quantize_method("int8")),
 }
 
 
