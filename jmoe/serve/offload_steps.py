@@ -35,7 +35,7 @@ import numpy as np
 
 from jmoe import kernels
 from jmoe.lm.config import ModelConfig
-from jmoe.lm.model import Block
+from jmoe.lm.model import Block, init_cache
 from jmoe.lm.param_layout import moe_layers
 from jmoe.moe import dispatch
 from jmoe.moe.layer import expert_mlp_options, router_gate, shared_experts, shared_output
@@ -101,10 +101,21 @@ class OffloadSteps(ModelSteps):
         self.prefetch = prefetch
         self.moe_config = moe
         self.moe_layer_ids = moe_layers(config)
-        # The glue runs from the host; each layer's halves are compiled (`_layer_fns`).
-        self._prefill, self._decode = self._prefill_fn, self._decode_fn
+        # The layer loop runs from the host (`_layers`), each layer's halves compiled; the rest
+        # of a step is `ModelSteps`' own compiled code around the loop's outputs (`_Replayed`).
+        self._prefill, self._decode = self._prefill_host, self._decode_host
         self._compiled: dict[tuple[bool, int | None], dict] = {}
-        self._next_token = jax.jit(self._next_token)
+        self._prefill_rest = jax.jit(
+            functools.partial(_replayed, ModelSteps._prefill_fn, self),
+            donate_argnums=(1, 2),
+            static_argnums=4,
+        )
+        self._decode_rest = jax.jit(
+            functools.partial(_replayed, ModelSteps._decode_fn, self),
+            donate_argnums=(1, 2),
+            static_argnums=4,
+        )
+        self._view = jax.jit(_view, static_argnums=(2, 3))
         self._embed = jax.jit(lambda params, t: self.model.apply(
             {"params": params}, t, method=lambda m, t: m.embed(t).astype(jnp.float32)))  # fmt: skip
         self._logits = jax.jit(lambda params, x: self.model.apply(
@@ -112,7 +123,25 @@ class OffloadSteps(ModelSteps):
 
     # ------------------------------------------------------------------------ the layer loop
 
-    def _apply(self, variables, tokens_BxS, positions_BxS, cache, mask_BxS):
+    def _prefill_host(self, variables, cache, counts, inputs, prompt_logprobs: bool):
+        """`ModelSteps._prefill_fn` with the layers run by `_layers`."""
+        _, length, tokens_1xP, _ = inputs
+        positions_1xP = np.arange(tokens_1xP.shape[1], dtype=np.int32)[None]
+        fresh = init_cache(self.config, 1, tokens_1xP.shape[1], jax.tree.leaves(cache)[0].dtype)
+        applied = self._layers(variables, tokens_1xP, positions_1xP, fresh, positions_1xP < length)
+        return self._prefill_rest(variables, cache, counts, inputs, prompt_logprobs, applied)
+
+    def _decode_host(self, variables, cache, counts, inputs, length: int):
+        """`ModelSteps._decode_fn` with the layers run by `_layers`."""
+        first, tokens_S, positions_S, rows = inputs
+        view = self._view(cache, first, len(tokens_S), length)
+        applied = self._layers(
+            variables, tokens_S[:, None], positions_S[:, None], view, rows["active"][:, None]
+        )
+        return self._decode_rest(variables, cache, counts, inputs, length, applied)
+
+    def _layers(self, variables, tokens_BxS, positions_BxS, cache, mask_BxS):
+        """What `ModelSteps._apply` returns (logits, cache, routings), layer by layer."""
         params = variables["params"]
         moe_state = variables.get("moe_state", {})
         n = tokens_BxS.shape[0] * tokens_BxS.shape[1]
@@ -259,6 +288,39 @@ class OffloadSteps(ModelSteps):
             y_TxD = h_TxD + y_TxD
         y_BxSxD = y_TxD.reshape(h_BxSxD.shape).astype(dtype)
         return block.apply({"params": {}}, x_BxSxD, y_BxSxD, method=Block.ffn_residual)
+
+
+class _Replayed:
+    """The steps, with `_apply` returning the layer loop's outputs (`applied`) instead of
+    running the model, so that `ModelSteps`' compiled step code runs around them."""
+
+    def __init__(self, steps: OffloadSteps, applied):
+        self._steps, self._applied = steps, applied
+
+    def _apply(self, *args):
+        return self._applied
+
+    def __getattr__(self, name: str):
+        return getattr(self._steps, name)
+
+
+def _replayed(step_fn, steps, variables, cache, counts, inputs, static, applied):
+    """`step_fn` (a `ModelSteps` step) of `steps` around the precomputed `applied`."""
+    return step_fn(_Replayed(steps, applied), variables, cache, counts, inputs, static)
+
+
+def _view(cache, first, num_rows: int, length: int):
+    """The cache rows `first .. first + num_rows - 1`, positions `0 .. length - 1`: what a
+    `ModelSteps` decode step reads."""
+    return {
+        name: tuple(
+            jax.lax.dynamic_slice(
+                c, (first,) + (0,) * (c.ndim - 1), (num_rows, length, *c.shape[2:])
+            )
+            for c in layers
+        )
+        for name, layers in cache.items()
+    }
 
 
 def _routed_experts(ids_TxK: np.ndarray, valid_TxK: np.ndarray, mask_T: np.ndarray) -> np.ndarray:
