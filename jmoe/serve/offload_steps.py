@@ -20,8 +20,10 @@ prefill that needs more experts in one layer than the cache holds runs that laye
 passes of at most N experts, summing the passes' outputs (equal up to the rounding of that
 sum); a decode step never needs more (the cache holds at least `min(slots * K, E)`).
 
-The glue around the layers (cache slicing, sampling) is `ModelSteps`' own code run step by step
-from the host rather than as one compiled program.
+The rest of a step (the KV cache rows read and written, sampling, penalties, statistics) is
+`ModelSteps`' own compiled code, run around the layer loop's outputs (`_Replayed`). Compiled
+parts are shared by the layers of one kind; a prefill in passes compiles its pass variants on
+first use.
 """
 
 from __future__ import annotations
@@ -118,8 +120,7 @@ class OffloadSteps(ModelSteps):
         self._view = jax.jit(_view, static_argnums=(2, 3))
         self._embed = jax.jit(lambda params, t: self.model.apply(
             {"params": params}, t, method=lambda m, t: m.embed(t).astype(jnp.float32)))  # fmt: skip
-        self._logits = jax.jit(lambda params, x: self.model.apply(
-            {"params": params}, x, method=lambda m, x: m._logits(x)))  # fmt: skip
+        self._logits = jax.jit(self._logits_fn)
 
     # ------------------------------------------------------------------------ the layer loop
 
@@ -180,11 +181,17 @@ class OffloadSteps(ModelSteps):
             cache = {k: tuple(c[k] for c in caches) for k in cache}
         else:
             cache = {k: jnp.stack([c[k] for c in caches]) for k in cache}
-        logits_BxSxV = self._logits(outer, x_BxSxD)
+        return self._logits(outer, x_BxSxD), cache, routings
+
+    def _logits_fn(self, params, x_BxSxD):
+        """The model's logits, ids at or above `vocab_limit` masked (as `ModelSteps._apply`)."""
+        logits_BxSxV = self.model.apply(
+            {"params": params}, x_BxSxD, method=lambda m, x: m._logits(x)
+        )
         if self.vocab_limit < logits_BxSxV.shape[-1]:
             ids_V = jnp.arange(logits_BxSxV.shape[-1])
             logits_BxSxV = jnp.where(ids_V < self.vocab_limit, logits_BxSxV, -jnp.inf)
-        return logits_BxSxV, cache, routings
+        return logits_BxSxV
 
     def _experts(self, fns, layer, p, x_BxSxD, h_BxSxD, ids_TxK, valid_TxK, routing):
         """Layer `layer`'s experts on the cache, in as few passes as the cache allows."""

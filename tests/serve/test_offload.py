@@ -2,6 +2,9 @@
 plain list replay, the weights in each slot, cache sizes, and greedy decoding with a cache
 smaller than the model's experts against the resident engine (same tokens)."""
 
+import pathlib
+import runpy
+
 import jax
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from jmoe.serve.metrics import ServerMetrics
 from jmoe.serve.offload import ExpertCache, ExpertStore, cache_experts
 from jmoe.train.tokenizer import ByteTokenizer
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Lengths in two prompt buckets, more prompts than slots (requests join mid-decode).
 PROMPTS = ["a", "def f(x):", "import os\nimport sys\n", "x" * 17, "class A:\n" * 3, "zz"]
 MAX_TOKENS = 6
@@ -192,3 +196,13 @@ def test_prefill_in_passes_when_the_cache_is_smaller_than_a_layer(run, forward):
     assert len(set(routed)) == len(routed) > 2
     variables = {"params": state.params, "moe_state": state.moe_state}
     assert engine.device_expert_bytes * 4 == expert_param_bytes(config.model, variables)
+
+
+def test_serve_py_flags(run, engine, capsys):
+    main = runpy.run_path(str(ROOT / "serve.py"), run_name="serve_under_test")["main"]
+    main(["--run", str(run[0]), "--slots", "2", "--offload-experts", "--expert-cache", "4",
+          "--prompt", "def f(", "--max-tokens", "5"])  # fmt: skip
+    assert capsys.readouterr().out == engine.generate("def f(", max_tokens=5)[0].text + "\n"
+    with pytest.raises(SystemExit):
+        main(["--run", str(run[0]), "--expert-cache", "4"])
+    assert "--expert-cache sizes the cache of --offload-experts" in capsys.readouterr().err
