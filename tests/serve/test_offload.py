@@ -198,10 +198,21 @@ def test_prefill_in_passes_when_the_cache_is_smaller_than_a_layer(run, forward):
     assert engine.device_expert_bytes * 4 == expert_param_bytes(config.model, variables)
 
 
-def test_serve_py_flags(run, engine, capsys):
+def test_serve_py_flags(run, engine, offloaded, capsys, monkeypatch):
+    """serve.py passes its flags to the engine (the offloaded engine above stands in for the one
+    it would build) and prints the resident engine's greedy text."""
+    built = []
+
+    def from_run(run_dir, **kwargs):
+        built.append((run_dir, kwargs))
+        return offloaded
+
+    monkeypatch.setattr(Engine, "from_run", from_run)
     main = runpy.run_path(str(ROOT / "serve.py"), run_name="serve_under_test")["main"]
     main(["--run", str(run[0]), "--slots", "2", "--offload-experts", "--expert-cache", "4",
           "--prompt", "def f(", "--max-tokens", "5"])  # fmt: skip
+    options = dict(num_slots=2, max_queue=64, offload_experts=True, expert_cache="4")
+    assert built == [(str(run[0]), options)]
     assert capsys.readouterr().out == engine.generate("def f(", max_tokens=5)[0].text + "\n"
     with pytest.raises(SystemExit):
         main(["--run", str(run[0]), "--expert-cache", "4"])
