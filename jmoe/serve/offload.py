@@ -139,10 +139,9 @@ class CacheStats:
         return self.hits / total if total else 0.0
 
 
-def _write_slot(arrays: dict, slot, weights: dict) -> dict:
-    return {
-        k: jax.lax.dynamic_update_index_in_dim(a, weights[k], slot, 0) for k, a in arrays.items()
-    }
+def _write_slots(arrays: dict, slots_M, sets: list[dict]) -> dict:
+    """`arrays` with the M weight `sets` written at `slots_M` (one compile per M)."""
+    return {k: a.at[slots_M].set(jnp.stack([w[k] for w in sets])) for k, a in arrays.items()}
 
 
 class ExpertCache:
@@ -174,7 +173,7 @@ class ExpertCache:
         self._slots: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()
         self._free = list(range(capacity - 1, -1, -1))
         self._prefetched: dict[tuple[int, int], bool] = {}  # key -> loaded ahead, not yet needed
-        self._write = jax.jit(_write_slot, donate_argnums=0)
+        self._write = jax.jit(_write_slots, donate_argnums=0)
 
     @property
     def resident_bytes(self) -> int:
@@ -206,10 +205,9 @@ class ExpertCache:
             if key in self._slots:
                 self.stats.hits += 1
                 self._slots.move_to_end(key)
-        for key in keys:
-            if key not in self._slots:
-                self.stats.misses += 1
-                self._load(key)
+        missing = [key for key in keys if key not in self._slots]
+        self.stats.misses += len(missing)
+        self._load(missing)
         return {e: self._slots[layer, e] for e in experts}
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> None:
@@ -222,11 +220,10 @@ class ExpertCache:
         for key in keys:
             if key in self._slots:
                 self._slots.move_to_end(key)
-        for key in keys:
-            if key not in self._slots:
-                self.stats.prefetched += 1
-                self._prefetched[key] = True
-                self._load(key)
+        missing = [key for key in keys if key not in self._slots]
+        self.stats.prefetched += len(missing)
+        self._prefetched.update(dict.fromkeys(missing, True))
+        self._load(missing)
 
     def _settle_prefetches(self, layer: int, experts: list[int]) -> None:
         """Counts each prefetched set of `layer` as used or wasted, once: at its layer's step."""
@@ -237,16 +234,23 @@ class ExpertCache:
             else:
                 self.stats.prefetch_wasted += 1
 
-    def _load(self, key: tuple[int, int]) -> None:
-        if self._free:
-            slot = self._free.pop()
-        else:
-            evicted, slot = self._slots.popitem(last=False)
-            self.stats.evictions += 1
-            if self._prefetched.pop(evicted, False):
-                self.stats.prefetch_wasted += 1
+    def _load(self, keys: list[tuple[int, int]]) -> None:
+        """Copies the sets of `keys` (not resident) in over free or least recently used slots:
+        one host-to-device copy and one cache write for all of them."""
+        if not keys:
+            return
+        slots = []
+        for key in keys:
+            if self._free:
+                slot = self._free.pop()
+            else:
+                evicted, slot = self._slots.popitem(last=False)
+                self.stats.evictions += 1
+                if self._prefetched.pop(evicted, False):
+                    self.stats.prefetch_wasted += 1
+            self._slots[key] = slot
+            slots.append(slot)
         # `device_put` returns at once: the copy runs while the host goes on.
-        weights = jax.device_put(self.store[key], self._on_device)
-        self.arrays = self._write(self.arrays, np.int32(slot), weights)
-        self._slots[key] = slot
-        self.stats.bytes_moved += self.store.set_bytes
+        sets = jax.device_put([self.store[key] for key in keys], self._on_device)
+        self.arrays = self._write(self.arrays, np.asarray(slots, np.int32), sets)
+        self.stats.bytes_moved += len(keys) * self.store.set_bytes
