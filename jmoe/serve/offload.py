@@ -184,11 +184,15 @@ class ExpertCache:
         """The resident (layer, expert) keys, least recently used first."""
         return list(self._slots)
 
-    def ensure(self, layer: int, experts: Iterable[int]) -> dict[int, int]:
+    def ensure(
+        self, layer: int, experts: Iterable[int], step_experts: Iterable[int] | None = None
+    ) -> dict[int, int]:
         """Makes the `experts` of `layer` resident and returns `{expert: slot}`.
 
         Resident ones are hits (marked most recently used first, so the copies below never
         evict them); the others are misses, copied in over the least recently used slots.
+        The layer's prefetched sets count as used if `step_experts` (all the experts of the
+        layer's step, when it runs in several passes; default `experts`) holds them.
 
         Raises:
           ValueError: more distinct experts than the cache holds.
@@ -199,7 +203,8 @@ class ExpertCache:
                 f"layer {layer} needs {len(experts)} experts at once but the cache holds "
                 f"{self.capacity}: raise the expert cache size"
             )
-        self._settle_prefetches(layer, experts)
+        used = experts if step_experts is None else {int(e) for e in step_experts}
+        self._settle_prefetches(layer, used)
         keys = [(layer, e) for e in experts]
         for key in keys:
             if key in self._slots:
@@ -225,7 +230,7 @@ class ExpertCache:
         self._prefetched.update(dict.fromkeys(missing, True))
         self._load(missing)
 
-    def _settle_prefetches(self, layer: int, experts: list[int]) -> None:
+    def _settle_prefetches(self, layer: int, experts: Iterable[int]) -> None:
         """Counts each prefetched set of `layer` as used or wasted, once: at its layer's step."""
         for key in [k for k in self._prefetched if k[0] == layer]:
             del self._prefetched[key]

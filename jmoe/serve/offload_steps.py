@@ -200,7 +200,7 @@ class OffloadSteps(ModelSteps):
         passes = [needed[j : j + capacity] for j in range(0, len(needed), capacity)]
         y_TxD = None
         for number, group in enumerate(passes or [needed]):
-            slot_of = self.expert_cache.ensure(layer, group)
+            slot_of = self.expert_cache.ensure(layer, group, needed)
             # 1. A lookup table from expert id to cache slot; ids outside the pass (and the
             #    unused-slot id E) go to slot `capacity`, the bucket no group computes.
             table = np.full(unused + 1, capacity, np.int32)

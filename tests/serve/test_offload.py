@@ -58,9 +58,9 @@ def _recording(cache):
     if not hasattr(cache, "events"):
         ensure, prefetch = cache.ensure, cache.prefetch
 
-        def logged_ensure(layer, experts):
+        def logged_ensure(layer, experts, step_experts=None):
             cache.events.append(("ensure", layer, list(experts)))
-            return ensure(layer, experts)
+            return ensure(layer, experts, step_experts)
 
         def logged_prefetch(layer, experts):
             cache.events.append(("prefetch", layer, list(experts)))
@@ -111,6 +111,21 @@ def test_cache_matches_a_list_lru_and_holds_the_right_weights(run, store):
     assert stats.prefetch_hits + stats.prefetch_wasted <= stats.prefetched
     with pytest.raises(ValueError, match="needs 4 experts at once but the cache holds 3"):
         cache.ensure(store.layers[0], range(4))
+
+
+def test_prefetches_count_as_used_or_wasted_at_their_layers_step(store):
+    cache = ExpertCache(store, 4, jax.devices()[0])
+    first, second = store.layers[:2]
+    cache.prefetch(first, [1, 2])
+    cache.prefetch(second, [0])
+    cache.ensure(first, [2], step_experts=[2, 3])  # one pass of a step that needs 2 and 3
+    assert (cache.stats.prefetch_hits, cache.stats.prefetch_wasted) == (1, 1)  # 2 used, 1 not
+    cache.ensure(first, [3, 0])  # one free slot, then (first, 1) is evicted
+    cache.ensure(first, [1])  # evicts (second, 0), prefetched and never used: wasted
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.evictions) == (1, 3, 2)
+    assert (cache.stats.prefetch_hits, cache.stats.prefetch_wasted) == (1, 2)
+    assert cache.resident() == [(first, 2), (first, 0), (first, 3), (first, 1)]
+    assert cache.stats.prefetched == 3
 
 
 def test_cache_sizes_in_experts_or_bytes(store):
