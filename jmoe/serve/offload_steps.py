@@ -69,7 +69,8 @@ class OffloadSteps(ModelSteps):
 
     Raises:
       ValueError: a cache smaller than a decode step needs, or a model without MoE layers.
-      NotImplementedError: chain-of-experts layers (`chain_steps > 1`).
+      NotImplementedError: chain-of-experts layers (`chain_steps > 1`), or experts with
+        weights other than the plain MLP's (quantization scales).
     """
 
     def __init__(
@@ -88,6 +89,14 @@ class OffloadSteps(ModelSteps):
             )
         device = jax.devices()[0]
         self.store = ExpertStore(config, variables, config.dtype, device)
+        names = mlp_weight_names(moe.activation) + ("w_down",)
+        if moe.expert_bias:
+            names += tuple("b" + name[1:] for name in names)
+        if unknown := sorted(set(self.store.names) - set(names)):
+            raise NotImplementedError(
+                f"offloaded experts run plain expert weights {names}; the model's experts also "
+                f"have {unknown} (quantized experts?), which the offloaded steps would ignore"
+            )
         super().__init__(config, _without_experts(config, variables), num_slots, vocab_limit)
         need = min(num_slots * moe.slots, moe.num_experts)
         size = moe.num_experts if cache_size is None else cache_size

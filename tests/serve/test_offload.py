@@ -8,11 +8,14 @@ import runpy
 import jax
 import numpy as np
 import pytest
-from conftest import SLOTS
+from conftest import SLOTS, TOKENIZER_VOCAB
 from prometheus_client.parser import text_string_to_metric_families
 
 from jmoe.compress.surgery import expert_param_bytes, moe_layer_weights
 from jmoe.compress.trace import layer_routings
+from jmoe.lm.config import ModelConfig
+from jmoe.lm.model import Transformer
+from jmoe.moe.config import MoEConfig
 from jmoe.serve import Engine
 from jmoe.serve.metrics import ServerMetrics
 from jmoe.serve.offload import ExpertCache, ExpertStore, cache_experts
@@ -232,3 +235,29 @@ def test_serve_py_flags(run, engine, offloaded, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["--run", str(run[0]), "--expert-cache", "4"])
     assert "--expert-cache sizes the cache of --offload-experts" in capsys.readouterr().err
+
+
+def test_shared_experts_biases_and_a_dense_layer():
+    """A dense first layer, then a MoE layer with shared experts, a shared gate and expert
+    biases: the offloaded path applies them as the resident MoE does."""
+    moe = MoEConfig(d_ff=16, num_experts=4, num_shared=1, shared_gate=True, expert_bias=True)
+    config = ModelConfig(vocab_size=260, d_model=16, n_layers=3, n_heads=2, d_ff=32,
+                         max_seq_len=32, first_dense_layers=1, moe=moe)  # fmt: skip
+    variables = Transformer(config).init(jax.random.key(1), np.zeros((1, 8), np.int32))
+    # non-zero expert biases, so that a bias dropped or misplaced changes the output
+    biases = jax.tree_util.tree_map_with_path(
+        lambda path, a: a + 0.3 if "/b_" in jax.tree_util.keystr(path, separator="/") else a,
+        variables,
+    )
+    engine = Engine(config, biases, ByteTokenizer(), num_slots=1, offload_experts=True,
+                    expert_cache=2)  # fmt: skip
+    got = engine.generate(PROMPTS[:2], max_tokens=4)
+    apply = jax.jit(lambda tokens: Transformer(config).apply(biases, tokens)[0])
+    for completion, prompt in zip(got, PROMPTS[:2], strict=True):
+        ids = _ids(prompt)
+        for _ in completion.token_ids:  # greedy over the full forward, no KV cache
+            tokens = np.zeros((1, config.max_seq_len), np.int32)
+            tokens[0, : len(ids)] = ids
+            ids.append(int(np.argmax(apply(tokens)[0, len(ids) - 1, :TOKENIZER_VOCAB])))
+        assert list(completion.token_ids) == ids[len(_ids(prompt)) :]
+    assert engine.steps.expert_cache.stats.evictions > 0
