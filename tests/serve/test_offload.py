@@ -243,7 +243,7 @@ def test_shared_experts_biases_and_a_dense_layer():
     moe = MoEConfig(d_ff=16, num_experts=4, num_shared=1, shared_gate=True, expert_bias=True)
     config = ModelConfig(vocab_size=260, d_model=16, n_layers=3, n_heads=2, d_ff=32,
                          max_seq_len=32, first_dense_layers=1, moe=moe)  # fmt: skip
-    variables = Transformer(config).init(jax.random.key(1), np.zeros((1, 8), np.int32))
+    variables = jax.jit(Transformer(config).init)(jax.random.key(1), np.zeros((1, 8), np.int32))
     # non-zero expert biases, so that a bias dropped or misplaced changes the output
     biases = jax.tree_util.tree_map_with_path(
         lambda path, a: a + 0.3 if "/b_" in jax.tree_util.keystr(path, separator="/") else a,
