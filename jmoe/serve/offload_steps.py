@@ -14,8 +14,9 @@ Per MoE layer `i` of a step:
    while that layer's attention runs.
 
 Tokens outside the step's mask (padding, idle slots) are not routed to any expert: their
-outputs are never read. Whatever the cache holds, each real token's experts run on the same
-weights in the same order as in `ModelSteps`, so greedy decoding gives the same tokens. A
+outputs are never read. Whatever the cache holds, each real token's slots run the same experts
+on the same weights as in `ModelSteps` and are combined in the same order (only the rows'
+order in the grouped matmul differs), so greedy decoding gives the same tokens. A
 prefill that needs more experts in one layer than the cache holds runs that layer's experts in
 passes of at most N experts, summing the passes' outputs (equal up to the rounding of that
 sum); a decode step never needs more (the cache holds at least `min(slots * K, E)`).
