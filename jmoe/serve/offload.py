@@ -140,8 +140,15 @@ class CacheStats:
 
 
 def _write_slots(arrays: dict, slots_M, sets: list[dict]) -> dict:
-    """`arrays` with the M weight `sets` written at `slots_M` (one compile per M)."""
-    return {k: a.at[slots_M].set(jnp.stack([w[k] for w in sets])) for k, a in arrays.items()}
+    """`arrays` with the M weight `sets` written at `slots_M` (one compile per M).
+
+    One in-place slice update per set: XLA:CPU rewrites the whole operand for a scatter."""
+    out = {}
+    for name, a in arrays.items():
+        for m, weights in enumerate(sets):
+            a = jax.lax.dynamic_update_index_in_dim(a, weights[name], slots_M[m], 0)
+        out[name] = a
+    return out
 
 
 class ExpertCache:
