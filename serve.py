@@ -53,6 +53,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-tokens-limit", type=int, help="largest max_tokens (default: context)"
     )
+    parser.add_argument(
+        "--offload-experts",
+        action="store_true",
+        help="keep the routed experts in host memory, a cache of them on the device",
+    )
+    parser.add_argument(
+        "--expert-cache",
+        help="with --offload-experts: device cache size in experts (e.g. 64) or bytes "
+        "(e.g. 2GiB); default: one layer's experts",
+    )
     parser.add_argument("--prompt", help="print one completion of this text and exit")
     parser.add_argument("--max-tokens", type=int, default=64, help="with --prompt")
     parser.add_argument("--temperature", type=float, default=0.0, help="with --prompt (0: greedy)")
@@ -64,7 +74,11 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{name.replace('_', '-')}={value} must be positive")
     if args.run is not None and (args.max_seq_len or args.dtype):
         parser.error("--max-seq-len and --dtype go with --hf (a run serves its own config)")
+    if args.expert_cache is not None and not args.offload_experts:
+        parser.error("--expert-cache sizes the cache of --offload-experts")
     options = dict(num_slots=args.slots, max_queue=args.max_queue, quantize=args.quantize)
+    if args.offload_experts:
+        options.update(offload_experts=True, expert_cache=args.expert_cache)
     try:
         if args.hf is not None:
             engine = Engine.from_hf(

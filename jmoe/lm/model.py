@@ -57,6 +57,10 @@ class Block(nn.Module):
     deterministic, segment_ids_BxS)`, with the float32 residual stream `x`, this layer's KV cache
     or None, and the MoE stats (`{}` for a dense block). `window` is this layer's sliding
     window (None: full attention).
+
+    The call is `attend` then `feed_forward`; a caller may run the halves apart (the offloaded
+    serving steps route between them), with the submodules `ffn_norm` and `ffn` and
+    `ffn_residual` to apply the MoE its own way.
     """
 
     config: ModelConfig
@@ -64,17 +68,14 @@ class Block(nn.Module):
     mesh: jax.sharding.Mesh | None = None
     window: int | None = None
 
-    @nn.compact
-    def __call__(
-        self, x_BxSxD, cache, positions_BxS, token_mask_BxS, deterministic, segment_ids_BxS=None
-    ):
+    def setup(self):
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         norm = functools.partial(
             nn.RMSNorm, cfg.norm_eps, dtype=jnp.float32, param_dtype=param_dtype
         )
         if cfg.mla is not None:
-            attn = MLA(
+            self.attn = MLA(
                 cfg.mla,
                 cfg.n_heads,
                 cfg.rope_theta,
@@ -82,10 +83,9 @@ class Block(nn.Module):
                 cfg.norm_eps,
                 dtype,
                 param_dtype,
-                name="attn",
             )
         else:
-            attn = Attention(
+            self.attn = Attention(
                 cfg.n_heads,
                 cfg.kv_heads,
                 cfg.dim_per_head,
@@ -101,22 +101,41 @@ class Block(nn.Module):
                 attention_sinks=cfg.attention_sinks,
                 sliding_window=self.window,
                 attention_impl=cfg.attention_impl,
-                name="attn",
             )
-        h_BxSxD = norm(name="attn_norm")(x_BxSxD)
-        a_BxSxD, cache = attn(h_BxSxD, positions_BxS, cache, segment_ids_BxS)
-        x_BxSxD = x_BxSxD + a_BxSxD.astype(jnp.float32)
-        h_BxSxD = norm(name="ffn_norm")(x_BxSxD)
-        if not self.moe:
-            y_BxSxD = SharedMLP(cfg.d_ff, "swiglu", dtype, param_dtype, name="mlp")(h_BxSxD)
-            return x_BxSxD + y_BxSxD.astype(jnp.float32), ({}, cache)
-        moe_cfg = dataclasses.replace(cfg.moe, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        y_BxSxD, stats = MoE(moe_cfg, self.mesh, name="moe")(
-            h_BxSxD, deterministic=deterministic, token_mask=token_mask_BxS
-        )
-        y_BxSxD = y_BxSxD.astype(jnp.float32)
-        x_BxSxD = y_BxSxD if moe_cfg.chain_residual == "coe" else x_BxSxD + y_BxSxD
+        self.attn_norm = norm()
+        self.ffn_norm = norm()
+        if self.moe:
+            moe_cfg = dataclasses.replace(cfg.moe, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+            self.ffn = MoE(moe_cfg, self.mesh, name="moe")
+        else:
+            self.ffn = SharedMLP(cfg.d_ff, "swiglu", dtype, param_dtype, name="mlp")
+
+    def __call__(
+        self, x_BxSxD, cache, positions_BxS, token_mask_BxS, deterministic, segment_ids_BxS=None
+    ):
+        x_BxSxD, cache = self.attend(x_BxSxD, cache, positions_BxS, segment_ids_BxS)
+        x_BxSxD, stats = self.feed_forward(x_BxSxD, token_mask_BxS, deterministic)
         return x_BxSxD, (stats, cache)
+
+    def attend(self, x_BxSxD, cache, positions_BxS, segment_ids_BxS=None):
+        """The attention half: `(x + attn(attn_norm(x)), cache)`."""
+        a_BxSxD, cache = self.attn(self.attn_norm(x_BxSxD), positions_BxS, cache, segment_ids_BxS)
+        return x_BxSxD + a_BxSxD.astype(jnp.float32), cache
+
+    def feed_forward(self, x_BxSxD, token_mask_BxS, deterministic):
+        """The FFN half: `(new x, MoE stats or {})`."""
+        h_BxSxD = self.ffn_norm(x_BxSxD)
+        if not self.moe:
+            return self.ffn_residual(x_BxSxD, self.ffn(h_BxSxD)), {}
+        y_BxSxD, stats = self.ffn(h_BxSxD, deterministic=deterministic, token_mask=token_mask_BxS)
+        return self.ffn_residual(x_BxSxD, y_BxSxD), stats
+
+    def ffn_residual(self, x_BxSxD, y_BxSxD):
+        """The stream after an FFN output `y`: `x + y`, or `y` itself for a "coe" chain MoE
+        (which returns the new stream)."""
+        y_BxSxD = y_BxSxD.astype(jnp.float32)
+        replaces = self.moe and self.config.moe.chain_residual == "coe"
+        return y_BxSxD if replaces else x_BxSxD + y_BxSxD
 
 
 class Unit(nn.Module):

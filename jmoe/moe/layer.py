@@ -257,16 +257,7 @@ class MoE(nn.Module):
             name: self.variable(STATE, name, lambda v=value: v).value
             for name, value in initial.items()
         }
-        gate = Gate(
-            cfg.router,
-            cfg.num_router_outputs,
-            cfg.chain_steps,
-            cfg.router_jitter,
-            cfg.implementation if self.mesh is None else "xla",  # global-batch routing on a mesh
-            param_dtype,
-            cfg.router_bias,
-            name="router",
-        )
+        gate = router_gate(cfg, self.mesh)
         experts = Experts(
             cfg.num_experts,
             cfg.d_ff,
@@ -277,27 +268,7 @@ class MoE(nn.Module):
             cfg.expert_quantization,
             name="experts",
         )(cfg.d_model)
-        shared = None
-        if cfg.shared_width:
-            shared = SharedMLP(
-                cfg.shared_width,
-                cfg.activation,
-                dtype,
-                param_dtype,
-                cfg.swiglu_alpha,
-                cfg.swiglu_limit,
-                name="shared",
-            )
-        shared_gate = None
-        if cfg.shared_gate:
-            shared_gate = nn.Dense(
-                1,
-                use_bias=False,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                kernel_init=_fan_in_init(),
-                name="shared_gate",
-            )
+        shared = shared_experts(cfg)
 
         h_TxD, sum_TxD, steps = x_TxD, None, []
         for step in range(cfg.chain_steps):
@@ -310,10 +281,7 @@ class MoE(nn.Module):
                 stats.step_stats(cfg, routed, kept_valid, seq_len=seq_len, token_mask=mask_T)
             )
             if shared is not None:
-                s_TxD = shared(h_TxD)
-                if shared_gate is not None:
-                    s_TxD = jax.nn.sigmoid(shared_gate(h_TxD)) * s_TxD
-                y_TxD = y_TxD + s_TxD.astype(dtype)
+                y_TxD = y_TxD + shared_output(shared, h_TxD).astype(dtype)
             sum_TxD = y_TxD if sum_TxD is None else sum_TxD + y_TxD
             h_TxD = h_TxD + y_TxD
         y_TxD = h_TxD if cfg.chain_residual == "coe" else sum_TxD
@@ -329,12 +297,7 @@ class MoE(nn.Module):
         expert biases reach no empty slot."""
         cfg = self.config
         num_tokens = x_TxD.shape[0]
-        mlp_options = dict(
-            activation=cfg.activation,
-            swiglu_alpha=cfg.swiglu_alpha,
-            swiglu_limit=cfg.swiglu_limit,
-            implementation=cfg.implementation,
-        )
+        mlp_options = expert_mlp_options(cfg)
         if self.mesh is not None:
             return expert_parallel.expert_parallel_mlp(
                 x_TxD,
@@ -385,6 +348,66 @@ class MoE(nn.Module):
                 f"router kind {cfg.router.kind!r} ranks tokens over the whole batch and is not "
                 "supported with a mesh; use a TopK router with capacity_factor set, or mesh=None"
             )
+
+
+def router_gate(cfg: MoEConfig, mesh: jax.sharding.Mesh | None = None) -> Gate:
+    """The layer's `router` submodule as `MoE` builds it (apply it alone to
+    `params["router"]` to route without running the experts)."""
+    return Gate(
+        cfg.router,
+        cfg.num_router_outputs,
+        cfg.chain_steps,
+        cfg.router_jitter,
+        cfg.implementation if mesh is None else "xla",  # global-batch routing on a mesh
+        jnp.dtype(cfg.param_dtype),
+        cfg.router_bias,
+        name="router",
+    )
+
+
+def shared_experts(cfg: MoEConfig) -> tuple[SharedMLP, nn.Dense | None] | None:
+    """The layer's `shared` MLP and optional `shared_gate` submodules (None without shared
+    experts)."""
+    if not cfg.shared_width:
+        return None
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    shared = SharedMLP(
+        cfg.shared_width,
+        cfg.activation,
+        dtype,
+        param_dtype,
+        cfg.swiglu_alpha,
+        cfg.swiglu_limit,
+        name="shared",
+    )
+    if not cfg.shared_gate:
+        return shared, None
+    gate = nn.Dense(
+        1,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=_fan_in_init(),
+        name="shared_gate",
+    )
+    return shared, gate
+
+
+def shared_output(shared: tuple[SharedMLP, nn.Dense | None], h_TxD: jax.Array) -> jax.Array:
+    """The shared experts' output for `h_TxD`, sigmoid-gated when the layer has a gate."""
+    mlp, gate = shared
+    s_TxD = mlp(h_TxD)
+    return s_TxD if gate is None else jax.nn.sigmoid(gate(h_TxD)) * s_TxD
+
+
+def expert_mlp_options(cfg: MoEConfig) -> dict:
+    """The keyword arguments of `jmoe.kernels.expert_mlp` for the layer's routed experts."""
+    return dict(
+        activation=cfg.activation,
+        swiglu_alpha=cfg.swiglu_alpha,
+        swiglu_limit=cfg.swiglu_limit,
+        implementation=cfg.implementation,
+    )
 
 
 def update_state(

@@ -22,11 +22,13 @@ import jax
 import numpy as np
 
 from jmoe.compress.quantize import quantize_experts
+from jmoe.compress.surgery import expert_param_bytes
 from jmoe.convert import from_hf
 from jmoe.hf_tokenizer import load_hf_tokenizer
 from jmoe.lm.config import ModelConfig
 from jmoe.lm.param_layout import unstack_layers
 from jmoe.serve.batching import Request, Scheduler
+from jmoe.serve.offload_steps import OffloadSteps
 from jmoe.serve.outputs import Completion, Update
 from jmoe.serve.runs import load_run
 from jmoe.serve.sampling import InvalidRequestError, SamplingParams
@@ -58,6 +60,10 @@ class Engine:
       smallest_bucket: the shortest padded prompt length.
       smallest_cache: the shortest cache length a decode step reads (then doubling up to the
         context: longer contexts cost more attention, more lengths more compilations).
+      offload_experts: keep the routed experts in host memory and only `expert_cache` of
+        them on the device (`jmoe.serve.offload_steps.OffloadSteps`; same tokens, slower steps).
+      expert_cache: the device cache size with `offload_experts`, in experts or bytes
+        ("512MiB"); default: one layer's experts.
     """
 
     def __init__(
@@ -72,6 +78,8 @@ class Engine:
         chat_template: str | None = None,
         smallest_bucket: int = 16,
         smallest_cache: int = 64,
+        offload_experts: bool = False,
+        expert_cache: int | str | None = None,
     ):
         config = getattr(config, "model", config)
         if not isinstance(config, ModelConfig):
@@ -95,7 +103,14 @@ class Engine:
         self.chat_template = chat_template
         self.vocab_size = min(tokenizer.vocab_size, config.vocab_size)
         self.max_seq_len = config.max_seq_len
-        self.steps = ModelSteps(serving, variables, num_slots, self.vocab_size)
+        if offload_experts:
+            self.steps = OffloadSteps(
+                serving, variables, num_slots, self.vocab_size, cache_size=expert_cache
+            )
+        elif expert_cache is not None:
+            raise ValueError("expert_cache sizes the offloaded experts: pass offload_experts=True")
+        else:
+            self.steps = ModelSteps(serving, variables, num_slots, self.vocab_size)
         self.buckets = length_buckets(config.max_seq_len, smallest_bucket)
         self.cache_buckets = length_buckets(config.max_seq_len, smallest_cache)
         self.scheduler = Scheduler(
@@ -173,6 +188,14 @@ class Engine:
     @property
     def num_slots(self) -> int:
         return self.steps.num_slots
+
+    @property
+    def device_expert_bytes(self) -> int:
+        """Device bytes of routed expert weights: all of them, or the offloaded experts'
+        cache."""
+        if isinstance(self.steps, OffloadSteps):
+            return self.steps.expert_cache.resident_bytes
+        return expert_param_bytes(self.config, self.steps.variables)
 
     # ---------------------------------------------------------------------- requests
 

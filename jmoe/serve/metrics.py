@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from jmoe.serve.outputs import Completion
 
@@ -60,6 +61,14 @@ class ServerMetrics:
             **reg,
         )
 
+        Gauge(
+            "jmoe_device_expert_bytes",
+            "Device bytes of routed expert weights (all, or the offloaded experts' cache)",
+            **reg,
+        ).set_function(lambda: engine.device_expert_bytes)
+        if (cache := getattr(engine.steps, "expert_cache", None)) is not None:
+            self.registry.register(ExpertCacheCollector(cache))
+
     def observe(self, endpoint: str, completion: Completion) -> None:
         """Counts a finished request."""
         self.requests.labels(endpoint, completion.finish_reason).inc()
@@ -77,3 +86,27 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ExpertCacheCollector:
+    """The offloaded experts' cache counters (`jmoe.serve.offload.CacheStats`), read when
+    scraped."""
+
+    COUNTERS = {
+        "hits": "Needed expert weight sets already on the device",
+        "misses": "Needed expert weight sets copied in on demand",
+        "evictions": "Expert weight sets dropped from the device cache",
+        "bytes_moved": "Bytes of expert weights copied from host to device",
+        "prefetched": "Expert weight sets copied in ahead of need",
+        "prefetch_hits": "Prefetched expert weight sets that were then needed",
+        "prefetch_wasted": "Prefetched expert weight sets that were not needed",
+    }
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def collect(self):
+        stats = self.cache.stats
+        for field, documentation in self.COUNTERS.items():
+            name = f"jmoe_expert_cache_{field}"
+            yield CounterMetricFamily(name, documentation, value=getattr(stats, field))
