@@ -159,14 +159,8 @@ def held_out_docs(config: Config) -> list[str]:
 
 def eval_batches(config: Config, tokenizer, docs: list[str]) -> list[dict]:
     """`docs` in the batches the run's evaluation reads (its first `train.eval_batches`)."""
-    batches = data.make_iterator(
-        docs,
-        tokenizer,
-        seq_len=config.data.seq_len,
-        batch_size=config.data.batch_size,
-        seed=0,
-        shuffle=False,
-        num_epochs=1,
+    batches = data.eval_iterator(
+        docs, tokenizer, seq_len=config.data.seq_len, batch_size=config.data.batch_size
     )
     return list(itertools.islice(batches, config.train.eval_batches))
 

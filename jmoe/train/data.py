@@ -242,6 +242,12 @@ def make_iterator(
     return iter(batches.to_iter_dataset(read_options))
 
 
+def eval_iterator(docs: Sequence[str], tokenizer: Tokenizer, **options) -> grain.DatasetIterator:
+    """The evaluation batches of `docs`: `make_iterator` in stream order, one epoch (the last
+    batch padded); `options` are `make_iterator`'s `seq_len`, `batch_size` and sharding."""
+    return make_iterator(docs, tokenizer, seed=0, shuffle=False, num_epochs=1, **options)
+
+
 def unigram_loss(
     train_docs: Sequence[str], eval_docs: Sequence[str], tokenizer: Tokenizer
 ) -> float:

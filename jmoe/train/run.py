@@ -82,9 +82,7 @@ def _make_inputs(config: Config, tokenizer, train_docs, eval_docs, mesh):
     train_iter = data.make_iterator(
         train_docs, tokenizer, **common, seed=config.data.seed, prefetch=config.data.prefetch
     )
-    eval_iter = data.make_iterator(
-        eval_docs, tokenizer, **common, seed=0, shuffle=False, num_epochs=1
-    )
+    eval_iter = data.eval_iterator(eval_docs, tokenizer, **common)
     eval_batches = itertools.islice(eval_iter, config.train.eval_batches)
     return train_iter, [_put_batch(batch, mesh) for batch in eval_batches]
 

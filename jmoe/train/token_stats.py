@@ -86,14 +86,8 @@ def held_out_token_stats(workdir: str | os.PathLike, max_batches: int | None = N
     """
     config, state = load_state(workdir)
     tokenizer, _, eval_docs = prepare_data(config, os.fspath(workdir), resume=True)
-    batches = data.make_iterator(
-        eval_docs,
-        tokenizer,
-        seq_len=config.data.seq_len,
-        batch_size=config.data.batch_size,
-        seed=0,
-        shuffle=False,
-        num_epochs=1,
+    batches = data.eval_iterator(
+        eval_docs, tokenizer, seq_len=config.data.seq_len, batch_size=config.data.batch_size
     )
     limit = max_batches if max_batches is not None else config.train.eval_batches
     step = jax.jit(make_token_step(Transformer(config.model)))
