@@ -78,14 +78,14 @@ SUITE: dict[str, tuple[str, dict[str, list[str] | None]]] = {
     }),
     "expert_parallel": ("expert_parallel", {
         "full": [],
-        "quick": ["--tokens", "2048", "--runs", "9"],  # 8 sequences of 256: one per device
+        "quick": ["--tokens", "1024", "--seq", "128", "--runs", "9"],  # a sequence per device
         "tiny": ["--tokens", "128", "--seq", "16", "--d-model", "16", "--d-ff", "16",
                  "--runs", "1"],
     }),
     "serve": ("serve", {
         "full": [],
         "quick": ["--steps", "8", "--rounds", "9", "--runs", "9", "--clients", "8",
-                  "--max-tokens", "16"],
+                  "--max-tokens", "16", "--load-rounds", "3"],
         "tiny": None,  # warms up nine engines over every bucket: minutes even at tiny sizes
     }),
     "kernels": ("kernels", {"full": [], "quick": ["--scale", "4", "--runs", "9"], "tiny": None}),

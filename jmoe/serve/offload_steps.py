@@ -119,13 +119,13 @@ class OffloadSteps(ModelSteps):
         self._compiled: dict[tuple[bool, int | None], dict] = {}
         self._prefill_rest = jax.jit(
             functools.partial(_replayed, ModelSteps._prefill_fn, self),
-            donate_argnums=(1, 2),
-            static_argnums=4,
+            donate_argnums=1,
+            static_argnums=3,
         )
         self._decode_rest = jax.jit(
             functools.partial(_replayed, ModelSteps._decode_fn, self),
-            donate_argnums=(1, 2),
-            static_argnums=4,
+            donate_argnums=1,
+            static_argnums=3,
         )
         self._view = jax.jit(_view, static_argnums=(2, 3))
         self._embed = jax.jit(lambda params, t: self.model.apply(
@@ -134,22 +134,28 @@ class OffloadSteps(ModelSteps):
 
     # ------------------------------------------------------------------------ the layer loop
 
-    def _prefill_host(self, variables, cache, counts, inputs, prompt_logprobs: bool):
-        """`ModelSteps._prefill_fn` with the layers run by `_layers`."""
+    def _prefill_host(self, variables, state, inputs, prompt_logprobs: bool):
+        """`ModelSteps._prefill_fn` with the layers run by `_layers`; `state` is `(cache,
+        counts, last tokens)`."""
         _, length, tokens_1xP, _ = inputs
         positions_1xP = np.arange(tokens_1xP.shape[1], dtype=np.int32)[None]
-        fresh = init_cache(self.config, 1, tokens_1xP.shape[1], jax.tree.leaves(cache)[0].dtype)
+        dtype = jax.tree.leaves(state[0])[0].dtype
+        fresh = init_cache(self.config, 1, tokens_1xP.shape[1], dtype)
         applied = self._layers(variables, tokens_1xP, positions_1xP, fresh, positions_1xP < length)
-        return self._prefill_rest(variables, cache, counts, inputs, prompt_logprobs, applied)
+        return self._prefill_rest(variables, state, inputs, prompt_logprobs, applied)
 
-    def _decode_host(self, variables, cache, counts, inputs, length: int):
-        """`ModelSteps._decode_fn` with the layers run by `_layers`."""
-        first, tokens_S, positions_S, rows = inputs
-        view = self._view(cache, first, len(tokens_S), length)
+    def _decode_host(self, variables, state, inputs, length: int):
+        """`ModelSteps._decode_fn` with the layers run by `_layers`; each slot's input is its
+        last drawn token, kept on the device in `state`."""
+        cache, _, last_S = state
+        first, positions_S, rows = inputs
+        n = len(positions_S)
+        tokens_S = last_S[int(first) : int(first) + n]
+        view = self._view(cache, first, n, length)
         applied = self._layers(
             variables, tokens_S[:, None], positions_S[:, None], view, rows["active"][:, None]
         )
-        return self._decode_rest(variables, cache, counts, inputs, length, applied)
+        return self._decode_rest(variables, state, inputs, length, applied)
 
     def _layers(self, variables, tokens_BxS, positions_BxS, cache, mask_BxS):
         """What `ModelSteps._apply` returns (logits, cache, routings), layer by layer."""
@@ -321,9 +327,9 @@ class _Replayed:
         return getattr(self._steps, name)
 
 
-def _replayed(step_fn, steps, variables, cache, counts, inputs, static, applied):
+def _replayed(step_fn, steps, variables, state, inputs, static, applied):
     """`step_fn` (a `ModelSteps` step) of `steps` around the precomputed `applied`."""
-    return step_fn(_Replayed(steps, applied), variables, cache, counts, inputs, static)
+    return step_fn(_Replayed(steps, applied), variables, state, inputs, static)
 
 
 def _view(cache, first, num_rows: int, length: int):

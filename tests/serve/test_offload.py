@@ -229,7 +229,7 @@ def test_serve_py_flags(run, engine, offloaded, capsys, monkeypatch):
     main = runpy.run_path(str(ROOT / "serve.py"), run_name="serve_under_test")["main"]
     main(["--run", str(run[0]), "--slots", "2", "--offload-experts", "--expert-cache", "4",
           "--prompt", "def f(", "--max-tokens", "5"])  # fmt: skip
-    options = dict(num_slots=2, max_queue=64, offload_experts=True, expert_cache="4")
+    options = dict(num_slots=2, max_queue=64, quantize=None, offload_experts=True, expert_cache="4")
     assert built == [(str(run[0]), options)]
     assert capsys.readouterr().out == engine.generate("def f(", max_tokens=5)[0].text + "\n"
     with pytest.raises(SystemExit):
