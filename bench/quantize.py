@@ -66,8 +66,9 @@ def decode_step(engine: Engine, length: int):
     row = Request([0], SamplingParams(), engine.tokenizer).sampling_row()
     rows = {k: np.full(s, v) for k, v in row.items()}
     rows.update(active=np.ones(s, bool), counter=np.zeros(s, np.int32))
-    tokens, positions = np.zeros(s, np.int32), np.full(s, length // 2, np.int32)
-    return lambda: engine.steps.decode(tokens, positions, rows, length)
+    positions = np.full(s, length // 2, np.int32)
+    # the step is dispatched asynchronously: wait for its outputs, as the engine does
+    return lambda: jax.device_get(engine.steps.decode(positions, rows, length))
 
 
 def main(argv=None) -> None:
