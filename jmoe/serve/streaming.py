@@ -132,6 +132,26 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+async def _choice_events(
+    run: Submission, head: dict, done: list, choice: Callable
+) -> AsyncIterator[str]:
+    """The events of `run`'s updates until it finishes, one string per wake-up: a chunk per
+    update that `choice(i, update)` makes a choice of (None: nothing to send), a finished
+    choice's chunk with its `jmoe` statistics and its completion recorded in `done[i]`."""
+    while run.pending:
+        events = []
+        for i, update in await run.ready():
+            if (made := choice(i, update)) is None:
+                continue
+            chunk = dict(head, choices=[made])
+            if (c := update.completion) is not None:
+                done[i] = c
+                chunk["jmoe"] = protocol.jmoe_stats([c])
+            events.append(sse(chunk))
+        if events:
+            yield "".join(events)
+
+
 async def stream_completions(
     run: Submission,
     head: dict,
@@ -150,27 +170,22 @@ async def stream_completions(
             for i, text in enumerate(prompt_texts):
                 choice = dict(index=i, text=text, logprobs=None, finish_reason=None)
                 yield sse(dict(head, choices=[choice]))
-        while run.pending:
-            events = []
-            for i, update in await run.ready():
-                entries = list(update.prompt_logprobs or ()) if echo else []
-                entries += update.logprobs
-                c = update.completion
-                if not (update.text or entries or c):
-                    continue
-                choice = dict(
-                    index=i,
-                    text=update.text,
-                    logprobs=protocol.completion_logprobs(tokenizer, entries) if entries else None,
-                    finish_reason=None if c is None else c.finish_reason,
-                )
-                chunk = dict(head, choices=[choice])
-                if c is not None:
-                    done[i] = c
-                    chunk["jmoe"] = protocol.jmoe_stats([c])
-                events.append(sse(chunk))
-            if events:
-                yield "".join(events)
+
+        def choice(i: int, update) -> dict | None:
+            entries = list(update.prompt_logprobs or ()) if echo else []
+            entries += update.logprobs
+            c = update.completion
+            if not (update.text or entries or c):
+                return None
+            return dict(
+                index=i,
+                text=update.text,
+                logprobs=protocol.completion_logprobs(tokenizer, entries) if entries else None,
+                finish_reason=None if c is None else c.finish_reason,
+            )
+
+        async for events in _choice_events(run, head, done, choice):
+            yield events
         if include_usage:
             yield sse(
                 dict(
@@ -193,24 +208,19 @@ async def stream_chat(run: Submission, head: dict, include_usage: bool) -> Async
         for i in range(len(run.requests)):
             first = dict(index=i, delta=dict(role="assistant", content=""), finish_reason=None)
             yield sse(dict(head, choices=[first]))
-        while run.pending:
-            events = []
-            for i, update in await run.ready():
-                c = update.completion
-                if not update.text and c is None:
-                    continue
-                choice = dict(
-                    index=i,
-                    delta=dict(content=update.text) if update.text else {},
-                    finish_reason=None if c is None else c.finish_reason,
-                )
-                chunk = dict(head, choices=[choice])
-                if c is not None:
-                    done[i] = c
-                    chunk["jmoe"] = protocol.jmoe_stats([c])
-                events.append(sse(chunk))
-            if events:
-                yield "".join(events)
+
+        def choice(i: int, update) -> dict | None:
+            c = update.completion
+            if not update.text and c is None:
+                return None
+            return dict(
+                index=i,
+                delta=dict(content=update.text) if update.text else {},
+                finish_reason=None if c is None else c.finish_reason,
+            )
+
+        async for events in _choice_events(run, head, done, choice):
+            yield events
         if include_usage:
             yield sse(dict(head, choices=[], usage=protocol.usage(done, len(done))))
         yield sse("[DONE]")
