@@ -58,9 +58,7 @@ class Block(nn.Module):
     or None, and the MoE stats (`{}` for a dense block). `window` is this layer's sliding
     window (None: full attention).
 
-    The call is `attend` then `feed_forward`; a caller may run the halves apart (the offloaded
-    serving steps route between them), with the submodules `ffn_norm` and `ffn` and
-    `ffn_residual` to apply the MoE its own way.
+    The call is `attend` then `feed_forward`; the offloaded serving steps run them apart.
     """
 
     config: ModelConfig
