@@ -24,7 +24,7 @@ import numpy as np
 
 from jmoe.compress.calibration import calibration_tokens
 from jmoe.compress.prune import keep_experts, kept_experts
-from jmoe.compress.router_stats import DEFAULT_CONFIDENCE, RouterStats, router_stats
+from jmoe.compress.router_stats import DEFAULT_CONFIDENCE, RouterStats, router_stats, save_fields
 from jmoe.lm.config import ModelConfig
 
 
@@ -94,12 +94,7 @@ class TaskExpertSets:
 
     def save(self, path: str | os.PathLike) -> pathlib.Path:
         """Writes the sets as JSON to `path` (parent folders created); returns the path."""
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        fields = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in fields.items()}
-        path.write_text(json.dumps({**fields, "tasks": list(self.tasks)}, indent=1))
-        return path
+        return save_fields(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TaskExpertSets:

@@ -83,12 +83,7 @@ class RouterStats:
 
     def save(self, path: str | os.PathLike) -> pathlib.Path:
         """Writes the statistics as JSON to `path` (parent folders created); returns the path."""
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        fields = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in fields.items()}
-        path.write_text(json.dumps({**fields, "layers": list(self.layers)}, indent=1))
-        return path
+        return save_fields(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> RouterStats:
@@ -97,6 +92,17 @@ class RouterStats:
         for name in cls.ARRAYS:
             fields[name] = np.asarray(fields[name], np.float64)
         return cls(**{**fields, "layers": tuple(fields["layers"])})
+
+
+def save_fields(record, path: str | os.PathLike) -> pathlib.Path:
+    """Writes a dataclass's fields as JSON to `path` (parent folders created; arrays and tuples
+    as lists); returns the path."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+    fields = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in fields.items()}
+    path.write_text(json.dumps(fields, indent=1))
+    return path
 
 
 def stats_path(run_dir: str | os.PathLike, name: str) -> pathlib.Path:
